@@ -1,0 +1,1 @@
+"""Reports, Grafana dashboards and Prometheus rules (built in a later issue)."""

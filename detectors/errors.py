@@ -1,0 +1,47 @@
+"""The exception tree of the `detectors` library.
+
+    DetectorError
+    ├── InvalidImageError        the image is not an (H, W, 3) uint8 array, or is empty
+    ├── PartitionError           no valid region partition (fewer than 2 regions, bad label map)
+    ├── InvalidTargetError       a target that cannot be explained (bad position, duplicate)
+    ├── ScorerContractError      a scorer returned something other than (B, T) probabilities
+    └── MissingDependencyError   an optional dependency is needed for this call
+
+Every message says what was wrong and what was expected.  `ValueError` subclasses are used where
+the caller passed a bad value, so code that catches `ValueError` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DetectorError",
+    "InvalidImageError",
+    "InvalidTargetError",
+    "MissingDependencyError",
+    "PartitionError",
+    "ScorerContractError",
+]
+
+
+class DetectorError(Exception):
+    """Base class of every error raised by `detectors`."""
+
+
+class InvalidImageError(DetectorError, ValueError):
+    """The image is not an `(H, W, 3)` uint8 array, or it is empty."""
+
+
+class PartitionError(DetectorError, ValueError):
+    """A region partition cannot be built or is malformed."""
+
+
+class InvalidTargetError(DetectorError, ValueError):
+    """A target token cannot be explained as given."""
+
+
+class ScorerContractError(DetectorError):
+    """A scorer broke the `Scorer` contract (shape, range or finiteness of its output)."""
+
+
+class MissingDependencyError(DetectorError, ImportError):
+    """An optional dependency is needed for the requested call."""

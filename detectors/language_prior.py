@@ -1,0 +1,197 @@
+"""Language prior versus perception: from attributions to verdicts (EAGLE.md section 7).
+
+A token is **language-prior-driven** when the text alone already predicts it (p_blank is a large
+share of p_full) and removing its compact set of regions barely lowers it.  It is **grounded**
+when removing a compact set makes it collapse.  It has **borrowed evidence** when its compact set
+is (mostly) the compact set of another object word of the same output that is itself grounded:
+the evidence belongs to a different object.  It is **undetermined** when the search ran out of
+budget before its compact set explained the token, or when the model barely predicts it at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from detectors.types import Attribution, StopReason, Target, Verdict, VerdictLabel
+from detectors.version import __version__
+
+__all__ = [
+    "DETECTOR_NAME",
+    "PriorThresholds",
+    "judge",
+    "judge_sample",
+    "perceptual_influence",
+]
+
+DETECTOR_NAME = "eagle-language-prior"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PriorThresholds:
+    """The numbers a verdict is decided with.  Defaults are a starting point; calibrate them per
+    model on data with ground truth.
+
+    Attributes:
+        coverage: the compact set explains the token when its insight reaches `coverage` * p_full.
+        min_prior_ratio: p_blank / p_full at or above which the text alone predicts the token.
+        max_prior_drop: relative drop (p_full - p(compact set removed)) / p_full at or below
+            which no region is necessary.
+        min_p_full: below this the model barely predicts the token; no verdict is possible.
+        min_overlap: share of a token's compact set lying in another grounded token's compact
+            set at or above which its evidence counts as borrowed.
+    """
+
+    coverage: float = 0.9
+    min_prior_ratio: float = 0.5
+    max_prior_drop: float = 0.5
+    min_p_full: float = 0.01
+    min_overlap: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("coverage", "min_prior_ratio", "max_prior_drop", "min_p_full", "min_overlap"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be a number in [0, 1], got: {value!r}")
+
+
+def perceptual_influence(attribution: Attribution, column: int = 0) -> float:
+    """Area-normalised perceptual influence of one target: the trapezoid area under the
+    insertion curve over the cumulative area fraction, minus the curve's minimum (unscored
+    prefixes are interpolated)."""
+    fractions = np.concatenate(
+        [[0.0], np.cumsum(attribution.partition.area_fractions[attribution.order])]
+    )
+    curve = attribution.insertion[:, column]
+    known = ~np.isnan(curve)
+    x, y = fractions[known], curve[known]
+    return float(np.trapezoid(y - y.min(), x))
+
+
+def judge(
+    attribution: Attribution, thresholds: PriorThresholds | None = None
+) -> list[Verdict]:
+    """One verdict per target of `attribution` (grounded / language_prior / undetermined)."""
+    thresholds = thresholds or PriorThresholds()
+    return [_judge_one(attribution, col, thresholds) for col in range(len(attribution.targets))]
+
+
+def judge_sample(
+    attributions: Sequence[Attribution], thresholds: PriorThresholds | None = None
+) -> list[Verdict]:
+    """Verdicts for the object words of one output, one single-target attribution each (as made
+    by `EagleSearch.attribute_each`), with borrowed evidence detected across them: a token whose
+    compact set lies mostly inside the compact set of another, grounded token, while its own
+    p_blank is low, borrows that token's evidence."""
+    thresholds = thresholds or PriorThresholds()
+    verdicts = [v for a in attributions for v in judge(a, thresholds)]
+    sets = [set(v.compact_set) for v in verdicts]
+    out: list[Verdict] = []
+    for i, verdict in enumerate(verdicts):
+        if verdict.label is not VerdictLabel.GROUNDED:
+            out.append(verdict)
+            continue
+        donor = _donor(i, verdicts, sets, thresholds)
+        if donor is None:
+            out.append(verdict)
+            continue
+        other = verdicts[donor]
+        out.append(
+            _replace_label(
+                verdict,
+                VerdictLabel.BORROWED_EVIDENCE,
+                f"its evidence is the compact set of '{other.target.text}' "
+                f"(position {other.target.position}), another object of the same output",
+                borrowed_from=other.target.position,
+            )
+        )
+    return out
+
+
+def _donor(
+    i: int, verdicts: Sequence[Verdict], sets: Sequence[set[int]], thresholds: PriorThresholds
+) -> int | None:
+    """The earlier grounded token whose compact set holds most of token i's compact set.
+
+    Only an *earlier* mention can lend evidence: the model names the partner because it saw
+    the trigger; the trigger itself keeps its own verdict."""
+    mine = sets[i]
+    best, best_overlap = None, 0.0
+    for j, other in enumerate(verdicts):
+        if j == i or other.label is not VerdictLabel.GROUNDED:
+            continue
+        if other.target.position >= verdicts[i].target.position:
+            continue
+        overlap = len(mine & sets[j]) / max(1, len(mine))
+        if overlap >= thresholds.min_overlap and overlap > best_overlap:
+            best, best_overlap = j, overlap
+    return best
+
+
+def _replace_label(
+    verdict: Verdict, label: VerdictLabel, reason: str, *, borrowed_from: int | None = None
+) -> Verdict:
+    fields = {name: getattr(verdict, name) for name in verdict.__dataclass_fields__}
+    fields.update(label=label, reason=reason, borrowed_from=borrowed_from)
+    return Verdict(**fields)
+
+
+def _judge_one(attribution: Attribution, col: int, th: PriorThresholds) -> Verdict:
+    target: Target = attribution.targets[col]
+    k = len(attribution.compact_set)
+    p_full = float(attribution.p_full[col])
+    p_blank = float(attribution.p_blank[col])
+    insight = float(attribution.insertion[k, col])
+    removed = float(attribution.deletion[k, col])
+    necessity = 1.0 - removed
+    relative_drop = _clip01((p_full - removed) / p_full) if p_full > 0 else 0.0
+    prior_ratio = _clip01(p_blank / p_full) if p_full > 0 else 0.0
+    prior_score = math.sqrt(prior_ratio * (1.0 - relative_drop))
+    influence = perceptual_influence(attribution, col)
+    budget_stop = attribution.stopped_by in (StopReason.FORWARD_BUDGET, StopReason.TIME_BUDGET)
+    explained = insight >= th.coverage * p_full
+
+    if p_full < th.min_p_full:
+        label = VerdictLabel.UNDETERMINED
+        reason = f"the model barely predicts the token (p_full {p_full:.3f} < {th.min_p_full})"
+    elif prior_ratio >= th.min_prior_ratio and relative_drop <= th.max_prior_drop:
+        label = VerdictLabel.LANGUAGE_PRIOR
+        reason = (
+            f"the text alone gives {prior_ratio:.0%} of its probability and removing its "
+            f"{k} most important regions lowers it by only {relative_drop:.0%}"
+        )
+    elif budget_stop and not explained:
+        label = VerdictLabel.UNDETERMINED
+        reason = (
+            f"the search ran out of budget ({attribution.stopped_by.value}) before a compact "
+            f"set explained the token (insight {insight:.3f} < {th.coverage} * {p_full:.3f})"
+        )
+    else:
+        label = VerdictLabel.GROUNDED
+        reason = (
+            f"removing its {k} most important regions lowers its probability by "
+            f"{relative_drop:.0%}; the text alone gives {prior_ratio:.0%}"
+        )
+    return Verdict(
+        target=target,
+        label=label,
+        prior_score=prior_score,
+        p_full=p_full,
+        p_blank=p_blank,
+        insight=insight,
+        necessity=necessity,
+        relative_drop=relative_drop,
+        perceptual_influence=influence,
+        compact_set=attribution.compact_set,
+        reason=reason,
+        detector=DETECTOR_NAME,
+        version=__version__,
+        extra={"prior_ratio": prior_ratio, "forward_passes": float(attribution.forward_passes)},
+    )
+
+
+def _clip01(x: float) -> float:
+    return min(1.0, max(0.0, x))

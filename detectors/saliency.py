@@ -1,0 +1,36 @@
+"""From an ordering to a saliency value per region (EAGLE.md section 6)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from detectors.types import Attribution
+
+__all__ = ["objective_curve", "region_values"]
+
+
+def objective_curve(attribution: Attribution) -> np.ndarray:
+    """`(N + 1,)` F along the order, with prefixes the search did not score filled by linear
+    interpolation between scored ones (F(empty) and F(V) are always known)."""
+    curve = attribution.objective
+    known = ~np.isnan(curve)
+    if known.all():
+        return curve
+    steps = np.arange(curve.size)
+    return np.interp(steps, steps[known], curve[known])
+
+
+def region_values(attribution: Attribution) -> np.ndarray:
+    """`(R,)` float in [0, 1] indexed by region id: value_k = -sum_{j<=k} |F_j - F_{j-1}| along
+    the order, min-max normalised (earlier regions are hotter; gaps follow the marginal gains).
+    All zeros when F is flat (no region changes anything)."""
+    curve = objective_curve(attribution)
+    values = -np.cumsum(np.abs(np.diff(curve)))
+    low, high = float(values.min()), float(values.max())
+    out = np.zeros(attribution.n_regions)
+    if high - low > 1e-12:
+        out[attribution.order] = (values - low) / (high - low)
+    return out

@@ -1,0 +1,185 @@
+"""Domain values that cross module boundaries: targets, attributions, verdicts."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from detectors.errors import InvalidTargetError
+
+if TYPE_CHECKING:
+    from detectors.regions import RegionPartition
+
+__all__ = [
+    "Attribution",
+    "Fill",
+    "StopReason",
+    "Target",
+    "Verdict",
+    "VerdictLabel",
+]
+
+
+class Fill(str, enum.Enum):
+    """What replaces the pixels of a removed region.
+
+    `BLACK` is the paper's choice.  A model that reads black as an object barely reacts to
+    black-filled removals; `MEAN` (the image's mean colour) or `BLUR` then remove an object better.
+    """
+
+    BLACK = "black"
+    GREY = "grey"
+    MEAN = "mean"
+    BLUR = "blur"
+
+
+class StopReason(str, enum.Enum):
+    """Why a search stopped.  Running out of a budget is a result, not an error."""
+
+    COMPLETE = "complete"  # the exact search ordered every region greedily
+    CONVERGED = "converged"  # the compact set explains the token, or nothing is left to refine
+    FORWARD_BUDGET = "forward_budget"
+    TIME_BUDGET = "time_budget"
+    MAX_REGIONS = "max_regions"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Target:
+    """One generated token to explain.
+
+    Attributes:
+        position: index of the token among the generated tokens (0 = first generated token).
+        token_id: the vocabulary id the model generated there.
+        text: the token (or word) as text, for people.
+    """
+
+    position: int
+    token_id: int
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.position < 0:
+            raise InvalidTargetError(
+                f"target position must be >= 0 (an index among the generated tokens), "
+                f"got: {self.position}"
+            )
+        if self.token_id < 0:
+            raise InvalidTargetError(f"target token_id must be >= 0, got: {self.token_id}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Attribution:
+    """The result of one EAGLE search over the regions of one image.
+
+    Attributes:
+        targets: the explained tokens, T of them (the objective is their mean).
+        partition: the regions, N of them.
+        order: `(N,)` int, every region id once; earlier = more important.
+        insertion: `(N + 1, T)` float, row r = probability with only the first r regions of
+            `order` visible (row 0 = blank image, row N = original).  NaN where not scored.
+        deletion: `(N + 1, T)` float, row r = probability with the first r regions removed
+            (row 0 = original, row N = blank).  NaN where not scored.
+        p_full: `(T,)` probability on the original image.
+        p_blank: `(T,)` probability on the blank (fully filled) image.
+        compact_set: region ids of the shortest prefix of `order` whose insight reaches the
+            coverage of `p_full` (at least one region).
+        forward_passes: masked images actually scored (cache hits are free).
+        seconds: wall time of the search.
+        stopped_by: why the search stopped.
+        search: which search produced it (`eagle-exact`, `eagle-budgeted`, `eagle-efficient`).
+        scorer_name: the scorer's `name` (model, execution provider).
+        fill: how removed pixels were filled.
+        weights: (lambda1, lambda2) of the objective.
+        version: version of the `detectors` library that produced it.
+    """
+
+    targets: tuple[Target, ...]
+    partition: RegionPartition
+    order: np.ndarray
+    insertion: np.ndarray
+    deletion: np.ndarray
+    p_full: np.ndarray
+    p_blank: np.ndarray
+    compact_set: tuple[int, ...]
+    forward_passes: int
+    seconds: float
+    stopped_by: StopReason
+    search: str
+    scorer_name: str
+    fill: Fill
+    weights: tuple[float, float] = (1.0, 1.0)
+    version: str = ""
+
+    @property
+    def n_regions(self) -> int:
+        return int(self.order.shape[0])
+
+    @property
+    def partition_method(self) -> str:
+        return self.partition.method
+
+    @property
+    def objective(self) -> np.ndarray:
+        """`(N + 1,)` F along the order: lambda1 * mean insight + lambda2 * mean necessity (NaN
+        where a prefix was not scored)."""
+        l1, l2 = self.weights
+        return l1 * self.insertion.mean(axis=1) + l2 * (1.0 - self.deletion).mean(axis=1)
+
+    @property
+    def scored_prefixes(self) -> np.ndarray:
+        """`(K,)` int, prefix lengths r whose insertion and deletion scores are known."""
+        known = ~np.isnan(self.insertion).any(axis=1) & ~np.isnan(self.deletion).any(axis=1)
+        return np.flatnonzero(known)
+
+    def saliency(self) -> np.ndarray:
+        """`(H, W)` float map in [0, 1]: EAGLE.md section 6, earlier regions hotter."""
+        from detectors.saliency import region_values
+
+        return region_values(self)[self.partition.labels]
+
+
+class VerdictLabel(str, enum.Enum):
+    GROUNDED = "grounded"
+    LANGUAGE_PRIOR = "language_prior"
+    BORROWED_EVIDENCE = "borrowed_evidence"
+    UNDETERMINED = "undetermined"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Verdict:
+    """What the guardrail concludes about one audited token, with the numbers behind it.
+
+    Attributes:
+        target: the token.
+        label: grounded / language_prior / borrowed_evidence / undetermined.
+        prior_score: in [0, 1], higher = more driven by the language prior.
+        p_full: probability on the original image.
+        p_blank: probability on the blank image (what the text alone predicts).
+        insight: probability with only the compact set visible.
+        necessity: 1 - probability with the compact set removed (EAGLE's indispensability).
+        relative_drop: how much of p_full is lost when the compact set is removed, in [0, 1].
+        perceptual_influence: area-normalised area between the insertion curve and its minimum.
+        compact_set: region ids the decision was made from.
+        reason: one sentence a person can read.
+        detector: name of the rule set; version: its version.
+        borrowed_from: for borrowed evidence, the position of the token whose evidence it uses.
+    """
+
+    target: Target
+    label: VerdictLabel
+    prior_score: float
+    p_full: float
+    p_blank: float
+    insight: float
+    necessity: float
+    relative_drop: float
+    perceptual_influence: float
+    compact_set: tuple[int, ...]
+    reason: str
+    detector: str
+    version: str
+    borrowed_from: int | None = None
+    extra: dict[str, float] = field(default_factory=dict)
