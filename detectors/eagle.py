@@ -52,7 +52,7 @@ class EagleSearch:
         fill: Fill | str = Fill.BLACK,
         strategy: Strategy = "auto",
         coverage: float = 0.9,
-        candidates: int = 4,
+        candidates: int = 2,
         progress: bool = False,
         efficient_options: dict[str, int] | None = None,
     ) -> None:

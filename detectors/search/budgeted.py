@@ -1,16 +1,21 @@
-"""Our budgeted search: screening, then lazy greedy refinement of the leading candidates.
+"""Our budgeted search: screening, a logit-additive surrogate, and lazy greedy refinement.
 
 1. Anchors: the original and the blank image (2 passes).
-2. Screening: the insertion and deletion image of every single region (2N passes, fewer when
-   the budget is smaller: deletion first, since removing one region from the full image is what
-   reveals a region a token cannot do without).  Each region gets an estimated gain.
-3. Refinement: at each step, score S + {v} for the `candidates` regions with the highest
-   estimated gain; accept the best fresh gain if no stale estimate left could beat it (lazy
-   greedy, as in CELF), otherwise score the next `candidates`.  Fresh gains replace estimates.
-   Step 1 is free: its masks were scored by the screening and come from the cache.
-4. Stop when the compact set explains the token (insight >= coverage * p_full and necessity >=
-   coverage * (1 - p_blank)), when `max_regions` are chosen, or when the budget runs out; the
-   regions left are ordered by their latest estimate.
+2. Screening: the insertion and deletion image of every single region (2N passes; under a
+   smaller budget deletion only, since removing one region from the full image is what reveals
+   a region the token cannot do without).
+3. A surrogate of the model, additive in logit space: region v adds a_v to the logit of the
+   insertion score and removes d_v from the logit of the deletion score.  Screening gives the
+   first a_v, d_v; every later measurement of S + {v} replaces them with the increments seen at
+   the current S.  The surrogate predicts F(S + {v}) for every v at the cost of arithmetic, and
+   it respects saturation (a region that cannot move a saturated probability gains nothing).
+4. Refinement: at each step, score S + {v} for the `candidates` regions the surrogate ranks
+   highest; accept the best measured one if no unmeasured prediction beats it, otherwise
+   measure the next `candidates` (lazy greedy, as in CELF).  Step 1 is free: its masks were
+   scored by the screening and come from the cache.
+5. Stop when the compact set explains the token (insight >= coverage * p_full and necessity >=
+   coverage * (1 - p_blank)), when `max_regions` are chosen, or when the budget runs out.  The
+   regions left are ordered by continuing the greedy search on the surrogate (free).
 """
 
 from __future__ import annotations
@@ -24,7 +29,65 @@ from detectors.search.evaluator import MaskEvaluator, objective
 from detectors.search.trace import SearchTrace
 from detectors.types import StopReason
 
-__all__ = ["budgeted_greedy"]
+__all__ = ["LogitSurrogate", "budgeted_greedy"]
+
+_EPS = 1e-7
+Objective = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, _EPS, 1.0 - _EPS)
+    return np.asarray(np.log(p) - np.log1p(-p))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.asarray(1.0 / (1.0 + np.exp(-x)))
+
+
+class LogitSurrogate:
+    """Predicts insertion and deletion scores of S + {v} from per-region logit increments.
+
+    A region's increment depends on its context: alone on a blank image it adds `a0_v` to the
+    insertion logit, and removed from the full image it takes `d0_v` from the deletion logit;
+    the difference is its interaction with the other regions.  With k regions already chosen, a
+    region's insertion context holds k regions and its deletion context N - 1 - k, so the
+    surrogate moves each increment linearly with the context size from its latest measurement
+    (for a model additive in logit space a0 = d0 and the prediction is exact).
+
+    Arrays are `(N, T)` for increments and `(T,)` for logits, T = explained targets."""
+
+    def __init__(self, insertion_gain: np.ndarray, deletion_drop: np.ndarray,
+                 blank: np.ndarray, full: np.ndarray) -> None:
+        n = insertion_gain.shape[0]
+        self.n = n
+        self.slope = (deletion_drop - insertion_gain) / max(1, n - 1)
+        self.a = insertion_gain.copy()  # latest insertion increment, measured at context a_at
+        self.a_at = np.zeros(n)
+        self.d = deletion_drop.copy()  # latest deletion drop, measured at context d_at
+        self.d_at = np.full(n, n - 1.0)
+        self.k = 0
+        self.ins_logit = _logit(blank)
+        self.del_logit = _logit(full)
+
+    def predict(self, regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`(M, T)` predicted insertion and deletion scores of S + {v} for v in `regions`."""
+        slope = self.slope[regions]
+        a = self.a[regions] + (self.k - self.a_at[regions])[:, None] * slope
+        d = self.d[regions] + (self.n - 1 - self.k - self.d_at[regions])[:, None] * slope
+        return _sigmoid(self.ins_logit[None] + a), _sigmoid(self.del_logit[None] - d)
+
+    def observe(self, region: int, ins: np.ndarray, dele: np.ndarray) -> None:
+        """Measured scores of S + {region}: its increments in the current context."""
+        self.a[region] = _logit(ins) - self.ins_logit
+        self.a_at[region] = self.k
+        self.d[region] = self.del_logit - _logit(dele)
+        self.d_at[region] = self.n - 1 - self.k
+
+    def advance(self, ins: np.ndarray, dele: np.ndarray) -> None:
+        """S grew by one region whose S + {v} scores were `ins`, `dele`."""
+        self.ins_logit = _logit(ins)
+        self.del_logit = _logit(dele)
+        self.k += 1
 
 
 def budgeted_greedy(
@@ -33,15 +96,16 @@ def budgeted_greedy(
     weights: tuple[float, float],
     budget: SearchBudget,
     *,
-    candidates: int = 4,
+    candidates: int = 2,
     coverage: float = 0.9,
+    refresh_tolerance: float = 0.05,
 ) -> tuple[SearchTrace, list[int]]:
     """Run the budgeted search; see the module docstring.  Never spends more than the budget."""
     n = evaluator.n_regions
     trace = SearchTrace(n_regions=n, columns=columns)
 
-    def gain_of(ins: np.ndarray, dele: np.ndarray) -> np.ndarray:
-        return objective(ins[:, columns], dele[:, columns], weights)
+    def f_of(ins: np.ndarray, dele: np.ndarray) -> np.ndarray:
+        return objective(ins, dele, weights)
 
     anchors = evaluator.evaluate(np.stack([np.ones(n, np.bool_), np.zeros(n, np.bool_)]))
     if anchors.shape[0] < 2:
@@ -49,9 +113,8 @@ def budgeted_greedy(
         raise TimeoutError("the time budget ran out before the original and blank image were scored")
     full, blank = anchors
     trace.record_anchors(full, blank)
-    f_current = float(gain_of(blank[None], full[None])[0])
+    surrogate = _screen(evaluator, n, full[columns], blank[columns], columns)
 
-    estimate = _screen(evaluator, gain_of, n) - f_current
     chosen = np.zeros(n, dtype=np.bool_)
     pool = list(range(n))
     ins_goal = coverage * float(full[columns].mean())
@@ -64,11 +127,14 @@ def budgeted_greedy(
         if budget.max_regions is not None and len(trace.selected) >= budget.max_regions:
             trace.stopped_by = StopReason.MAX_REGIONS
             break
-        ranked = sorted(pool, key=lambda v: (-estimate[v], v))
+        pool_arr = np.asarray(pool)
+        predicted = f_of(*surrogate.predict(pool_arr))
+        ranked = [pool[i] for i in np.lexsort((pool_arr, -predicted))]
+        predicted_of = dict(zip(pool, predicted, strict=True))
         fresh: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
-        start = 0
+        start, width = 0, candidates
         while start < len(ranked):
-            group = ranked[start : start + candidates]
+            group = ranked[start : start + width]
             start += len(group)
             inserted = np.repeat(chosen[None], len(group), axis=0)
             inserted[np.arange(len(group)), group] = True
@@ -76,23 +142,36 @@ def budgeted_greedy(
             pairs[0::2], pairs[1::2] = inserted, ~inserted
             scores = evaluator.evaluate(pairs)
             complete = scores.shape[0] // 2
+            surprise = 0.0
             if complete:
-                gains = gain_of(scores[0 : 2 * complete : 2], scores[1 : 2 * complete : 2])
+                ins, dele = scores[0 : 2 * complete : 2], scores[1 : 2 * complete : 2]
+                gains = f_of(ins[:, columns], dele[:, columns])
                 for i in range(complete):
                     v = group[i]
-                    estimate[v] = gains[i] - f_current
-                    fresh[v] = (float(gains[i]), scores[2 * i], scores[2 * i + 1])
+                    surrogate.observe(v, ins[i, columns], dele[i, columns])
+                    fresh[v] = (float(gains[i]), ins[i], dele[i])
+                    surprise = max(surprise, abs(float(gains[i]) - float(predicted_of[v])))
             if complete < len(group):
                 break
-            best_fresh = max(g for g, _, _ in fresh.values()) - f_current
-            if start >= len(ranked) or best_fresh >= estimate[ranked[start]]:
+            if start >= len(ranked):
+                break
+            # The surrogate misjudged this context (interactions): re-measure the whole pool
+            # when at most half of what is left of the budget pays for it.
+            left = len(ranked) - start
+            remaining = evaluator.remaining_passes
+            if surprise > refresh_tolerance and (remaining is None or 4 * left <= remaining):
+                width = left
+                continue
+            best_fresh = max(g for g, _, _ in fresh.values())
+            if best_fresh >= predicted_of[ranked[start]]:
                 break
         if not fresh:
             trace.stopped_by = evaluator.stop_reason or StopReason.FORWARD_BUDGET
             break
         region = min(fresh, key=lambda v: (-fresh[v][0], v))
-        f_current, ins_row, del_row = fresh[region]
+        _, ins_row, del_row = fresh[region]
         trace.select(region, ins_row, del_row)
+        surrogate.advance(ins_row[columns], del_row[columns])
         chosen[region] = True
         pool.remove(region)
         if (
@@ -104,34 +183,44 @@ def budgeted_greedy(
     else:
         trace.stopped_by = StopReason.CONVERGED
 
-    rest = sorted(pool, key=lambda v: (-estimate[v], v))
-    return trace, [*trace.selected, *rest]
+    return trace, [*trace.selected, *_surrogate_greedy(surrogate, pool, f_of)]
 
 
-GainFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]
+def _surrogate_greedy(surrogate: LogitSurrogate, pool: list[int], f_of: Objective) -> list[int]:
+    """Order the regions left by continuing the greedy search on the surrogate alone."""
+    rest = list(pool)
+    order: list[int] = []
+    while rest:
+        arr = np.asarray(rest)
+        ins, dele = surrogate.predict(arr)
+        best = int(np.lexsort((arr, -f_of(ins, dele)))[0])
+        order.append(rest.pop(best))
+        surrogate.advance(ins[best], dele[best])
+    return order
 
 
-def _screen(evaluator: MaskEvaluator, gain_of: GainFunction, n: int) -> np.ndarray:
-    """F({v}) per region as far as the budget allows; unscreened parts borrow the mean."""
+def _screen(
+    evaluator: MaskEvaluator, n: int, full: np.ndarray, blank: np.ndarray, columns: np.ndarray
+) -> LogitSurrogate:
+    """Single-region insertion and deletion scores, as far as the budget allows."""
     eye = np.eye(n, dtype=np.bool_)
-    budget_rows = evaluator.affordable(2 * n)
-    full_screen = budget_rows >= 2 * n
-    f_single = np.full(n, np.nan)
-    if full_screen:
+    t = columns.size
+    a = np.full((n, t), np.nan)
+    d = np.full((n, t), np.nan)
+    if evaluator.affordable(2 * n) >= 2 * n:
         pairs = np.empty((2 * n, n), dtype=np.bool_)
         pairs[0::2], pairs[1::2] = eye, ~eye
-        scores = evaluator.evaluate(pairs)
-        complete = scores.shape[0] // 2
-        if complete:
-            f_single[:complete] = gain_of(scores[0 : 2 * complete : 2], scores[1 : 2 * complete : 2])
+        scores = evaluator.evaluate(pairs)[:, columns]
+        got = scores.shape[0] // 2
+        a[:got] = _logit(scores[0 : 2 * got : 2]) - _logit(blank)[None]
+        d[:got] = _logit(full)[None] - _logit(scores[1 : 2 * got : 2])
     else:
-        # Deletion only: keep the insertion side at its blank value for the estimate.
-        anchors = evaluator.evaluate(np.stack([np.zeros(n, np.bool_)]))
-        scores = evaluator.evaluate(~eye)
+        # Deletion only; a region's insertion increment is taken to mirror its deletion drop.
+        scores = evaluator.evaluate(~eye)[:, columns]
         got = scores.shape[0]
-        if got:
-            blank = np.repeat(anchors, got, axis=0)
-            f_single[:got] = gain_of(blank, scores)
-    known = ~np.isnan(f_single)
-    fallback = float(f_single[known].mean()) if known.any() else 0.0
-    return np.where(known, f_single, fallback)
+        d[:got] = _logit(full)[None] - _logit(scores)
+        a[:got] = d[:got]
+    for arr in (a, d):
+        known = ~np.isnan(arr[:, 0])
+        arr[~known] = arr[known].mean(axis=0) if known.any() else 0.0
+    return LogitSurrogate(a, d, blank, full)
