@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -41,6 +41,8 @@ class EagleSearch:
             token; the budgeted search stops there.
         candidates: regions re-scored per step of the budgeted search.
         progress: show a progress bar (tqdm) over forward passes.
+        efficient_options: `search_scope`, `update_step`, `pending_samples` of `efficient`.
+        clock: the time source of the time budget (seconds).
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class EagleSearch:
         candidates: int = 2,
         progress: bool = False,
         efficient_options: dict[str, int] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if len(weights) != 2 or any(not np.isfinite(w) or w < 0 for w in weights):
             raise ValueError(f"weights must be two non-negative numbers, got: {weights}")
@@ -75,6 +78,7 @@ class EagleSearch:
         self.candidates = candidates
         self.progress = progress
         self.efficient_options = dict(efficient_options or {})
+        self.clock = clock
 
     @property
     def resolved_strategy(self) -> str:
@@ -119,7 +123,9 @@ class EagleSearch:
             raise InvalidTargetError(f"targets must have distinct positions, got: {positions}")
         # The exact search is the yardstick: it pays every one of its N(N + 1) passes.
         cache = self.resolved_strategy != "exact"
-        return MaskEvaluator(self.scorer, image, partition, targets, fill=self.fill, cache=cache)
+        return MaskEvaluator(
+            self.scorer, image, partition, targets, fill=self.fill, cache=cache, clock=self.clock
+        )
 
     def _progress_bar(self, evaluator: MaskEvaluator) -> Any:
         if not self.progress:
@@ -136,7 +142,7 @@ class EagleSearch:
         if strategy != "exact":
             budget = self.budget
         evaluator.begin(budget)
-        started = time.perf_counter()
+        started = self.clock()
         trace: SearchTrace
         if strategy == "exact":
             trace, order = exact_greedy(evaluator, columns, self.weights)
@@ -156,6 +162,6 @@ class EagleSearch:
             search=f"eagle-{strategy}",
             weights=self.weights,
             coverage=self.coverage,
-            seconds=time.perf_counter() - started,
+            seconds=self.clock() - started,
             version=__version__,
         )

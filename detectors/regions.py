@@ -132,13 +132,17 @@ def slic_partition(image: np.ndarray, n_regions: int = 64, *, iterations: int = 
         method = f"skimage-slico(n={n_regions})"
     else:
         lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
-        slic = ximgproc.createSuperpixelSLIC(lab, algorithm=ximgproc.SLICO, region_size=side)
-        slic.iterate(iterations)
-        slic.enforceLabelConnectivity(max(1, side * side // 4))
-        labels = slic.getLabels()
+        while True:
+            slic = ximgproc.createSuperpixelSLIC(lab, algorithm=ximgproc.SLICO, region_size=side)
+            slic.iterate(iterations)
+            slic.enforceLabelConnectivity(25)  # merge fragments under 25% of a superpixel
+            labels = slic.getLabels()
+            # On small images the seed grid can collapse to one region: try a finer one.
+            if side == 1 or labels.max() > labels.min():
+                break
+            side = max(1, side // 2)
         method = f"slico(n={n_regions},size={side})"
-    partition = RegionPartition.from_labels(labels, method)
-    return partition
+    return RegionPartition.from_labels(labels, method)
 
 
 def _skimage_slico(image: np.ndarray, n_regions: int, iterations: int) -> np.ndarray:

@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detectors import (
+    EagleSearch,
+    SearchBudget,
+    StopReason,
+    Target,
+    exact_search_passes,
+    grid_partition,
+)
+from detectors.errors import InvalidTargetError, ScorerContractError
+from detectors.scorers import AnalyticScorer, MaskedBatch, analytic_case
+
+TARGET = Target(position=0, token_id=0, text="cat")
+GRIDS = {4: (2, 2), 6: (2, 3), 8: (2, 4), 9: (3, 3), 12: (3, 4), 16: (4, 4), 64: (8, 8)}
+
+
+def _setup(n: int) -> tuple[np.ndarray, object]:
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    return image, grid_partition(image, *GRIDS[n])
+
+
+def brute_force_order(scorer: AnalyticScorer, target: Target, n: int) -> list[int]:
+    """EAGLE.md section 4, transcribed literally: one masked image at a time."""
+    selected: list[int] = []
+    pool = list(range(n))
+    while pool:
+        best, best_f = -1, -np.inf
+        for v in pool:
+            keep = np.zeros((1, n), dtype=np.bool_)
+            keep[0, [*selected, v]] = True
+            insight = scorer.probabilities(keep, [target])[0, 0]
+            necessity = 1.0 - scorer.probabilities(~keep, [target])[0, 0]
+            f = insight + necessity
+            if f > best_f:
+                best, best_f = v, f
+        selected.append(best)
+        pool.remove(best)
+    return selected
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.sampled_from([4, 6, 8, 9, 12]), seed=st.integers(0, 10_000), pairs=st.integers(0, 4))
+def test_exact_search_matches_brute_force(n: int, seed: int, pairs: int) -> None:
+    scorer = AnalyticScorer.random(n, seed, interactions=pairs)
+    image, partition = _setup(n)
+    attribution = EagleSearch(scorer, SearchBudget.exhaustive(batch_size=5)).attribute(
+        image, partition, [TARGET]
+    )
+    assert attribution.order.tolist() == brute_force_order(scorer, TARGET, n)
+    assert attribution.forward_passes == exact_search_passes(n) == n * (n + 1)
+    assert attribution.stopped_by is StopReason.COMPLETE
+    assert attribution.search == "eagle-exact"
+
+
+def test_exact_search_logs_complete_curves() -> None:
+    scorer = AnalyticScorer.random(9, 3, interactions=2)
+    image, partition = _setup(9)
+    a = EagleSearch(scorer).attribute(image, partition, [TARGET])
+    assert not np.isnan(a.insertion).any() and not np.isnan(a.deletion).any()
+    keep_all, keep_none = np.ones((1, 9), np.bool_), np.zeros((1, 9), np.bool_)
+    p_full = scorer.probabilities(keep_all, [TARGET])[0, 0]
+    p_blank = scorer.probabilities(keep_none, [TARGET])[0, 0]
+    assert a.p_full[0] == pytest.approx(p_full) and a.p_blank[0] == pytest.approx(p_blank)
+    assert a.insertion[0, 0] == pytest.approx(p_blank) and a.insertion[9, 0] == pytest.approx(p_full)
+    assert a.deletion[0, 0] == pytest.approx(p_full) and a.deletion[9, 0] == pytest.approx(p_blank)
+    for r in range(10):
+        keep = np.zeros((1, 9), np.bool_)
+        keep[0, a.order[:r]] = True
+        assert a.insertion[r, 0] == pytest.approx(scorer.probabilities(keep, [TARGET])[0, 0])
+        assert a.deletion[r, 0] == pytest.approx(scorer.probabilities(~keep, [TARGET])[0, 0])
+    assert a.scorer_name == "analytic-random" and a.partition_method == "grid(3x3)"
+
+
+def _same(a: object, b: object) -> None:
+    assert a.order.tolist() == b.order.tolist()  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(a.insertion, b.insertion)  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(a.deletion, b.deletion)  # type: ignore[attr-defined]
+    assert a.forward_passes == b.forward_passes  # type: ignore[attr-defined]
+    assert a.compact_set == b.compact_set  # type: ignore[attr-defined]
+    assert a.stopped_by == b.stopped_by  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("strategy", ["exact", "budgeted", "efficient"])
+@pytest.mark.parametrize("pairs", [0, 16])
+def test_batch_size_never_changes_an_attribution(strategy: str, pairs: int) -> None:
+    scorer = AnalyticScorer.random(64, 11, interactions=pairs)
+    image, partition = _setup(64)
+    results = []
+    for batch_size in (1, 2, 7, 64):
+        budget = (
+            SearchBudget.exhaustive(batch_size=batch_size)
+            if strategy == "exact"
+            else SearchBudget(max_forward_passes=416, batch_size=batch_size)
+        )
+        search = EagleSearch(scorer, budget, strategy=strategy)  # type: ignore[arg-type]
+        results.append(search.attribute(image, partition, [TARGET]))
+    for other in results[1:]:
+        _same(results[0], other)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.sampled_from([4, 9, 16, 64]),
+    seed=st.integers(0, 1000),
+    share=st.floats(0.0, 1.0),
+    batch_size=st.integers(1, 40),
+    strategy=st.sampled_from(["budgeted", "efficient"]),
+)
+def test_budget_is_never_exceeded(n: int, seed: int, share: float, batch_size: int, strategy: str) -> None:
+    scorer = AnalyticScorer.random(n, seed, interactions=2)
+    image, partition = _setup(n)
+    limit = max(2, int(share * exact_search_passes(n)))
+    budget = SearchBudget(max_forward_passes=limit, batch_size=batch_size)
+    a = EagleSearch(scorer, budget, strategy=strategy).attribute(image, partition, [TARGET])  # type: ignore[arg-type]
+    assert a.forward_passes <= limit
+    assert sorted(a.order.tolist()) == list(range(n))
+    assert len(a.compact_set) >= 1
+    if a.stopped_by is StopReason.FORWARD_BUDGET:
+        assert a.forward_passes == limit
+    assert a.p_full.shape == a.p_blank.shape == (1,)
+
+
+class _TickingScorer:
+    """An analytic scorer whose every call advances a fake clock by one second."""
+
+    def __init__(self, inner: AnalyticScorer) -> None:
+        self.inner, self.now, self.calls = inner, 0.0, 0
+        self.name, self.max_batch_size = "ticking", 1000
+
+    def clock(self) -> float:
+        return self.now
+
+    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
+        self.calls += 1
+        self.now += 1.0
+        return self.inner.score(batch, targets)
+
+
+@pytest.mark.parametrize("max_seconds", [2.5, 5.5, 9.0])
+def test_time_budget_is_honoured_within_one_batch(max_seconds: float) -> None:
+    scorer = _TickingScorer(AnalyticScorer.random(64, 5, interactions=8))
+    image, partition = _setup(64)
+    budget = SearchBudget(max_seconds=max_seconds, batch_size=4)
+    a = EagleSearch(scorer, budget, clock=scorer.clock).attribute(image, partition, [TARGET])
+    assert a.stopped_by is StopReason.TIME_BUDGET
+    # the deadline is checked before every batch: at most one batch starts after it
+    assert max_seconds <= a.seconds <= max_seconds + 1.0
+    assert sorted(a.order.tolist()) == list(range(64))
+
+
+def test_max_regions_limits_the_refined_prefix() -> None:
+    case = analytic_case("grounded", 16)
+    image, partition = _setup(16)
+    budget = SearchBudget(max_forward_passes=200, max_regions=2)
+    a = EagleSearch(case.scorer, budget).attribute(image, partition, case.targets)
+    assert a.stopped_by is StopReason.MAX_REGIONS
+    assert len(a.scored_prefixes) == 2 + 2  # blank, 1, 2 and the full image
+
+
+@pytest.mark.parametrize("name", ["grounded", "conjunctive"])
+def test_budgeted_search_finds_the_evidence_cheaply(name: str) -> None:
+    case = analytic_case(name, 64, seed=2)
+    image, partition = _setup(64)
+    a = EagleSearch(case.scorer, SearchBudget.fraction_of_exact(64, 0.10)).attribute(
+        image, partition, case.targets
+    )
+    assert set(a.compact_set) == case.evidence[0]
+    assert a.stopped_by is StopReason.CONVERGED
+    assert a.forward_passes <= 416
+
+
+def test_attribute_each_shares_forward_passes() -> None:
+    case = analytic_case("borrowed_evidence", 16)
+    image, partition = _setup(16)
+    search = EagleSearch(case.scorer, SearchBudget(max_forward_passes=120))
+    knife, fork = search.attribute_each(image, partition, case.targets)
+    alone = search.attribute(image, partition, case.targets[1:])
+    assert [t.text for t in knife.targets] == ["knife"] and [t.text for t in fork.targets] == ["fork"]
+    assert fork.forward_passes < alone.forward_passes  # anchors and screening were paid once
+    assert fork.order.tolist() == alone.order.tolist()
+
+
+class _BrokenScorer:
+    name, max_batch_size = "broken", 8
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+
+    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
+        b = batch.size
+        if self.output == "shape":
+            return np.zeros((b + 1, len(targets)))
+        if self.output == "nan":
+            return np.full((b, len(targets)), np.nan)
+        if self.output == "range":
+            return np.full((b, len(targets)), 1.5)
+        return [[0.5]] * b  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [("shape", "shape"), ("nan", "non-finite"), ("range", r"\[0, 1\]"), ("list", "numpy array")],
+)
+def test_scorer_contract_violations_are_reported(output: str, message: str) -> None:
+    image, partition = _setup(4)
+    with pytest.raises(ScorerContractError, match=message):
+        EagleSearch(_BrokenScorer(output)).attribute(image, partition, [TARGET])
+
+
+def test_bad_search_arguments() -> None:
+    scorer = AnalyticScorer.random(4, 0)
+    image, partition = _setup(4)
+    with pytest.raises(InvalidTargetError, match="at least one"):
+        EagleSearch(scorer).attribute(image, partition, [])
+    with pytest.raises(InvalidTargetError, match="distinct positions"):
+        EagleSearch(scorer).attribute(image, partition, [TARGET, TARGET])
+    with pytest.raises(ValueError, match="weights"):
+        EagleSearch(scorer, weights=(1.0, -1.0))
+    with pytest.raises(ValueError, match="strategy"):
+        EagleSearch(scorer, strategy="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_size must be positive, got: 0"):
+        SearchBudget(batch_size=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        SearchBudget(max_forward_passes=1)
+    with pytest.raises(InvalidTargetError, match="position must be >= 0"):
+        Target(position=-1, token_id=3)
+
+
+def test_progress_bar_counts_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    scorer = AnalyticScorer.random(4, 0)
+    image, partition = _setup(4)
+    EagleSearch(scorer, progress=True).attribute(image, partition, [TARGET])
+    assert "20/20" in capsys.readouterr().err
