@@ -58,7 +58,10 @@ def run_case(n: int, kind: str, seed: int) -> list[dict[str, object]]:
         attribution = search.attribute(image, partition, [TARGET])
         rows.append(
             {
-                "n": n, "kind": kind, "seed": seed, "method": method,
+                "n": n,
+                "kind": kind,
+                "seed": seed,
+                "method": method,
                 "passes": attribution.forward_passes,
                 "area": objective_area(scorer, attribution.order),
                 "random_area": random_area,
@@ -71,11 +74,16 @@ def run_case(n: int, kind: str, seed: int) -> list[dict[str, object]]:
     big = 256
     record("exact", EagleSearch(scorer, SearchBudget.exhaustive(batch_size=big)))
     efficient_passes = record(
-        "efficient", EagleSearch(scorer, SearchBudget.exhaustive(batch_size=big), strategy="efficient")
+        "efficient",
+        EagleSearch(scorer, SearchBudget.exhaustive(batch_size=big), strategy="efficient"),
     )
     for fraction in FRACTIONS:
         budget = SearchBudget.fraction_of_exact(n, fraction, batch_size=big)
         record(f"budgeted@{fraction:.0%}", EagleSearch(scorer, budget))
+        record(
+            f"budgeted-full@{fraction:.0%}",
+            EagleSearch(scorer, budget, stop_when_converged=False),
+        )
         record(f"efficient@{fraction:.0%}", EagleSearch(scorer, budget, strategy="efficient"))
     equal = SearchBudget(max_forward_passes=efficient_passes, batch_size=big)
     record("budgeted@efficient", EagleSearch(scorer, equal))
@@ -96,8 +104,12 @@ def summarise(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
         passes = np.array([float(r["passes"]) for r in group])  # type: ignore[arg-type]
         out.append(
             {
-                "n": n, "kind": kind, "method": method, "cases": len(group),
-                "passes_mean": float(passes.mean()), "passes_max": int(passes.max()),
+                "n": n,
+                "kind": kind,
+                "method": method,
+                "cases": len(group),
+                "passes_mean": float(passes.mean()),
+                "passes_max": int(passes.max()),
                 "share_of_exact": float(passes.mean() / exact_search_passes(n)),
                 "attainment_mean": float(attain.mean()),
                 "attainment_p10": float(np.percentile(attain, 10)),
@@ -123,10 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"machine": platform.platform(), "seeds": args.seeds, "summary": summary}))
         return 0
-    print(f"EAGLE search: attainment vs passes ({args.seeds} random analytic scorers per row; "
-          f"{platform.machine()}, Python {platform.python_version()})")
-    header = (f"{'N':>3} {'kind':>12} {'method':>20} {'passes':>8} {'max':>6} {'% exact':>8} "
-              f"{'attain':>7} {'p10':>6} {'min':>6} {'ms':>7}")
+    print(
+        f"EAGLE search: attainment vs passes ({args.seeds} random analytic scorers per row; "
+        f"{platform.machine()}, Python {platform.python_version()})"
+    )
+    header = (
+        f"{'N':>3} {'kind':>12} {'method':>20} {'passes':>8} {'max':>6} {'% exact':>8} "
+        f"{'attain':>7} {'p10':>6} {'min':>6} {'ms':>7}"
+    )
     print(header)
     print("-" * len(header))
     for s in summary:

@@ -40,7 +40,9 @@ class SearchBudget:
         if self.max_seconds is not None and not (
             math.isfinite(self.max_seconds) and self.max_seconds > 0
         ):
-            raise ValueError(f"max_seconds must be a positive number or None, got: {self.max_seconds}")
+            raise ValueError(
+                f"max_seconds must be a positive number or None, got: {self.max_seconds}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got: {self.batch_size}")
         if self.max_regions is not None and self.max_regions < 1:
@@ -53,7 +55,12 @@ class SearchBudget:
 
     @classmethod
     def fraction_of_exact(
-        cls, n_regions: int, fraction: float, *, batch_size: int = 16, max_seconds: float | None = None
+        cls,
+        n_regions: int,
+        fraction: float,
+        *,
+        batch_size: int = 16,
+        max_seconds: float | None = None,
     ) -> SearchBudget:
         """A budget of `fraction` of the exact search's N(N + 1) forward passes."""
         if not 0 < fraction <= 1:
@@ -64,5 +71,7 @@ class SearchBudget:
     @property
     def is_exhaustive(self) -> bool:
         return (
-            self.max_forward_passes is None and self.max_seconds is None and self.max_regions is None
+            self.max_forward_passes is None
+            and self.max_seconds is None
+            and self.max_regions is None
         )

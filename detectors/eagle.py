@@ -40,6 +40,9 @@ class EagleSearch:
         coverage: share of p_full (and of 1 - p_blank) at which the compact set explains the
             token; the budgeted search stops there.
         candidates: regions re-scored per step of the budgeted search.
+        stop_when_converged: the budgeted search stops once the compact set explains the
+            token (cheapest verdict); off, it spends the rest of its budget ordering the other
+            regions (finer saliency maps and curves).
         progress: show a progress bar (tqdm) over forward passes.
         efficient_options: `search_scope`, `update_step`, `pending_samples` of `efficient`.
         clock: the time source of the time budget (seconds).
@@ -55,6 +58,7 @@ class EagleSearch:
         strategy: Strategy = "auto",
         coverage: float = 0.9,
         candidates: int = 2,
+        stop_when_converged: bool = True,
         progress: bool = False,
         efficient_options: dict[str, int] | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -76,6 +80,7 @@ class EagleSearch:
         self.strategy = strategy
         self.coverage = coverage
         self.candidates = candidates
+        self.stop_when_converged = stop_when_converged
         self.progress = progress
         self.efficient_options = dict(efficient_options or {})
         self.clock = clock
@@ -152,8 +157,13 @@ class EagleSearch:
             )
         else:
             trace, order = budgeted_greedy(
-                evaluator, columns, self.weights, budget,
-                candidates=self.candidates, coverage=self.coverage,
+                evaluator,
+                columns,
+                self.weights,
+                budget,
+                candidates=self.candidates,
+                coverage=self.coverage,
+                stop_when_converged=self.stop_when_converged,
             )
         return to_attribution(
             trace,

@@ -101,11 +101,9 @@ def average_highest_confidence(insertion_curves: Sequence[np.ndarray]) -> float:
     return float(np.mean([np.nanmax(c) for c in insertion_curves]))
 
 
-def sensitive_tokens(
-    p_full: np.ndarray, p_blank: np.ndarray, threshold: float = 0.2
-) -> np.ndarray:
+def sensitive_tokens(p_full: np.ndarray, p_blank: np.ndarray, threshold: float = 0.2) -> np.ndarray:
     """Bool mask of visually sensitive tokens: s(original) - s(blank) > `threshold`."""
-    return np.asarray(p_full) - np.asarray(p_blank) > threshold
+    return np.asarray(np.asarray(p_full) - np.asarray(p_blank) > threshold)
 
 
 def pointing_game(
@@ -179,7 +177,9 @@ def order_from_saliency(partition: RegionPartition, saliency: np.ndarray) -> np.
     """Order regions by their mean saliency, hottest first (ties by region id)."""
     if saliency.shape != partition.shape:
         raise ValueError(f"saliency shape {saliency.shape} != partition shape {partition.shape}")
-    sums = np.bincount(partition.labels.ravel(), weights=saliency.ravel(), minlength=partition.n_regions)
+    sums = np.bincount(
+        partition.labels.ravel(), weights=saliency.ravel(), minlength=partition.n_regions
+    )
     means = sums / partition.areas
     return np.lexsort((np.arange(partition.n_regions), -means))
 

@@ -56,9 +56,7 @@ def explain(
     thresholds = thresholds or PriorThresholds()
     if budget is None:
         budget = SearchBudget.fraction_of_exact(partition.n_regions, 0.10)
-    search = EagleSearch(
-        scorer, budget, fill=fill, coverage=thresholds.coverage, progress=progress
-    )
+    search = EagleSearch(scorer, budget, fill=fill, coverage=thresholds.coverage, progress=progress)
     if joint:
         attribution = search.attribute(image, partition, targets)
         return Explanation(

@@ -33,9 +33,7 @@ def overlay(
         raise ValueError(f"alpha must be in [0, 1], got: {alpha}")
     saliency = attribution.saliency()
     if saliency.shape != image.shape[:2]:
-        raise ValueError(
-            f"the attribution covers {saliency.shape}, the image is {image.shape[:2]}"
-        )
+        raise ValueError(f"the attribution covers {saliency.shape}, the image is {image.shape[:2]}")
     heat = colorize(saliency).astype(np.float64)
     out = (1.0 - alpha) * image.astype(np.float64) + alpha * heat
     if boundaries:

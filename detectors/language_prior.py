@@ -71,9 +71,7 @@ def perceptual_influence(attribution: Attribution, column: int = 0) -> float:
     return float(np.trapezoid(y - y.min(), x))
 
 
-def judge(
-    attribution: Attribution, thresholds: PriorThresholds | None = None
-) -> list[Verdict]:
+def judge(attribution: Attribution, thresholds: PriorThresholds | None = None) -> list[Verdict]:
     """One verdict per target of `attribution` (grounded / language_prior / undetermined)."""
     thresholds = thresholds or PriorThresholds()
     return [_judge_one(attribution, col, thresholds) for col in range(len(attribution.targets))]

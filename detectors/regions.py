@@ -16,7 +16,8 @@ def validate_image(image: object) -> np.ndarray:
     """Return `image` if it is a non-empty `(H, W, 3)` uint8 array; raise `InvalidImageError`."""
     if not isinstance(image, np.ndarray):
         raise InvalidImageError(
-            f"image must be a numpy array of shape (H, W, 3) and dtype uint8, got: {type(image).__name__}"
+            "image must be a numpy array of shape (H, W, 3) and dtype uint8, "
+            f"got: {type(image).__name__}"
         )
     if image.ndim != 3 or image.shape[2] != 3:
         raise InvalidImageError(f"image must have shape (H, W, 3) (RGB), got shape: {image.shape}")
@@ -63,7 +64,9 @@ class RegionPartition:
         """Relabel any integer label map to contiguous ids 0..R-1 (in order of first value)."""
         labels = np.asarray(labels)
         if labels.ndim != 2 or labels.size == 0:
-            raise PartitionError(f"labels must be a non-empty (H, W) array, got shape: {labels.shape}")
+            raise PartitionError(
+                f"labels must be a non-empty (H, W) array, got shape: {labels.shape}"
+            )
         _, inverse = np.unique(labels, return_inverse=True)
         return cls(inverse.reshape(labels.shape).astype(np.int32), method)
 
@@ -84,7 +87,7 @@ class RegionPartition:
     def area_fractions(self) -> np.ndarray:
         """`(R,)` float, share of the image per region (sums to 1)."""
         areas = self.areas
-        return areas / areas.sum()
+        return np.asarray(areas / areas.sum())
 
     def masks(self, keep: np.ndarray) -> np.ndarray:
         """Turn a `(B, R)` bool selection into `(B, H, W)` bool pixel masks (True = selected)."""
@@ -99,10 +102,12 @@ class RegionPartition:
 
 def _division_side(height: int, width: int, n_regions: int) -> int:
     """Region side for a division number D: floor(sqrt(H * W / D)), as in EAGLE."""
-    return int(math.floor(math.sqrt(height * width / n_regions)))
+    return math.floor(math.sqrt(height * width / n_regions))
 
 
-def slic_partition(image: np.ndarray, n_regions: int = 64, *, iterations: int = 10) -> RegionPartition:
+def slic_partition(
+    image: np.ndarray, n_regions: int = 64, *, iterations: int = 10
+) -> RegionPartition:
     """SLICO superpixels with about `n_regions` regions (the division number D of EAGLE).
 
     Uses OpenCV contrib's `ximgproc` SLICO on the CIELAB image; falls back to scikit-image's

@@ -20,7 +20,7 @@ def objective_curve(attribution: Attribution) -> np.ndarray:
     if known.all():
         return curve
     steps = np.arange(curve.size)
-    return np.interp(steps, steps[known], curve[known])
+    return np.asarray(np.interp(steps, steps[known], curve[known]))
 
 
 def region_values(attribution: Attribution) -> np.ndarray:

@@ -126,7 +126,9 @@ class Attribution:
         """`(N + 1,)` F along the order: lambda1 * mean insight + lambda2 * mean necessity (NaN
         where a prefix was not scored)."""
         l1, l2 = self.weights
-        return l1 * self.insertion.mean(axis=1) + l2 * (1.0 - self.deletion).mean(axis=1)
+        return np.asarray(
+            l1 * self.insertion.mean(axis=1) + l2 * (1.0 - self.deletion).mean(axis=1)
+        )
 
     @property
     def scored_prefixes(self) -> np.ndarray:
@@ -138,7 +140,7 @@ class Attribution:
         """`(H, W)` float map in [0, 1]: EAGLE.md section 6, earlier regions hotter."""
         from detectors.saliency import region_values
 
-        return region_values(self)[self.partition.labels]
+        return np.asarray(region_values(self)[self.partition.labels])
 
 
 class VerdictLabel(str, enum.Enum):

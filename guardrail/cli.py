@@ -26,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("case", help="grounded, prior_driven, conjunctive or borrowed_evidence")
     explain.add_argument("--regions", type=int, default=16, help="number of regions (grid)")
-    explain.add_argument("--fraction", type=float, default=0.10,
-                         help="budget as a fraction of the exact search's N(N+1) passes")
+    explain.add_argument(
+        "--fraction",
+        type=float,
+        default=0.10,
+        help="budget as a fraction of the exact search's N(N+1) passes",
+    )
     explain.add_argument("--heatmap", metavar="PNG", help="write the saliency heatmap here")
     return parser
 

@@ -21,10 +21,28 @@ def test_import_detectors_does_not_import_heavy_frameworks() -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(detectors.__all__) == sorted(
         [
-            "Attribution", "EagleSearch", "Explanation", "Fill", "PriorThresholds",
-            "RegionPartition", "SearchBudget", "StopReason", "Target", "Verdict", "VerdictLabel",
-            "__version__", "errors", "evaluation", "exact_search_passes", "explain",
-            "grid_partition", "heatmap", "judge", "judge_sample", "language_prior", "scorers",
+            "Attribution",
+            "EagleSearch",
+            "Explanation",
+            "Fill",
+            "PriorThresholds",
+            "RegionPartition",
+            "SearchBudget",
+            "StopReason",
+            "Target",
+            "Verdict",
+            "VerdictLabel",
+            "__version__",
+            "errors",
+            "evaluation",
+            "exact_search_passes",
+            "explain",
+            "grid_partition",
+            "heatmap",
+            "judge",
+            "judge_sample",
+            "language_prior",
+            "scorers",
             "slic_partition",
         ]
     )
@@ -36,6 +54,14 @@ def test_scorers_api_is_pinned() -> None:
     from detectors import scorers
 
     assert sorted(scorers.__all__) == sorted(
-        ["CASE_NAMES", "AnalyticCase", "AnalyticScorer", "MaskedBatch", "Scorer",
-         "TokenResponse", "analytic_case", "fill_image"]
+        [
+            "CASE_NAMES",
+            "AnalyticCase",
+            "AnalyticScorer",
+            "MaskedBatch",
+            "Scorer",
+            "TokenResponse",
+            "analytic_case",
+            "fill_image",
+        ]
     )

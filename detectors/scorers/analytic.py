@@ -20,7 +20,7 @@ from detectors.errors import InvalidTargetError, ScorerContractError
 from detectors.scorers.masked import MaskedBatch
 from detectors.types import Target, VerdictLabel
 
-__all__ = ["AnalyticCase", "AnalyticScorer", "TokenResponse", "analytic_case", "CASE_NAMES"]
+__all__ = ["CASE_NAMES", "AnalyticCase", "AnalyticScorer", "TokenResponse", "analytic_case"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -188,9 +188,14 @@ def analytic_case(name: str, n_regions: int = 16, *, seed: int = 0) -> AnalyticC
         evidence = frozenset(int(r) for r in regions[:3])
         weights = noise.copy()
         weights[list(evidence)] += 3.0
-        scorer = AnalyticScorer({1: TokenResponse(bias=-4.6, weights=weights)}, name="analytic-grounded")
+        scorer = AnalyticScorer(
+            {1: TokenResponse(bias=-4.6, weights=weights)}, name="analytic-grounded"
+        )
         return AnalyticCase(
-            name=name, scorer=scorer, targets=(first,), evidence=(evidence,),
+            name=name,
+            scorer=scorer,
+            targets=(first,),
+            evidence=(evidence,),
             expected=(VerdictLabel.GROUNDED,),
             description="the token is grounded in a compact set of three regions",
         )
@@ -199,18 +204,30 @@ def analytic_case(name: str, n_regions: int = 16, *, seed: int = 0) -> AnalyticC
             {1: TokenResponse(bias=3.0, weights=noise * 2)}, name="analytic-prior-driven"
         )
         return AnalyticCase(
-            name=name, scorer=scorer, targets=(first,), evidence=(frozenset(),),
+            name=name,
+            scorer=scorer,
+            targets=(first,),
+            evidence=(frozenset(),),
             expected=(VerdictLabel.LANGUAGE_PRIOR,),
             description="the text alone predicts the token; no region is necessary",
         )
     if name == "conjunctive":
         i, j = (int(r) for r in regions[:2])
         scorer = AnalyticScorer(
-            {1: TokenResponse(bias=-5.0, weights=noise + np.where(np.isin(np.arange(n_regions), [i, j]), 0.5, 0.0), interactions=((i, j, 10.0),))},
+            {
+                1: TokenResponse(
+                    bias=-5.0,
+                    weights=noise + np.where(np.isin(np.arange(n_regions), [i, j]), 0.5, 0.0),
+                    interactions=((i, j, 10.0),),
+                )
+            },
             name="analytic-conjunctive",
         )
         return AnalyticCase(
-            name=name, scorer=scorer, targets=(first,), evidence=(frozenset({i, j}),),
+            name=name,
+            scorer=scorer,
+            targets=(first,),
+            evidence=(frozenset({i, j}),),
             expected=(VerdictLabel.GROUNDED,),
             description="the token needs two regions together",
         )
@@ -230,7 +247,10 @@ def analytic_case(name: str, n_regions: int = 16, *, seed: int = 0) -> AnalyticC
         knife_t = Target(position=3, token_id=1, text="knife")
         fork_t = Target(position=6, token_id=2, text="fork")
         return AnalyticCase(
-            name=name, scorer=scorer, targets=(knife_t, fork_t), evidence=(knife, knife),
+            name=name,
+            scorer=scorer,
+            targets=(knife_t, fork_t),
+            evidence=(knife, knife),
             expected=(VerdictLabel.GROUNDED, VerdictLabel.BORROWED_EVIDENCE),
             description="'fork' is absent; its probability rests on the knife's regions",
         )

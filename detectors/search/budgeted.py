@@ -14,7 +14,8 @@
    measure the next `candidates` (lazy greedy, as in CELF).  Step 1 is free: its masks were
    scored by the screening and come from the cache.
 5. Stop when the compact set explains the token (insight >= coverage * p_full and necessity >=
-   coverage * (1 - p_blank)), when `max_regions` are chosen, or when the budget runs out.  The
+   coverage * (1 - p_blank); unless `stop_when_converged` is off, for a finer ordering of the
+   rest), when `max_regions` are chosen, or when the budget runs out.  The
    regions left are ordered by continuing the greedy search on the surrogate (free).
 """
 
@@ -56,8 +57,13 @@ class LogitSurrogate:
 
     Arrays are `(N, T)` for increments and `(T,)` for logits, T = explained targets."""
 
-    def __init__(self, insertion_gain: np.ndarray, deletion_drop: np.ndarray,
-                 blank: np.ndarray, full: np.ndarray) -> None:
+    def __init__(
+        self,
+        insertion_gain: np.ndarray,
+        deletion_drop: np.ndarray,
+        blank: np.ndarray,
+        full: np.ndarray,
+    ) -> None:
         n = insertion_gain.shape[0]
         self.n = n
         self.slope = (deletion_drop - insertion_gain) / max(1, n - 1)
@@ -98,7 +104,8 @@ def budgeted_greedy(
     *,
     candidates: int = 2,
     coverage: float = 0.9,
-    refresh_tolerance: float = 0.05,
+    refresh_tolerance: float = 0.01,
+    stop_when_converged: bool = True,
 ) -> tuple[SearchTrace, list[int]]:
     """Run the budgeted search; see the module docstring.  Never spends more than the budget."""
     n = evaluator.n_regions
@@ -110,7 +117,9 @@ def budgeted_greedy(
     anchors = evaluator.evaluate(np.stack([np.ones(n, np.bool_), np.zeros(n, np.bool_)]))
     if anchors.shape[0] < 2:
         # Only a time budget can stop the search before its first two passes.
-        raise TimeoutError("the time budget ran out before the original and blank image were scored")
+        raise TimeoutError(
+            "the time budget ran out before the original and blank image were scored"
+        )
     full, blank = anchors
     trace.record_anchors(full, blank)
     surrogate = _screen(evaluator, n, full[columns], blank[columns], columns)
@@ -175,7 +184,8 @@ def budgeted_greedy(
         chosen[region] = True
         pool.remove(region)
         if (
-            float(ins_row[columns].mean()) >= ins_goal
+            stop_when_converged
+            and float(ins_row[columns].mean()) >= ins_goal
             and float(1.0 - del_row[columns].mean()) >= nec_goal
         ):
             trace.stopped_by = StopReason.CONVERGED

@@ -36,7 +36,9 @@ def efficient_greedy(
     trace = SearchTrace(n_regions=n, columns=columns)
     anchors = evaluator.evaluate(np.stack([np.ones(n, np.bool_), np.zeros(n, np.bool_)]))
     if anchors.shape[0] < 2:
-        raise TimeoutError("the time budget ran out before the original and blank image were scored")
+        raise TimeoutError(
+            "the time budget ran out before the original and blank image were scored"
+        )
     trace.record_anchors(anchors[0], anchors[1])
     chosen = np.zeros(n, dtype=np.bool_)
     pool = list(range(n))

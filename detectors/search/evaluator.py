@@ -159,4 +159,4 @@ class MaskEvaluator:
         self.total_passes += keep.shape[0]
         if self._progress is not None:
             self._progress.update(keep.shape[0])
-        return np.clip(scores, 0.0, 1.0)
+        return np.asarray(np.clip(scores, 0.0, 1.0))

@@ -41,7 +41,7 @@ def compact_prefix(insertion: np.ndarray, p_full: np.ndarray, coverage: float) -
     """Length 1 <= k < N of the shortest scored proper prefix whose mean insight reaches
     `coverage` of the mean p_full; the longest scored proper prefix if none does (1 if none
     was scored).  The whole image (k = N) trivially explains the token and is never chosen,
-    
+
     `insertion` is `(N + 1, T)` with NaN rows where a prefix was not scored."""
     n = insertion.shape[0] - 1
     goal = coverage * float(p_full.mean())

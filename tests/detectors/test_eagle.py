@@ -69,7 +69,9 @@ def test_exact_search_logs_complete_curves() -> None:
     p_full = scorer.probabilities(keep_all, [TARGET])[0, 0]
     p_blank = scorer.probabilities(keep_none, [TARGET])[0, 0]
     assert a.p_full[0] == pytest.approx(p_full) and a.p_blank[0] == pytest.approx(p_blank)
-    assert a.insertion[0, 0] == pytest.approx(p_blank) and a.insertion[9, 0] == pytest.approx(p_full)
+    assert a.insertion[0, 0] == pytest.approx(p_blank) and a.insertion[9, 0] == pytest.approx(
+        p_full
+    )
     assert a.deletion[0, 0] == pytest.approx(p_full) and a.deletion[9, 0] == pytest.approx(p_blank)
     for r in range(10):
         keep = np.zeros((1, 9), np.bool_)
@@ -114,7 +116,9 @@ def test_batch_size_never_changes_an_attribution(strategy: str, pairs: int) -> N
     batch_size=st.integers(1, 40),
     strategy=st.sampled_from(["budgeted", "efficient"]),
 )
-def test_budget_is_never_exceeded(n: int, seed: int, share: float, batch_size: int, strategy: str) -> None:
+def test_budget_is_never_exceeded(
+    n: int, seed: int, share: float, batch_size: int, strategy: str
+) -> None:
     scorer = AnalyticScorer.random(n, seed, interactions=2)
     image, partition = _setup(n)
     limit = max(2, int(share * exact_search_passes(n)))
@@ -183,7 +187,9 @@ def test_attribute_each_shares_forward_passes() -> None:
     search = EagleSearch(case.scorer, SearchBudget(max_forward_passes=120))
     knife, fork = search.attribute_each(image, partition, case.targets)
     alone = search.attribute(image, partition, case.targets[1:])
-    assert [t.text for t in knife.targets] == ["knife"] and [t.text for t in fork.targets] == ["fork"]
+    assert [t.text for t in knife.targets] == ["knife"] and [t.text for t in fork.targets] == [
+        "fork"
+    ]
     assert fork.forward_passes < alone.forward_passes  # anchors and screening were paid once
     assert fork.order.tolist() == alone.order.tolist()
 

@@ -57,8 +57,9 @@ def test_exact_attribution_beats_reversed_order_on_its_own_curves() -> None:
     fractions = area_fractions(partition, a.order[::-1].copy())
     assert ins_auc > insertion_auc(fractions, ins)
     assert del_auc < deletion_auc(fractions, dele)
-    replay_ins, replay_del = order_curves(case.scorer, image, partition, a.order, case.targets,
-                                          batch_size=3)
+    replay_ins, replay_del = order_curves(
+        case.scorer, image, partition, a.order, case.targets, batch_size=3
+    )
     np.testing.assert_allclose(replay_ins, a.insertion)
     np.testing.assert_allclose(replay_del, a.deletion)
 
@@ -74,7 +75,9 @@ def test_budgeted_curves_must_be_replayed_first() -> None:
 
 
 def test_average_highest_confidence_and_sensitive_tokens() -> None:
-    assert average_highest_confidence([np.array([0.1, 0.9, 0.5]), np.array([0.2, 0.3])]) == pytest.approx(0.6)
+    assert average_highest_confidence(
+        [np.array([0.1, 0.9, 0.5]), np.array([0.2, 0.3])]
+    ) == pytest.approx(0.6)
     mask = sensitive_tokens(np.array([0.9, 0.5, 0.3]), np.array([0.1, 0.4, 0.05]))
     assert mask.tolist() == [True, False, True]
 

@@ -19,11 +19,14 @@ IMAGE = np.zeros((64, 64, 3), dtype=np.uint8)
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-@pytest.mark.parametrize("budget", [SearchBudget.exhaustive(), SearchBudget(max_forward_passes=416)])
+@pytest.mark.parametrize(
+    "budget", [SearchBudget.exhaustive(), SearchBudget(max_forward_passes=416)]
+)
 def test_named_cases_get_their_expected_verdicts(name: str, budget: SearchBudget) -> None:
     case = analytic_case(name, 64, seed=1)
-    result = explain(IMAGE, case.scorer, case.targets, budget=budget,
-                     partition=grid_partition(IMAGE, 8, 8))
+    result = explain(
+        IMAGE, case.scorer, case.targets, budget=budget, partition=grid_partition(IMAGE, 8, 8)
+    )
     assert [v.label for v in result.verdicts] == list(case.expected)
     for verdict, evidence in zip(result.verdicts, case.evidence, strict=True):
         assert verdict.detector == "eagle-language-prior" and verdict.version
@@ -47,8 +50,9 @@ def test_borrowed_evidence_names_the_donor() -> None:
 def test_a_joint_search_cannot_see_borrowed_evidence() -> None:
     # one search for both words: a single compact set, so no second object to compare with
     case = analytic_case("borrowed_evidence", 16)
-    result = explain(IMAGE, case.scorer, case.targets, partition=grid_partition(IMAGE, 4, 4),
-                     joint=True)
+    result = explain(
+        IMAGE, case.scorer, case.targets, partition=grid_partition(IMAGE, 4, 4), joint=True
+    )
     assert len(result.attributions) == 1
     assert [v.label for v in result.verdicts] == [VerdictLabel.GROUNDED, VerdictLabel.GROUNDED]
 
@@ -64,7 +68,9 @@ def test_out_of_budget_before_explaining_is_undetermined() -> None:
 
 def test_verdict_numbers_come_from_the_attribution() -> None:
     case = analytic_case("grounded", 16)
-    attribution = EagleSearch(case.scorer).attribute(IMAGE, grid_partition(IMAGE, 4, 4), case.targets)
+    attribution = EagleSearch(case.scorer).attribute(
+        IMAGE, grid_partition(IMAGE, 4, 4), case.targets
+    )
     (verdict,) = judge(attribution)
     k = len(attribution.compact_set)
     assert verdict.p_full == attribution.p_full[0]
@@ -79,8 +85,10 @@ def test_perceptual_influence_by_hand() -> None:
     a = EagleSearch(case.scorer).attribute(IMAGE, grid_partition(IMAGE, 4, 4), case.targets)
     curve = a.insertion[:, 0]
     x = np.linspace(0, 1, 17)  # equal grid cells
-    expected = sum((x[i + 1] - x[i]) * ((curve[i] - curve.min()) + (curve[i + 1] - curve.min())) / 2
-                   for i in range(16))
+    expected = sum(
+        (x[i + 1] - x[i]) * ((curve[i] - curve.min()) + (curve[i + 1] - curve.min())) / 2
+        for i in range(16)
+    )
     assert perceptual_influence(a) == pytest.approx(expected)
 
 
@@ -91,7 +99,9 @@ def test_thresholds_are_validated() -> None:
 
 def test_stricter_prior_threshold_changes_the_label() -> None:
     case = analytic_case("prior_driven", 16)
-    attribution = EagleSearch(case.scorer).attribute(IMAGE, grid_partition(IMAGE, 4, 4), case.targets)
+    attribution = EagleSearch(case.scorer).attribute(
+        IMAGE, grid_partition(IMAGE, 4, 4), case.targets
+    )
     assert judge(attribution)[0].label is VerdictLabel.LANGUAGE_PRIOR
     strict = PriorThresholds(max_prior_drop=0.0)
     assert judge(attribution, strict)[0].label is VerdictLabel.GROUNDED

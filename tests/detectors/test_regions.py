@@ -115,7 +115,10 @@ def test_masks_select_regions_and_reject_bad_selections() -> None:
     partition = grid_partition(_noise(4, 4), 2, 2)
     keep = np.array([[True, False, False, True]])
     assert partition.masks(keep)[0].astype(int).tolist() == [
-        [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1],
+        [1, 1, 0, 0],
+        [1, 1, 0, 0],
+        [0, 0, 1, 1],
+        [0, 0, 1, 1],
     ]
     with pytest.raises(PartitionError, match=r"\(B, 4\) bool"):
         partition.masks(np.ones((1, 3), dtype=np.bool_))

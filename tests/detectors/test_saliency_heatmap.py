@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def test_budgeted_saliency_is_complete_and_ordered() -> None:
     )
     saliency = a.saliency()
     per_region = [saliency[a.partition.labels == r][0] for r in a.order]
-    assert all(x >= y for x, y in zip(per_region, per_region[1:], strict=False))
+    assert all(x >= y for x, y in itertools.pairwise(per_region))
     assert per_region[0] == 1.0 and per_region[-1] == 0.0
 
 

@@ -40,9 +40,13 @@ def test_mean_and_grey_fill() -> None:
 def test_blur_fill_is_smooth_and_keeps_mean_colour() -> None:
     image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     partition = grid_partition(image, 2, 2)
-    blurred = MaskedBatch(
-        image=image, partition=partition, keep=np.zeros((1, 4), np.bool_), fill=Fill.BLUR
-    ).pixels()[0].astype(float)
+    blurred = (
+        MaskedBatch(
+            image=image, partition=partition, keep=np.zeros((1, 4), np.bool_), fill=Fill.BLUR
+        )
+        .pixels()[0]
+        .astype(float)
+    )
     assert blurred.std() < image.astype(float).std() / 4
     assert abs(blurred.mean() - image.mean()) < 10
 
@@ -55,8 +59,9 @@ def test_masked_batch_rejects_mismatches() -> None:
 
 
 def test_analytic_probability_is_the_closed_form() -> None:
-    response = TokenResponse(bias=-1.0, weights=np.array([2.0, 0.5, 0.0, 0.0]),
-                             interactions=((0, 1, 3.0),))
+    response = TokenResponse(
+        bias=-1.0, weights=np.array([2.0, 0.5, 0.0, 0.0]), interactions=((0, 1, 3.0),)
+    )
     scorer = AnalyticScorer({7: response})
     keep = np.array([[False] * 4, [True, False, False, False], [True, True, False, False]])
     target = Target(position=0, token_id=7)

@@ -20,7 +20,9 @@ def test_explain_case_prints_verdicts_and_writes_a_heatmap(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     png = tmp_path / "h.png"
-    assert main(["explain-case", "borrowed_evidence", "--regions", "16", "--heatmap", str(png)]) == 0
+    assert (
+        main(["explain-case", "borrowed_evidence", "--regions", "16", "--heatmap", str(png)]) == 0
+    )
     out = capsys.readouterr().out
     assert "borrowed_evidence" in out and "knife" in out and "fork" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -29,7 +31,8 @@ def test_explain_case_prints_verdicts_and_writes_a_heatmap(
 def test_expected_failures_print_a_message_not_a_traceback() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "guardrail", "explain-case", "nope"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("ValueError: unknown analytic case")
