@@ -10,9 +10,13 @@
    the current S.  The surrogate predicts F(S + {v}) for every v at the cost of arithmetic, and
    it respects saturation (a region that cannot move a saturated probability gains nothing).
 4. Refinement: at each step, score S + {v} for the `candidates` regions the surrogate ranks
-   highest; accept the best measured one if no unmeasured prediction beats it, otherwise
-   measure the next `candidates` (lazy greedy, as in CELF).  Step 1 is free: its masks were
-   scored by the screening and come from the cache.
+   highest; accept the best measured one if no unmeasured prediction beats it (lazy greedy, as
+   in CELF), otherwise measure the next `candidates`.  When a measurement misses the surrogate's
+   prediction by more than `refresh_tolerance` logits (interactions between regions), the whole
+   pool is re-measured at this S if at most half of the remaining budget pays for it.  Once one
+   side has reached its goal (say the deletion image already lost 90% of what it can lose), only
+   the other side is measured (half the passes); the chosen region's other image is scored once.
+   Step 1 is free: its masks were scored by the screening and come from the cache.
 5. Stop when the compact set explains the token (insight >= coverage * p_full and necessity >=
    coverage * (1 - p_blank); unless `stop_when_converged` is off, for a finer ordering of the
    rest), when `max_regions` are chosen, or when the budget runs out.  The
@@ -32,7 +36,7 @@ from detectors.types import StopReason
 
 __all__ = ["LogitSurrogate", "budgeted_greedy"]
 
-_EPS = 1e-7
+_EPS = 1e-15  # float64 resolves 1 - p down to ~1e-16: keep what a probability says
 Objective = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -104,10 +108,13 @@ def budgeted_greedy(
     *,
     candidates: int = 2,
     coverage: float = 0.9,
-    refresh_tolerance: float = 0.01,
+    refresh_tolerance: float = 1.0,
     stop_when_converged: bool = True,
 ) -> tuple[SearchTrace, list[int]]:
-    """Run the budgeted search; see the module docstring.  Never spends more than the budget."""
+    """Run the budgeted search; see the module docstring.  Never spends more than the budget.
+
+    `refresh_tolerance` is the prediction error, in logits, beyond which the surrogate counts
+    as surprised and the whole pool is re-measured (when the budget allows)."""
     n = evaluator.n_regions
     trace = SearchTrace(n_regions=n, columns=columns)
 
@@ -128,6 +135,7 @@ def budgeted_greedy(
     pool = list(range(n))
     ins_goal = coverage * float(full[columns].mean())
     nec_goal = coverage * float(1.0 - blank[columns].mean())
+    current_ins, current_del = blank, full
 
     while pool:
         if evaluator.stop_reason is not None:
@@ -136,57 +144,48 @@ def budgeted_greedy(
         if budget.max_regions is not None and len(trace.selected) >= budget.max_regions:
             trace.stopped_by = StopReason.MAX_REGIONS
             break
+        # A side that has reached its goal barely moves F any more: measure only the other one
+        # (half the passes) and take the saturated side from the surrogate.
+        side = "both"
+        if float(1.0 - current_del[columns].mean()) >= nec_goal:
+            side = "insertion"
+        elif float(current_ins[columns].mean()) >= ins_goal:
+            side = "deletion"
+        step = _Step(evaluator, surrogate, chosen, columns, f_of, side)
         pool_arr = np.asarray(pool)
         predicted = f_of(*surrogate.predict(pool_arr))
         ranked = [pool[i] for i in np.lexsort((pool_arr, -predicted))]
         predicted_of = dict(zip(pool, predicted, strict=True))
-        fresh: dict[int, tuple[float, np.ndarray, np.ndarray]] = {}
         start, width = 0, candidates
         while start < len(ranked):
             group = ranked[start : start + width]
             start += len(group)
-            inserted = np.repeat(chosen[None], len(group), axis=0)
-            inserted[np.arange(len(group)), group] = True
-            pairs = np.empty((2 * len(group), n), dtype=np.bool_)
-            pairs[0::2], pairs[1::2] = inserted, ~inserted
-            scores = evaluator.evaluate(pairs)
-            complete = scores.shape[0] // 2
-            surprise = 0.0
-            if complete:
-                ins, dele = scores[0 : 2 * complete : 2], scores[1 : 2 * complete : 2]
-                gains = f_of(ins[:, columns], dele[:, columns])
-                for i in range(complete):
-                    v = group[i]
-                    surrogate.observe(v, ins[i, columns], dele[i, columns])
-                    fresh[v] = (float(gains[i]), ins[i], dele[i])
-                    surprise = max(surprise, abs(float(gains[i]) - float(predicted_of[v])))
-            if complete < len(group):
-                break
-            if start >= len(ranked):
+            surprise, complete = step.measure(group)
+            if not complete or start >= len(ranked):
                 break
             # The surrogate misjudged this context (interactions): re-measure the whole pool
             # when at most half of what is left of the budget pays for it.
             left = len(ranked) - start
             remaining = evaluator.remaining_passes
-            if surprise > refresh_tolerance and (remaining is None or 4 * left <= remaining):
+            cost = left * (2 if side == "both" else 1)
+            if surprise > refresh_tolerance and (remaining is None or 2 * cost <= remaining):
                 width = left
                 continue
-            best_fresh = max(g for g, _, _ in fresh.values())
-            if best_fresh >= predicted_of[ranked[start]]:
+            if step.best_gain() >= predicted_of[ranked[start]]:
                 break
-        if not fresh:
+        selection = step.select()
+        if selection is None:
             trace.stopped_by = evaluator.stop_reason or StopReason.FORWARD_BUDGET
             break
-        region = min(fresh, key=lambda v: (-fresh[v][0], v))
-        _, ins_row, del_row = fresh[region]
-        trace.select(region, ins_row, del_row)
-        surrogate.advance(ins_row[columns], del_row[columns])
+        region, current_ins, current_del = selection
+        trace.select(region, current_ins, current_del)
+        surrogate.advance(current_ins[columns], current_del[columns])
         chosen[region] = True
         pool.remove(region)
         if (
             stop_when_converged
-            and float(ins_row[columns].mean()) >= ins_goal
-            and float(1.0 - del_row[columns].mean()) >= nec_goal
+            and float(current_ins[columns].mean()) >= ins_goal
+            and float(1.0 - current_del[columns].mean()) >= nec_goal
         ):
             trace.stopped_by = StopReason.CONVERGED
             break
@@ -194,6 +193,94 @@ def budgeted_greedy(
         trace.stopped_by = StopReason.CONVERGED
 
     return trace, [*trace.selected, *_surrogate_greedy(surrogate, pool, f_of)]
+
+
+class _Step:
+    """The measurements of one greedy step: S + {v} for the candidates it tries.
+
+    `side` says which images are scored: `both`, or only `insertion` / `deletion` (the other
+    side is predicted by the surrogate; the chosen region's is scored once at `select`)."""
+
+    def __init__(
+        self,
+        evaluator: MaskEvaluator,
+        surrogate: LogitSurrogate,
+        chosen: np.ndarray,
+        columns: np.ndarray,
+        f_of: Objective,
+        side: str,
+    ) -> None:
+        self.evaluator, self.surrogate, self.chosen = evaluator, surrogate, chosen
+        self.columns, self.f_of, self.side = columns, f_of, side
+        self.gain: dict[int, float] = {}
+        self.rows: dict[int, tuple[np.ndarray | None, np.ndarray | None]] = {}
+
+    def measure(self, group: list[int]) -> tuple[float, bool]:
+        """Score the group; returns (largest prediction error in logits, all scored)."""
+        n = self.chosen.size
+        inserted = np.repeat(self.chosen[None], len(group), axis=0)
+        inserted[np.arange(len(group)), group] = True
+        cols = self.columns
+        if self.side != "both":
+            # keep one pass back so the chosen region's other side can still be scored
+            afford = self.evaluator.affordable(len(group) + 1) - 1
+            group, inserted = group[: max(0, afford)], inserted[: max(0, afford)]
+            if not group:
+                return 0.0, False
+        predicted_ins, predicted_del = self.surrogate.predict(np.asarray(group))
+        if self.side == "both":
+            pairs = np.empty((2 * len(group), n), dtype=np.bool_)
+            pairs[0::2], pairs[1::2] = inserted, ~inserted
+            scores = self.evaluator.evaluate(pairs)
+            got = scores.shape[0] // 2
+            ins_rows, del_rows = scores[0 : 2 * got : 2], scores[1 : 2 * got : 2]
+        elif self.side == "insertion":
+            ins_rows = self.evaluator.evaluate(inserted)
+            got = ins_rows.shape[0]
+            del_rows = None
+        else:
+            del_rows = self.evaluator.evaluate(~inserted)
+            got = del_rows.shape[0]
+            ins_rows = None
+        surprise = 0.0
+        for i in range(got):
+            v = group[i]
+            ins_row = None if ins_rows is None else ins_rows[i]
+            del_row = None if del_rows is None else del_rows[i]
+            ins = predicted_ins[i] if ins_row is None else ins_row[cols]
+            dele = predicted_del[i] if del_row is None else del_row[cols]
+            if ins_row is not None:
+                surprise = max(
+                    surprise, float(np.abs(_logit(ins) - _logit(predicted_ins[i])).max())
+                )
+            if del_row is not None:
+                surprise = max(
+                    surprise, float(np.abs(_logit(dele) - _logit(predicted_del[i])).max())
+                )
+            self.surrogate.observe(v, ins, dele)
+            self.gain[v] = float(self.f_of(ins[None], dele[None])[0])
+            self.rows[v] = (ins_row, del_row)
+        return surprise, got == len(group) and got > 0
+
+    def best_gain(self) -> float:
+        return max(self.gain.values())
+
+    def select(self) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """The best measured region with both of its score rows, or None if none was measured
+        (or its other side could not be scored within the budget)."""
+        if not self.gain:
+            return None
+        region = min(self.gain, key=lambda v: (-self.gain[v], v))
+        ins_row, del_row = self.rows[region]
+        if ins_row is None or del_row is None:
+            keep = self.chosen.copy()
+            keep[region] = True
+            other = self.evaluator.evaluate((keep if ins_row is None else ~keep)[None])
+            if other.shape[0] == 0:
+                return None
+            ins_row = other[0] if ins_row is None else ins_row
+            del_row = other[0] if del_row is None else del_row
+        return region, ins_row, del_row
 
 
 def _surrogate_greedy(surrogate: LogitSurrogate, pool: list[int], f_of: Objective) -> list[int]:
