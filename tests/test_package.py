@@ -65,3 +65,14 @@ def test_scorers_api_is_pinned() -> None:
             "fill_image",
         ]
     )
+
+
+def test_only_the_gpu_build_of_onnxruntime_is_installed() -> None:
+    # both distributions own the `onnxruntime` import package; the last one installed wins
+    from importlib import metadata
+
+    import pytest
+
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.distribution("onnxruntime")
+    assert metadata.distribution("onnxruntime-gpu").version
