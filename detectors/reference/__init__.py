@@ -1,0 +1,39 @@
+"""The reference world: scenes with known ground truth for the project's shipped model."""
+
+from __future__ import annotations
+
+from detectors.reference.world import (
+    CAPTION_PROMPT,
+    CLASS_NAMES,
+    PAIRS,
+    HallucinationKind,
+    Pair,
+    Question,
+    Scene,
+    SceneKind,
+    SceneObject,
+    Split,
+    WorldConfig,
+    generate_scene,
+    question_prompt,
+    split_seeds,
+    training_caption,
+)
+
+__all__ = [
+    "CAPTION_PROMPT",
+    "CLASS_NAMES",
+    "PAIRS",
+    "HallucinationKind",
+    "Pair",
+    "Question",
+    "Scene",
+    "SceneKind",
+    "SceneObject",
+    "Split",
+    "WorldConfig",
+    "generate_scene",
+    "question_prompt",
+    "split_seeds",
+    "training_caption",
+]
