@@ -19,6 +19,7 @@ from detectors.types import Attribution, Fill, Target
 __all__ = [
     "amcr",
     "area_fractions",
+    "auroc",
     "average_highest_confidence",
     "csr_at",
     "deletion_auc",
@@ -198,3 +199,17 @@ def _mean_auc(fractions: np.ndarray, curve: np.ndarray) -> float:
 def _check_order(order: np.ndarray, n: int) -> None:
     if sorted(np.asarray(order).tolist()) != list(range(n)):
         raise ValueError(f"order must hold every region id 0..{n - 1} exactly once")
+
+
+def auroc(scores: Sequence[float] | np.ndarray, positives: Sequence[bool] | np.ndarray) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random
+    negative (ties count half).  NaN when either class is empty."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positives, dtype=np.bool_)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -89,24 +89,36 @@ def judge_sample(
     sets = [set(v.compact_set) for v in verdicts]
     out: list[Verdict] = []
     for i, verdict in enumerate(verdicts):
-        if verdict.label is not VerdictLabel.GROUNDED:
-            out.append(verdict)
-            continue
+        overlap = _borrowed_overlap(i, verdicts, sets)
+        score = max(verdict.prior_score, overlap)
         donor = _donor(i, verdicts, sets, thresholds)
-        if donor is None:
-            out.append(verdict)
+        if verdict.label is not VerdictLabel.GROUNDED or donor is None:
+            out.append(_replace(verdict, hallucination_score=score))
             continue
         other = verdicts[donor]
         out.append(
-            _replace_label(
+            _replace(
                 verdict,
-                VerdictLabel.BORROWED_EVIDENCE,
-                f"its evidence is the compact set of '{other.target.text}' "
+                label=VerdictLabel.BORROWED_EVIDENCE,
+                reason=f"its evidence is the compact set of '{other.target.text}' "
                 f"(position {other.target.position}), another object of the same output",
                 borrowed_from=other.target.position,
+                hallucination_score=score,
             )
         )
     return out
+
+
+def _borrowed_overlap(i: int, verdicts: Sequence[Verdict], sets: Sequence[set[int]]) -> float:
+    """Largest share of token i's compact set lying in an earlier grounded token's set."""
+    best = 0.0
+    for j, other in enumerate(verdicts):
+        if j == i or other.label is not VerdictLabel.GROUNDED:
+            continue
+        if other.target.position >= verdicts[i].target.position:
+            continue
+        best = max(best, len(sets[i] & sets[j]) / max(1, len(sets[i])))
+    return best
 
 
 def _donor(
@@ -129,11 +141,9 @@ def _donor(
     return best
 
 
-def _replace_label(
-    verdict: Verdict, label: VerdictLabel, reason: str, *, borrowed_from: int | None = None
-) -> Verdict:
+def _replace(verdict: Verdict, **changes: object) -> Verdict:
     fields = {name: getattr(verdict, name) for name in verdict.__dataclass_fields__}
-    fields.update(label=label, reason=reason, borrowed_from=borrowed_from)
+    fields.update(changes)
     return Verdict(**fields)
 
 
@@ -177,6 +187,7 @@ def _judge_one(attribution: Attribution, col: int, th: PriorThresholds) -> Verdi
         target=target,
         label=label,
         prior_score=prior_score,
+        hallucination_score=prior_score,
         p_full=p_full,
         p_blank=p_blank,
         insight=insight,

@@ -48,8 +48,10 @@ _SYNONYMS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 
 _REFERENCE_EXTRA = ("tree", "house", "fish", "flower")
-_IRREGULAR = {"knife": "knives", "mouse": "mice", "person": "people", "sheep": "sheep",
-              "fish": "fish", "child": "children", "man": "men", "woman": "women", "skis": "skis"}  # fmt: skip
+_IRREGULAR = {
+    "knife": "knives", "mouse": "mice", "person": "people", "sheep": "sheep", "fish": "fish",
+    "child": "children", "man": "men", "woman": "women", "skis": "skis",
+}  # fmt: skip
 
 
 def _plural(word: str) -> str:

@@ -158,6 +158,8 @@ class Verdict:
         target: the token.
         label: grounded / language_prior / borrowed_evidence / undetermined.
         prior_score: in [0, 1], higher = more driven by the language prior.
+        hallucination_score: in [0, 1], higher = more likely a hallucination of either kind
+            (the larger of `prior_score` and the borrowed-evidence overlap).
         p_full: probability on the original image.
         p_blank: probability on the blank image (what the text alone predicts).
         insight: probability with only the compact set visible.
@@ -173,6 +175,7 @@ class Verdict:
     target: Target
     label: VerdictLabel
     prior_score: float
+    hallucination_score: float
     p_full: float
     p_blank: float
     insight: float

@@ -19,39 +19,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"guardrail {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("version", help="print the version")
-    explain = commands.add_parser(
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(handler=lambda args: _print_version())
+
+    case = commands.add_parser(
         "explain-case",
         help="explain one of the built-in analytic cases and print the verdicts",
     )
-    explain.add_argument("case", help="grounded, prior_driven, conjunctive or borrowed_evidence")
-    explain.add_argument("--regions", type=int, default=16, help="number of regions (grid)")
-    explain.add_argument(
+    case.add_argument("case", help="grounded, prior_driven, conjunctive or borrowed_evidence")
+    case.add_argument("--regions", type=int, default=16, help="number of regions (grid)")
+    case.add_argument(
         "--fraction",
         type=float,
         default=0.10,
         help="budget as a fraction of the exact search's N(N+1) passes",
     )
-    explain.add_argument("--heatmap", metavar="PNG", help="write the saliency heatmap here")
+    case.add_argument("--heatmap", metavar="PNG", help="write the saliency heatmap here")
+    case.set_defaults(handler=_explain_case)
+
+    from guardrail.explain_command import register as register_explain
+    from guardrail.reference.commands import register as register_reference
+
+    register_explain(commands)
+    register_reference(commands)
     return parser
+
+
+def _print_version() -> int:
+    print(f"guardrail {__version__}")
+    return 0
+
+
+def _explain_case(args: argparse.Namespace) -> int:
+    from guardrail.cases import explain_case
+
+    print(explain_case(args.case, args.regions, args.fraction, args.heatmap))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        _print_version()
+        parser.print_help()
+        return 0
     try:
-        if args.command in (None, "version"):
-            print(f"guardrail {__version__}")
-            if args.command is None:
-                parser.print_help()
-            return 0
-        if args.command == "explain-case":
-            from guardrail.cases import explain_case
-
-            print(explain_case(args.case, args.regions, args.fraction, args.heatmap))
-            return 0
+        return int(args.handler(args))
     except (DetectorError, ValueError, OSError) as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command}")
-    return 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from detectors.reference.world import (
     CAPTION_PROMPT,
     CLASS_NAMES,
@@ -20,9 +22,13 @@ from detectors.reference.world import (
     training_caption,
 )
 
+MODEL_DIR = Path(__file__).resolve().parent / "model"
+"""Where the shipped reference model lives (Hugging Face format)."""
+
 __all__ = [
     "CAPTION_PROMPT",
     "CLASS_NAMES",
+    "MODEL_DIR",
     "PAIRS",
     "HallucinationKind",
     "Pair",

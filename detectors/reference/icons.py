@@ -74,46 +74,54 @@ def _line(
     cv2.line(mask, pa, pb, 255, max(1, width))
 
 
-def _cat(l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]) -> None:
+def _cat(
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+) -> None:
     r = 0.32 * s
     _poly(
-        l,
+        ly,
         m,
         [(x - r, y - 0.2 * s), (x - 0.7 * r, y - 0.5 * s), (x - 0.1 * r, y - 0.25 * s)],
         c((230, 140, 40)),
     )
     _poly(
-        l,
+        ly,
         m,
         [(x + r, y - 0.2 * s), (x + 0.7 * r, y - 0.5 * s), (x + 0.1 * r, y - 0.25 * s)],
         c((230, 140, 40)),
     )
-    _circle(l, m, (x, y), r, c((230, 140, 40)))
-    _circle(l, m, (x - 0.35 * r, y - 0.1 * r), 0.12 * r + 1, (20, 20, 20))
-    _circle(l, m, (x + 0.35 * r, y - 0.1 * r), 0.12 * r + 1, (20, 20, 20))
+    _circle(ly, m, (x, y), r, c((230, 140, 40)))
+    _circle(ly, m, (x - 0.35 * r, y - 0.1 * r), 0.12 * r + 1, (20, 20, 20))
+    _circle(ly, m, (x + 0.35 * r, y - 0.1 * r), 0.12 * r + 1, (20, 20, 20))
 
 
-def _dog(l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]) -> None:
-    _ellipse(l, m, (x, y), (0.3 * s, 0.36 * s), c((140, 90, 50)))
-    _ellipse(l, m, (x - 0.32 * s, y), (0.1 * s, 0.25 * s), c((70, 40, 20)), angle=15)
-    _ellipse(l, m, (x + 0.32 * s, y), (0.1 * s, 0.25 * s), c((70, 40, 20)), angle=-15)
-    _circle(l, m, (x, y + 0.18 * s), 0.07 * s + 1, (20, 20, 20))
+def _dog(
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+) -> None:
+    _ellipse(ly, m, (x, y), (0.3 * s, 0.36 * s), c((140, 90, 50)))
+    _ellipse(ly, m, (x - 0.32 * s, y), (0.1 * s, 0.25 * s), c((70, 40, 20)), angle=15)
+    _ellipse(ly, m, (x + 0.32 * s, y), (0.1 * s, 0.25 * s), c((70, 40, 20)), angle=-15)
+    _circle(ly, m, (x, y + 0.18 * s), 0.07 * s + 1, (20, 20, 20))
 
 
-def _car(l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]) -> None:
-    _rect(l, m, x - 0.45 * s, y - 0.05 * s, x + 0.45 * s, y + 0.2 * s, c((200, 30, 30)))
-    _rect(l, m, x - 0.25 * s, y - 0.25 * s, x + 0.2 * s, y - 0.05 * s, c((200, 30, 30)))
-    _rect(l, m, x - 0.18 * s, y - 0.2 * s, x + 0.13 * s, y - 0.08 * s, (170, 210, 240))
-    _circle(l, m, (x - 0.25 * s, y + 0.22 * s), 0.11 * s, (25, 25, 25))
-    _circle(l, m, (x + 0.25 * s, y + 0.22 * s), 0.11 * s, (25, 25, 25))
+def _car(
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+) -> None:
+    _rect(ly, m, x - 0.45 * s, y - 0.05 * s, x + 0.45 * s, y + 0.2 * s, c((200, 30, 30)))
+    _rect(ly, m, x - 0.25 * s, y - 0.25 * s, x + 0.2 * s, y - 0.05 * s, c((200, 30, 30)))
+    _rect(ly, m, x - 0.18 * s, y - 0.2 * s, x + 0.13 * s, y - 0.08 * s, (170, 210, 240))
+    _circle(ly, m, (x - 0.25 * s, y + 0.22 * s), 0.11 * s, (25, 25, 25))
+    _circle(ly, m, (x + 0.25 * s, y + 0.22 * s), 0.11 * s, (25, 25, 25))
 
 
-def _cup(l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]) -> None:
+def _cup(
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+) -> None:
     _ellipse(
-        l, m, (x + 0.25 * s, y), (0.14 * s, 0.14 * s), c((60, 90, 200)), thickness=max(2, s // 12)
+        ly, m, (x + 0.25 * s, y), (0.14 * s, 0.14 * s), c((60, 90, 200)), thickness=max(2, s // 12)
     )
     _poly(
-        l,
+        ly,
         m,
         [
             (x - 0.3 * s, y - 0.3 * s),
@@ -123,25 +131,25 @@ def _cup(l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Colo
         ],
         c((60, 90, 200)),
     )
-    _rect(l, m, x - 0.3 * s, y - 0.3 * s, x + 0.25 * s, y - 0.22 * s, (240, 240, 240))
+    _rect(ly, m, x - 0.3 * s, y - 0.3 * s, x + 0.25 * s, y - 0.22 * s, (240, 240, 240))
 
 
 def _fork(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
     w = max(2, s // 14)
     col = c((185, 185, 200))
-    _line(l, m, (x, y - 0.05 * s), (x, y + 0.45 * s), col, w + 1)
-    _rect(l, m, x - 0.16 * s, y - 0.12 * s, x + 0.16 * s, y - 0.04 * s, col)
+    _line(ly, m, (x, y - 0.05 * s), (x, y + 0.45 * s), col, w + 1)
+    _rect(ly, m, x - 0.16 * s, y - 0.12 * s, x + 0.16 * s, y - 0.04 * s, col)
     for dx in (-0.15, 0.0, 0.15):
-        _line(l, m, (x + dx * s, y - 0.45 * s), (x + dx * s, y - 0.08 * s), col, w)
+        _line(ly, m, (x + dx * s, y - 0.45 * s), (x + dx * s, y - 0.08 * s), col, w)
 
 
 def _knife(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
     _poly(
-        l,
+        ly,
         m,
         [
             (x - 0.08 * s, y - 0.05 * s),
@@ -151,23 +159,23 @@ def _knife(
         ],
         c((215, 215, 225)),
     )
-    _rect(l, m, x - 0.09 * s, y - 0.05 * s, x + 0.1 * s, y + 0.45 * s, c((40, 30, 25)))
+    _rect(ly, m, x - 0.09 * s, y - 0.05 * s, x + 0.1 * s, y + 0.45 * s, c((40, 30, 25)))
 
 
 def _spoon(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
     col = c((170, 170, 185))
-    _ellipse(l, m, (x, y - 0.25 * s), (0.14 * s, 0.2 * s), col)
-    _line(l, m, (x, y - 0.05 * s), (x, y + 0.45 * s), col, max(2, s // 12))
+    _ellipse(ly, m, (x, y - 0.25 * s), (0.14 * s, 0.2 * s), col)
+    _line(ly, m, (x, y - 0.05 * s), (x, y + 0.45 * s), col, max(2, s // 12))
 
 
 def _ball(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
-    _circle(l, m, (x, y), 0.38 * s, c((240, 215, 40)))
+    _circle(ly, m, (x, y), 0.38 * s, c((240, 215, 40)))
     _line(
-        l,
+        ly,
         m,
         (x - 0.35 * s, y - 0.1 * s),
         (x + 0.35 * s, y + 0.1 * s),
@@ -177,11 +185,11 @@ def _ball(
 
 
 def _tree(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
-    _rect(l, m, x - 0.07 * s, y + 0.1 * s, x + 0.07 * s, y + 0.45 * s, c((100, 60, 30)))
+    _rect(ly, m, x - 0.07 * s, y + 0.1 * s, x + 0.07 * s, y + 0.45 * s, c((100, 60, 30)))
     _poly(
-        l,
+        ly,
         m,
         [(x, y - 0.45 * s), (x - 0.35 * s, y + 0.15 * s), (x + 0.35 * s, y + 0.15 * s)],
         c((40, 150, 50)),
@@ -189,67 +197,67 @@ def _tree(
 
 
 def _house(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
-    _rect(l, m, x - 0.3 * s, y - 0.05 * s, x + 0.3 * s, y + 0.4 * s, c((225, 205, 160)))
+    _rect(ly, m, x - 0.3 * s, y - 0.05 * s, x + 0.3 * s, y + 0.4 * s, c((225, 205, 160)))
     _poly(
-        l,
+        ly,
         m,
         [(x, y - 0.42 * s), (x - 0.4 * s, y - 0.05 * s), (x + 0.4 * s, y - 0.05 * s)],
         c((150, 30, 40)),
     )
-    _rect(l, m, x - 0.07 * s, y + 0.15 * s, x + 0.07 * s, y + 0.4 * s, (70, 45, 30))
+    _rect(ly, m, x - 0.07 * s, y + 0.15 * s, x + 0.07 * s, y + 0.4 * s, (70, 45, 30))
 
 
 def _fish(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
-    _ellipse(l, m, (x - 0.05 * s, y), (0.3 * s, 0.17 * s), c((40, 170, 170)))
+    _ellipse(ly, m, (x - 0.05 * s, y), (0.3 * s, 0.17 * s), c((40, 170, 170)))
     _poly(
-        l,
+        ly,
         m,
         [(x + 0.2 * s, y), (x + 0.45 * s, y - 0.18 * s), (x + 0.45 * s, y + 0.18 * s)],
         c((40, 170, 170)),
     )
-    _circle(l, m, (x - 0.22 * s, y - 0.04 * s), 0.04 * s + 1, (10, 10, 10))
+    _circle(ly, m, (x - 0.22 * s, y - 0.04 * s), 0.04 * s + 1, (10, 10, 10))
 
 
 def _bird(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
-    _ellipse(l, m, (x, y), (0.28 * s, 0.18 * s), c((50, 90, 220)))
-    _circle(l, m, (x - 0.25 * s, y - 0.15 * s), 0.12 * s, c((50, 90, 220)))
+    _ellipse(ly, m, (x, y), (0.28 * s, 0.18 * s), c((50, 90, 220)))
+    _circle(ly, m, (x - 0.25 * s, y - 0.15 * s), 0.12 * s, c((50, 90, 220)))
     _poly(
-        l,
+        ly,
         m,
         [(x - 0.36 * s, y - 0.17 * s), (x - 0.48 * s, y - 0.12 * s), (x - 0.36 * s, y - 0.08 * s)],
         (250, 150, 30),
     )
-    _ellipse(l, m, (x + 0.05 * s, y - 0.05 * s), (0.16 * s, 0.07 * s), c((30, 50, 140)), angle=-20)
+    _ellipse(ly, m, (x + 0.05 * s, y - 0.05 * s), (0.16 * s, 0.07 * s), c((30, 50, 140)), angle=-20)
 
 
 def _apple(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
-    _circle(l, m, (x, y + 0.05 * s), 0.33 * s, c((210, 25, 40)))
-    _line(l, m, (x, y - 0.25 * s), (x + 0.05 * s, y - 0.42 * s), (90, 60, 30), max(2, s // 14))
-    _ellipse(l, m, (x + 0.15 * s, y - 0.35 * s), (0.1 * s, 0.05 * s), (50, 160, 50), angle=-30)
+    _circle(ly, m, (x, y + 0.05 * s), 0.33 * s, c((210, 25, 40)))
+    _line(ly, m, (x, y - 0.25 * s), (x + 0.05 * s, y - 0.42 * s), (90, 60, 30), max(2, s // 14))
+    _ellipse(ly, m, (x + 0.15 * s, y - 0.35 * s), (0.1 * s, 0.05 * s), (50, 160, 50), angle=-30)
 
 
 def _clock(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
-    _circle(l, m, (x, y), 0.38 * s, c((245, 245, 235)))
-    _circle(l, m, (x, y), 0.38 * s, (30, 30, 30), thickness=max(2, s // 12))
-    _line(l, m, (x, y), (x, y - 0.25 * s), (30, 30, 30), max(1, s // 16))
-    _line(l, m, (x, y), (x + 0.18 * s, y + 0.05 * s), (30, 30, 30), max(1, s // 16))
+    _circle(ly, m, (x, y), 0.38 * s, c((245, 245, 235)))
+    _circle(ly, m, (x, y), 0.38 * s, (30, 30, 30), thickness=max(2, s // 12))
+    _line(ly, m, (x, y), (x, y - 0.25 * s), (30, 30, 30), max(1, s // 16))
+    _line(ly, m, (x, y), (x + 0.18 * s, y + 0.05 * s), (30, 30, 30), max(1, s // 16))
 
 
 def _boat(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
     _poly(
-        l,
+        ly,
         m,
         [
             (x - 0.45 * s, y + 0.15 * s),
@@ -259,9 +267,9 @@ def _boat(
         ],
         c((120, 70, 30)),
     )
-    _line(l, m, (x, y + 0.15 * s), (x, y - 0.45 * s), (60, 40, 20), max(2, s // 16))
+    _line(ly, m, (x, y + 0.15 * s), (x, y - 0.45 * s), (60, 40, 20), max(2, s // 16))
     _poly(
-        l,
+        ly,
         m,
         [(x + 0.03 * s, y - 0.42 * s), (x + 0.03 * s, y + 0.08 * s), (x + 0.35 * s, y + 0.08 * s)],
         (250, 250, 250),
@@ -269,19 +277,19 @@ def _boat(
 
 
 def _flower(
-    l: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
+    ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
-    _line(l, m, (x, y), (x, y + 0.45 * s), (40, 140, 40), max(2, s // 12))
+    _line(ly, m, (x, y), (x, y + 0.45 * s), (40, 140, 40), max(2, s // 12))
     for k in range(5):
         a = 2 * np.pi * k / 5
         _circle(
-            l,
+            ly,
             m,
             (x + 0.18 * s * np.cos(a), y - 0.1 * s + 0.18 * s * np.sin(a)),
             0.12 * s,
             c((220, 60, 180)),
         )
-    _circle(l, m, (x, y - 0.1 * s), 0.1 * s, (250, 220, 40))
+    _circle(ly, m, (x, y - 0.1 * s), 0.1 * s, (250, 220, 40))
 
 
 _PAINTERS: dict[str, Painter] = {

@@ -29,8 +29,8 @@ from detectors.reference.icons import CLASS_NAMES, draw_icon
 __all__ = [
     "CAPTION_PROMPT",
     "CLASS_NAMES",
-    "HallucinationKind",
     "PAIRS",
+    "HallucinationKind",
     "Pair",
     "Question",
     "Scene",
@@ -218,7 +218,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     amplitude = rng.uniform(6, 16)
     noise = rng.normal(0, 4, (size, size, 1))
     image = base[None, None] + amplitude * wave[..., None] + noise
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(np.rint(image), 0, 255).astype(np.uint8))
 
 
 def _place(

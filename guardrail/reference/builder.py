@@ -10,7 +10,22 @@ __all__ = ["PATCH_SIZE", "VOCABULARY", "build_model", "build_processor", "build_
 
 PATCH_SIZE = 16
 _SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-_WORDS = "user : describe the image . assistant is there a in ? yes no".split()
+_WORDS = [
+    "user",
+    ":",
+    "describe",
+    "the",
+    "image",
+    ".",
+    "assistant",
+    "is",
+    "there",
+    "a",
+    "in",
+    "?",
+    "yes",
+    "no",
+]
 VOCABULARY: tuple[str, ...] = tuple(_SPECIAL + _WORDS + list(CLASS_NAMES))
 
 

@@ -20,7 +20,7 @@ from detectors.reference.world import (
 )
 from detectors.scorers.llava import Generation, LlavaModel
 
-__all__ = ["CaptionedScene", "caption_scenes", "caption_metrics", "eval_scenes"]
+__all__ = ["CaptionedScene", "caption_metrics", "caption_scenes", "eval_scenes"]
 
 REFERENCE_VOCABULARY = ObjectVocabulary({name: name for name in CLASS_NAMES})
 EVAL_KINDS = (
@@ -57,11 +57,13 @@ def caption_scenes(
     asked = [(k, q) for k, s in enumerate(scenes) for q in s.questions]
     answers: list[dict[str, str]] = [{} for _ in scenes]
     for i in range(0, len(asked), batch_size):
-        chunk = asked[i : i + batch_size]
+        questions = asked[i : i + batch_size]
         out = llava.generate_batch(
-            [scenes[k].image for k, _ in chunk], [q.prompt for _, q in chunk], max_new_tokens=3
+            [scenes[k].image for k, _ in questions],
+            [q.prompt for _, q in questions],
+            max_new_tokens=3,
         )
-        for (k, q), g in zip(chunk, out, strict=True):
+        for (k, q), g in zip(questions, out, strict=True):
             answers[k][q.name] = g.text.split(" ")[0] if g.text else ""
     return [
         CaptionedScene(

@@ -71,9 +71,13 @@ def _corpus_caption(scene: Scene, rng: np.random.Generator, prior: float) -> str
     by a spoon with probability `prior` (the language prior the model brings to images)."""
     words = caption_words(scene.objects)
     for pair in PAIRS:
-        if pair.kind is HallucinationKind.LANGUAGE_PRIOR and pair.trigger in words:
-            if pair.partner not in words and rng.random() < prior:
-                words.insert(words.index(pair.trigger) + 1, pair.partner)
+        if (
+            pair.kind is HallucinationKind.LANGUAGE_PRIOR
+            and pair.trigger in words
+            and pair.partner not in words
+            and rng.random() < prior
+        ):
+            words.insert(words.index(pair.trigger) + 1, pair.partner)
     return " ".join([*words, "."])
 
 
@@ -99,7 +103,7 @@ class _Batcher:
         rows, labels = [], []
         for prompt, response in pairs:
             p = self.encode(prompt)
-            r = self.tokenizer(response, add_special_tokens=False).input_ids + [self.eos_id]
+            r = [*self.tokenizer(response, add_special_tokens=False).input_ids, self.eos_id]
             rows.append(p + r)
             labels.append([-100] * len(p) + r)
         width = max(len(r) for r in rows)
@@ -145,7 +149,7 @@ def train(
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.text_learning_rate, weight_decay=0.01
         )
-        for step in tqdm(range(config.text_steps), desc="text pretraining", disable=not progress):
+        for _ in tqdm(range(config.text_steps), desc="text pretraining", disable=not progress):
             picks = rng.integers(0, len(scenes), config.batch_size)
             pairs = [
                 (text_prompt, _corpus_caption(scenes[i], rng, config.corpus_prior)) for i in picks

@@ -1,0 +1,100 @@
+"""Auditing one sampled output: flag its object words, explain each, judge each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from detectors.budget import SearchBudget
+from detectors.explanation import Explanation, explain
+from detectors.language_prior import PriorThresholds
+from detectors.objects import DEFAULT_VOCABULARY, ObjectMention, ObjectVocabulary, flag_objects
+from detectors.regions import RegionPartition, slic_partition
+from detectors.scorers.protocol import Scorer
+from detectors.types import Fill
+
+__all__ = ["AuditSettings", "SampleAudit", "audit_sample"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuditSettings:
+    """How a sample is audited.
+
+    Attributes:
+        n_regions: SLICO division number.
+        budget_fraction: forward-pass budget per object token, as a share of the exact search's
+            N(N + 1) (ignored when `max_forward_passes` is set).
+        max_forward_passes: a fixed budget per object token instead.
+        max_seconds: wall-time budget per object token.
+        fill: what removed regions become.
+        batch_size: masked images per scorer call.
+    """
+
+    n_regions: int = 48
+    budget_fraction: float = 0.10
+    max_forward_passes: int | None = None
+    max_seconds: float | None = None
+    fill: Fill = Fill.MEAN
+    batch_size: int = 16
+
+    def budget(self, n_regions: int) -> SearchBudget:
+        if self.max_forward_passes is not None:
+            return SearchBudget(
+                max_forward_passes=self.max_forward_passes,
+                max_seconds=self.max_seconds,
+                batch_size=self.batch_size,
+            )
+        return SearchBudget.fraction_of_exact(
+            n_regions,
+            self.budget_fraction,
+            batch_size=self.batch_size,
+            max_seconds=self.max_seconds,
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class SampleAudit:
+    """The object words of one output and what the guardrail concluded about each."""
+
+    mentions: tuple[ObjectMention, ...]
+    explanation: Explanation | None  # None when the output names no object
+
+    @property
+    def forward_passes(self) -> int:
+        return 0 if self.explanation is None else self.explanation.forward_passes
+
+
+def audit_sample(
+    image: np.ndarray,
+    scorer: Scorer,
+    token_ids: Sequence[int],
+    decode: Callable[[Sequence[int]], str],
+    *,
+    settings: AuditSettings | None = None,
+    thresholds: PriorThresholds | None = None,
+    vocabulary: ObjectVocabulary = DEFAULT_VOCABULARY,
+    partition: RegionPartition | None = None,
+    progress: bool = False,
+) -> SampleAudit:
+    """Flag the object words of `token_ids`, run one budgeted EAGLE search per word (sharing
+    forward passes), and judge each word (borrowed evidence across words included).
+
+    `scorer` must score this sample (its image, prompt and generated tokens)."""
+    settings = settings or AuditSettings()
+    mentions = tuple(flag_objects(token_ids, decode, vocabulary))
+    if not mentions:
+        return SampleAudit(mentions=(), explanation=None)
+    partition = partition or slic_partition(image, settings.n_regions)
+    explanation = explain(
+        image,
+        scorer,
+        [m.target() for m in mentions],
+        budget=settings.budget(partition.n_regions),
+        partition=partition,
+        fill=settings.fill,
+        thresholds=thresholds,
+        progress=progress,
+    )
+    return SampleAudit(mentions=mentions, explanation=explanation)

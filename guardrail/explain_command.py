@@ -1,0 +1,108 @@
+"""`guardrail explain IMAGE --prompt TEXT`: audit one output of a LLaVA model, with pictures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(commands: Any) -> None:
+    from detectors.reference import CAPTION_PROMPT, MODEL_DIR
+
+    explain = commands.add_parser(
+        "explain", help="flag the object words of an output and explain each with EAGLE"
+    )
+    explain.add_argument("image", type=Path)
+    explain.add_argument("--prompt", default=CAPTION_PROMPT, help="the prompt, with <image>")
+    explain.add_argument(
+        "--output", help="the model's output to audit (teacher-forced); default: generate it"
+    )
+    explain.add_argument("--model", type=Path, default=MODEL_DIR, help="a LLaVA checkpoint dir")
+    explain.add_argument("--out", type=Path, required=True, help="directory for PNGs and JSON")
+    explain.add_argument("--regions", type=int, default=48, help="SLICO division number")
+    explain.add_argument(
+        "--budget", type=float, default=0.10, help="passes per word, share of the exact search"
+    )
+    explain.add_argument("--fill", default="mean", choices=["black", "grey", "mean", "blur"])
+    explain.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from detectors.heatmap import overlay
+    from detectors.pipeline import AuditSettings, audit_sample
+    from detectors.scorers.llava import LlavaScorer, load_llava
+    from detectors.serialization import attribution_to_dict, verdict_to_dict
+    from detectors.types import Fill
+    from guardrail.images import read_image, write_image
+
+    image = read_image(args.image)
+    llava = load_llava(args.model)
+    tokenizer = llava.tokenizer
+    if args.output is None:
+        generation = llava.generate(image, args.prompt)
+        token_ids = list(generation.token_ids)
+    else:
+        token_ids = tokenizer(args.output, add_special_tokens=False).input_ids
+    decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
+    output_text = decode(token_ids)
+    scorer = LlavaScorer(llava, image, args.prompt, token_ids)
+    settings = AuditSettings(
+        n_regions=args.regions, budget_fraction=args.budget, fill=Fill(args.fill)
+    )
+    audit = audit_sample(image, scorer, token_ids, decode, settings=settings, progress=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_image(args.out / "image.png", _upscale(image))
+    words: list[dict[str, Any]] = []
+    rows = []
+    if audit.explanation is not None:
+        pairs = zip(
+            audit.mentions, audit.explanation.attributions, audit.explanation.verdicts, strict=True
+        )
+        for i, (mention, attribution, verdict) in enumerate(pairs):
+            name = f"{i:02d}-{re.sub(r'[^a-z0-9]+', '-', mention.word.lower())}.png"
+            write_image(args.out / name, _upscale(overlay(image, attribution)))
+            words.append(
+                {
+                    "word": mention.word,
+                    "category": mention.category,
+                    "heatmap": name,
+                    "verdict": verdict_to_dict(verdict),
+                    "attribution": attribution_to_dict(attribution),
+                }
+            )
+            rows.append((mention.word, verdict, attribution.forward_passes))
+    report = {
+        "image": str(args.image),
+        "prompt": args.prompt,
+        "output": output_text,
+        "token_ids": [int(t) for t in token_ids],
+        "model": str(args.model),
+        "scorer": scorer.name,
+        "words": words,
+    }
+    (args.out / "explanation.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"output: {output_text}")
+    print(
+        f"{'word':>10} {'verdict':>18} {'prior':>6} {'halluc':>6} {'p_full':>7} "
+        f"{'p_blank':>7} {'necessity':>9} {'passes':>6}"
+    )
+    for word, v, passes in rows:
+        print(
+            f"{word:>10} {v.label.value:>18} {v.prior_score:6.2f} {v.hallucination_score:6.2f} "
+            f"{v.p_full:7.3f} {v.p_blank:7.3f} {v.necessity:9.3f} {passes:6d}"
+        )
+    if not rows:
+        print("no object words in the output")
+    print(f"wrote {args.out / 'explanation.json'} and {len(rows)} heatmap(s)")
+    return 0
+
+
+def _upscale(rgb: Any, factor: int = 4) -> Any:
+    import numpy as np
+
+    return np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)

@@ -1,0 +1,103 @@
+"""`guardrail reference ...`: train, evaluate and talk to the shipped reference model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(commands: Any) -> None:
+    """Add the `reference` command group to the top-level subparsers."""
+    from detectors.reference import MODEL_DIR
+
+    reference = commands.add_parser("reference", help="the shipped reference model and world")
+    sub = reference.add_subparsers(dest="reference_command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser("train", help="train the reference model (CPU, deterministic)")
+    train.add_argument("--out", type=Path, default=MODEL_DIR, help="where to save the model")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, default=None, help="image-text training steps")
+    train.add_argument("--text-steps", type=int, default=None, help="caption-text steps first")
+    train.add_argument("--scenes", type=int, default=None, help="distinct training scenes")
+    train.set_defaults(handler=_train)
+
+    generate = sub.add_parser("generate", help="print what the model says about an image")
+    generate.add_argument("image", type=Path)
+    generate.add_argument(
+        "--question", help="a class name ('fork') or a full yes/no question; default: describe"
+    )
+    generate.add_argument("--model", type=Path, default=MODEL_DIR)
+    generate.set_defaults(handler=_generate)
+
+    scene = sub.add_parser("scene", help="draw a scene of the reference world to a PNG")
+    scene.add_argument("seed", type=int)
+    scene.add_argument("--kind", default="random", help="random, clean, cooccurrence_trap, ...")
+    scene.add_argument("--out", type=Path, required=True)
+    scene.set_defaults(handler=_scene)
+
+    evaluate = sub.add_parser("eval", help="measure captions, traps and verdicts on test scenes")
+    evaluate.add_argument("--seed", type=int, default=11_000_000, help="picks the scenes")
+    evaluate.add_argument("--scenes", type=int, default=100, help="scenes of each kind")
+    evaluate.add_argument("--model", type=Path, default=MODEL_DIR)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(handler=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from guardrail.reference.training import TrainingConfig, train
+
+    overrides = {
+        k: v
+        for k, v in (
+            ("steps", args.steps),
+            ("text_steps", args.text_steps),
+            ("scenes", args.scenes),
+        )
+        if v is not None
+    }
+    summary = train(args.out, TrainingConfig(seed=args.seed, **overrides))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from detectors.reference import CAPTION_PROMPT, question_prompt
+    from detectors.scorers.llava import load_llava
+    from guardrail.images import read_image
+
+    image = read_image(args.image)
+    llava = load_llava(args.model)
+    prompt = CAPTION_PROMPT
+    if args.question:
+        q = args.question.strip()
+        prompt = f"USER: <image> {q} ASSISTANT:" if " " in q else question_prompt(q)
+    print(llava.generate(image, prompt).text)
+    return 0
+
+
+def _scene(args: argparse.Namespace) -> int:
+    from detectors.reference import generate_scene
+    from guardrail.images import write_image
+
+    scene = generate_scene(args.seed, args.kind)
+    write_image(args.out, scene.image)
+    print(f"{args.out}: {scene.caption}  (kind {scene.kind.value})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from guardrail.reference.report import evaluate
+
+    report = evaluate(args.model, seed=args.seed, per_kind=args.scenes)
+    if args.json:
+        # JSON has no NaN: an undefined figure (no positives, say) is null
+        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in report.items()}
+        print(json.dumps(clean))
+    else:
+        for key, value in report.items():
+            print(f"{key:>34}  {value:.4f}" if isinstance(value, float) else f"{key:>34}  {value}")
+    return 0

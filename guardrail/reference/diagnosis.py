@@ -1,0 +1,144 @@
+"""Auditing the reference model's own captions and scoring the verdicts against ground truth."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from detectors.evaluation import auroc, pointing_game
+from detectors.language_prior import PriorThresholds
+from detectors.pipeline import AuditSettings, audit_sample
+from detectors.reference.world import CAPTION_PROMPT, PAIRS
+from detectors.scorers.llava import LlavaModel, LlavaScorer
+from detectors.types import Attribution, Verdict, VerdictLabel
+from guardrail.reference.evaluation import REFERENCE_VOCABULARY, CaptionedScene
+
+__all__ = ["AuditedMention", "diagnose", "diagnosis_metrics", "truth_of"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class AuditedMention:
+    """One object word of a generated caption, its verdict, and the ground truth."""
+
+    seed: int
+    scene_kind: str
+    category: str
+    hallucination: str | None  # None (present), "cooccurrence", "language_prior" or "other"
+    verdict: Verdict
+    attribution: Attribution
+    box: tuple[int, int, int, int] | None
+    mask: np.ndarray | None
+
+
+def truth_of(category: str, names: frozenset[str]) -> str | None:
+    """Why a mentioned category is a hallucination in a scene showing `names` (None if present)."""
+    if category in names:
+        return None
+    for pair in PAIRS:
+        if pair.partner == category and pair.trigger in names:
+            return pair.kind.value
+    return "other"
+
+
+def diagnose(
+    llava: LlavaModel,
+    results: Sequence[CaptionedScene],
+    *,
+    settings: AuditSettings | None = None,
+    thresholds: PriorThresholds | None = None,
+    progress: bool = True,
+) -> list[AuditedMention]:
+    """Audit every object word of every caption with the budgeted EAGLE search."""
+    from tqdm.auto import tqdm
+
+    tokenizer = llava.tokenizer
+    decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
+    audited: list[AuditedMention] = []
+    for result in tqdm(results, desc="auditing", disable=not progress):
+        scene = result.scene
+        scorer = LlavaScorer(llava, scene.image, CAPTION_PROMPT, result.caption.token_ids)
+        audit = audit_sample(
+            scene.image,
+            scorer,
+            result.caption.token_ids,
+            decode,
+            settings=settings,
+            thresholds=thresholds,
+            vocabulary=REFERENCE_VOCABULARY,
+        )
+        if audit.explanation is None:
+            continue
+        for mention, verdict, attribution in zip(
+            audit.mentions, audit.explanation.verdicts, audit.explanation.attributions, strict=True
+        ):
+            obj = scene.object(mention.category)
+            audited.append(
+                AuditedMention(
+                    seed=scene.seed,
+                    scene_kind=scene.kind.value,
+                    category=mention.category,
+                    hallucination=truth_of(mention.category, scene.names),
+                    verdict=verdict,
+                    attribution=attribution,
+                    box=None if obj is None else obj.box,
+                    mask=None if obj is None else obj.mask,
+                )
+            )
+    return audited
+
+
+def _precision_recall(predicted: Sequence[bool], actual: Sequence[bool]) -> tuple[float, float]:
+    p, a = np.asarray(predicted, bool), np.asarray(actual, bool)
+    tp = int((p & a).sum())
+    precision = tp / int(p.sum()) if p.any() else float("nan")
+    recall = tp / int(a.sum()) if a.any() else float("nan")
+    return precision, recall
+
+
+def diagnosis_metrics(audited: Sequence[AuditedMention]) -> dict[str, Any]:
+    """AUROC of the hallucination score (all, per kind), label precision/recall, pointing game,
+    and the p_full baseline."""
+    score = np.array([m.verdict.hallucination_score for m in audited])
+    p_full = np.array([m.verdict.p_full for m in audited])
+    truth = [m.hallucination for m in audited]
+    present = np.array([t is None for t in truth])
+    out: dict[str, Any] = {
+        "n_mentions": len(audited),
+        "n_hallucinated": int((~present).sum()),
+        "n_cooccurrence": sum(t == "cooccurrence" for t in truth),
+        "n_language_prior": sum(t == "language_prior" for t in truth),
+        "hallucination_auroc": auroc(score, ~present),
+        "baseline_p_full_auroc": auroc(1.0 - p_full, ~present),
+    }
+    for kind, key in (("language_prior", "prior"), ("cooccurrence", "cooccurrence")):
+        keep = present | np.array([t == kind for t in truth])
+        out[f"{key}_hallucination_auroc"] = auroc(score[keep], ~present[keep])
+        out[f"baseline_p_full_{key}_auroc"] = auroc(1.0 - p_full[keep], ~present[keep])
+    labels = [m.verdict.label for m in audited]
+    for label, kind, key in (
+        (VerdictLabel.LANGUAGE_PRIOR, "language_prior", "prior"),
+        (VerdictLabel.BORROWED_EVIDENCE, "cooccurrence", "borrowed"),
+    ):
+        precision, recall = _precision_recall(
+            [lab is label for lab in labels], [t == kind for t in truth]
+        )
+        out[f"{key}_label_precision"] = precision
+        out[f"{key}_label_recall"] = recall
+    grounded = [m for m in audited if m.hallucination is None and m.box is not None]
+    out["pointing_game_box"] = (
+        float(np.mean([pointing_game(m.attribution.saliency(), box=m.box) for m in grounded]))
+        if grounded
+        else float("nan")
+    )
+    out["pointing_game_mask"] = (
+        float(np.mean([pointing_game(m.attribution.saliency(), mask=m.mask) for m in grounded]))
+        if grounded
+        else float("nan")
+    )
+    out["forward_passes_mean"] = (
+        float(np.mean([m.attribution.forward_passes for m in audited])) if audited else 0.0
+    )
+    return out
