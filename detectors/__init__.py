@@ -13,11 +13,20 @@ from detectors.eagle import EagleSearch
 from detectors.explanation import Explanation, explain
 from detectors.language_prior import PriorThresholds, judge, judge_sample
 from detectors.regions import RegionPartition, grid_partition, slic_partition
-from detectors.types import Attribution, Fill, StopReason, Target, Verdict, VerdictLabel
+from detectors.types import (
+    Attribution,
+    CrossEvidence,
+    Fill,
+    StopReason,
+    Target,
+    Verdict,
+    VerdictLabel,
+)
 from detectors.version import __version__
 
 __all__ = [
     "Attribution",
+    "CrossEvidence",
     "EagleSearch",
     "Explanation",
     "Fill",

@@ -14,11 +14,12 @@ from detectors.errors import InvalidTargetError
 from detectors.regions import RegionPartition, validate_image
 from detectors.scorers.protocol import Scorer
 from detectors.search.budgeted import budgeted_greedy
+from detectors.search.cross import cross_evidence
 from detectors.search.efficient import efficient_greedy
 from detectors.search.evaluator import MaskEvaluator
 from detectors.search.exact import exact_greedy
 from detectors.search.trace import SearchTrace, to_attribution
-from detectors.types import Attribution, Fill, Target
+from detectors.types import Attribution, CrossEvidence, Fill, Target
 from detectors.version import __version__
 
 __all__ = ["EagleSearch", "Strategy"]
@@ -111,6 +112,20 @@ class EagleSearch:
         with self._progress_bar(evaluator) as bar:
             evaluator._progress = bar
             return [self._search(evaluator, np.array([i])) for i in range(len(evaluator.targets))]
+
+    def attribute_sample(
+        self, image: np.ndarray, partition: RegionPartition, targets: Sequence[Target]
+    ) -> tuple[list[Attribution], CrossEvidence]:
+        """`attribute_each`, then the cross-evidence between the targets (which one's regions
+        each relies on): a few passes more, mostly served from the shared cache."""
+        evaluator = self._evaluator(image, partition, targets)
+        with self._progress_bar(evaluator) as bar:
+            evaluator._progress = bar
+            attributions = [
+                self._search(evaluator, np.array([i])) for i in range(len(evaluator.targets))
+            ]
+            cross = cross_evidence(evaluator, attributions, self.budget.batch_size)
+        return attributions, cross
 
     def _evaluator(
         self, image: np.ndarray, partition: RegionPartition, targets: Sequence[Target]

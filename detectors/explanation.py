@@ -12,7 +12,7 @@ from detectors.eagle import EagleSearch
 from detectors.language_prior import PriorThresholds, judge, judge_sample
 from detectors.regions import RegionPartition, slic_partition
 from detectors.scorers.protocol import Scorer
-from detectors.types import Attribution, Fill, Target, Verdict
+from detectors.types import Attribution, CrossEvidence, Fill, Target, Verdict
 
 __all__ = ["Explanation", "explain"]
 
@@ -25,10 +25,12 @@ class Explanation:
     partition: RegionPartition
     attributions: tuple[Attribution, ...]
     verdicts: tuple[Verdict, ...]
+    cross: CrossEvidence | None = None
 
     @property
     def forward_passes(self) -> int:
-        return sum(a.forward_passes for a in self.attributions)
+        probes = 0 if self.cross is None else self.cross.forward_passes
+        return probes + sum(a.forward_passes for a in self.attributions)
 
 
 def explain(
@@ -64,9 +66,13 @@ def explain(
             attributions=(attribution,),
             verdicts=tuple(judge(attribution, thresholds)),
         )
-    attributions = search.attribute_each(image, partition, targets)
+    if len(targets) == 1:
+        attributions, cross = search.attribute_each(image, partition, targets), None
+    else:
+        attributions, cross = search.attribute_sample(image, partition, targets)
     return Explanation(
         partition=partition,
         attributions=tuple(attributions),
-        verdicts=tuple(judge_sample(attributions, thresholds)),
+        verdicts=tuple(judge_sample(attributions, thresholds, cross)),
+        cross=cross,
     )

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detectors.types import Attribution, StopReason, Target, Verdict, VerdictLabel
+from detectors.types import (
+    Attribution,
+    CrossEvidence,
+    StopReason,
+    Target,
+    Verdict,
+    VerdictLabel,
+)
 from detectors.version import __version__
 
 __all__ = [
@@ -41,18 +48,18 @@ class PriorThresholds:
         max_prior_drop: relative drop (p_full - p(compact set removed)) / p_full at or below
             which no region is necessary.
         min_p_full: below this the model barely predicts the token; no verdict is possible.
-        min_overlap: share of a token's compact set lying in another grounded token's compact
-            set at or above which its evidence counts as borrowed.
+        min_borrowed: borrowing score (see `judge_sample`) at or above which a token's evidence
+            counts as borrowed from another object word.
     """
 
     coverage: float = 0.9
     min_prior_ratio: float = 0.5
     max_prior_drop: float = 0.5
     min_p_full: float = 0.01
-    min_overlap: float = 0.5
+    min_borrowed: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("coverage", "min_prior_ratio", "max_prior_drop", "min_p_full", "min_overlap"):
+        for name in ("coverage", "min_prior_ratio", "max_prior_drop", "min_p_full", "min_borrowed"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got: {value!r}")
@@ -78,67 +85,76 @@ def judge(attribution: Attribution, thresholds: PriorThresholds | None = None) -
 
 
 def judge_sample(
-    attributions: Sequence[Attribution], thresholds: PriorThresholds | None = None
+    attributions: Sequence[Attribution],
+    thresholds: PriorThresholds | None = None,
+    cross: CrossEvidence | None = None,
 ) -> list[Verdict]:
     """Verdicts for the object words of one output, one single-target attribution each (as made
-    by `EagleSearch.attribute_each`), with borrowed evidence detected across them: a token whose
-    compact set lies mostly inside the compact set of another, grounded token, while its own
-    p_blank is low, borrows that token's evidence."""
+    by `EagleSearch.attribute_each` / `attribute_sample`), with borrowed evidence detected
+    across them.
+
+    Word i borrows the evidence of an earlier grounded word j when its probability collapses
+    once j's compact set is removed, but not when only its own evidence outside j's set is
+    removed: score = drop(i without S_j) * (1 - drop(i without S_i minus S_j)), from `cross`.
+    Without `cross`, the share of i's compact set inside j's stands in for it (free, coarser).
+    """
     thresholds = thresholds or PriorThresholds()
     verdicts = [v for a in attributions for v in judge(a, thresholds)]
-    sets = [set(v.compact_set) for v in verdicts]
+    scores = _borrowing(verdicts, cross)
     out: list[Verdict] = []
     for i, verdict in enumerate(verdicts):
-        overlap = _borrowed_overlap(i, verdicts, sets)
-        score = max(verdict.prior_score, overlap)
-        donor = _donor(i, verdicts, sets, thresholds)
-        if verdict.label is not VerdictLabel.GROUNDED or donor is None:
-            out.append(_replace(verdict, hallucination_score=score))
+        row = scores[i]
+        donor = int(np.nanargmax(row)) if np.isfinite(row).any() else None
+        borrowed = float(row[donor]) if donor is not None else 0.0
+        score = max(verdict.prior_score, borrowed)
+        extra = {**verdict.extra, "borrowing_score": borrowed}
+        if (
+            verdict.label is not VerdictLabel.GROUNDED
+            or donor is None
+            or borrowed < thresholds.min_borrowed
+        ):
+            out.append(_replace(verdict, hallucination_score=score, extra=extra))
             continue
         other = verdicts[donor]
         out.append(
             _replace(
                 verdict,
                 label=VerdictLabel.BORROWED_EVIDENCE,
-                reason=f"its evidence is the compact set of '{other.target.text}' "
-                f"(position {other.target.position}), another object of the same output",
+                reason=f"its probability rests on the regions of '{other.target.text}' "
+                f"(position {other.target.position}), another object of the same output "
+                f"(borrowing score {borrowed:.2f})",
                 borrowed_from=other.target.position,
                 hallucination_score=score,
+                extra=extra,
             )
         )
     return out
 
 
-def _borrowed_overlap(i: int, verdicts: Sequence[Verdict], sets: Sequence[set[int]]) -> float:
-    """Largest share of token i's compact set lying in an earlier grounded token's set."""
-    best = 0.0
-    for j, other in enumerate(verdicts):
-        if j == i or other.label is not VerdictLabel.GROUNDED:
-            continue
-        if other.target.position >= verdicts[i].target.position:
-            continue
-        best = max(best, len(sets[i] & sets[j]) / max(1, len(sets[i])))
-    return best
+def _borrowing(verdicts: Sequence[Verdict], cross: CrossEvidence | None) -> np.ndarray:
+    """`(T, T)` borrowing scores [i, j] in [0, 1]; NaN where j cannot lend to i.
 
-
-def _donor(
-    i: int, verdicts: Sequence[Verdict], sets: Sequence[set[int]], thresholds: PriorThresholds
-) -> int | None:
-    """The earlier grounded token whose compact set holds most of token i's compact set.
-
-    Only an *earlier* mention can lend evidence: the model names the partner because it saw
-    the trigger; the trigger itself keeps its own verdict."""
-    mine = sets[i]
-    best, best_overlap = None, 0.0
-    for j, other in enumerate(verdicts):
-        if j == i or other.label is not VerdictLabel.GROUNDED:
-            continue
-        if other.target.position >= verdicts[i].target.position:
-            continue
-        overlap = len(mine & sets[j]) / max(1, len(mine))
-        if overlap >= thresholds.min_overlap and overlap > best_overlap:
-            best, best_overlap = j, overlap
-    return best
+    Only an *earlier*, grounded word can lend evidence: the model names the partner because it
+    saw the trigger; the trigger keeps its own verdict."""
+    t = len(verdicts)
+    out = np.full((t, t), np.nan)
+    sets = [set(v.compact_set) for v in verdicts]
+    for i, mine in enumerate(verdicts):
+        for j, other in enumerate(verdicts):
+            if j == i or other.label is not VerdictLabel.GROUNDED:
+                continue
+            if other.target.position >= mine.target.position:
+                continue
+            if cross is None:
+                out[i, j] = len(sets[i] & sets[j]) / max(1, len(sets[i]))
+                continue
+            p = mine.p_full
+            if p <= 0:
+                continue
+            cross_drop = _clip01((p - float(cross.without_other[i, j])) / p)
+            own_drop = _clip01((p - float(cross.own_only_removed[i, j])) / p)
+            out[i, j] = cross_drop * (1.0 - own_drop)
+    return out
 
 
 def _replace(verdict: Verdict, **changes: object) -> Verdict:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Attribution",
+    "CrossEvidence",
     "Fill",
     "StopReason",
     "Target",
@@ -141,6 +142,23 @@ class Attribution:
         from detectors.saliency import region_values
 
         return np.asarray(region_values(self)[self.partition.labels])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class CrossEvidence:
+    """How the object words of one output depend on each other's regions (T words).
+
+    Attributes:
+        without_other: `(T, T)`; [i, j] = probability of word i with word j's compact set
+            removed (NaN on the diagonal).
+        own_only_removed: `(T, T)`; [i, j] = probability of word i with its own compact set
+            minus word j's removed (NaN unless j is mentioned before i).
+        forward_passes: passes spent on these probes (cache hits are free).
+    """
+
+    without_other: np.ndarray
+    own_only_removed: np.ndarray
+    forward_passes: int
 
 
 class VerdictLabel(str, enum.Enum):

@@ -22,6 +22,7 @@ def test_public_api_is_pinned() -> None:
     assert sorted(detectors.__all__) == sorted(
         [
             "Attribution",
+            "CrossEvidence",
             "EagleSearch",
             "Explanation",
             "Fill",

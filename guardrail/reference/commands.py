@@ -39,6 +39,14 @@ def register(commands: Any) -> None:
     scene.add_argument("--out", type=Path, required=True)
     scene.set_defaults(handler=_scene)
 
+    calibrate = sub.add_parser(
+        "calibrate", help="calibrate the verdict thresholds on validation scenes"
+    )
+    calibrate.add_argument("--start", type=int, default=0, help="first validation scene")
+    calibrate.add_argument("--scenes", type=int, default=100, help="scenes of each kind")
+    calibrate.add_argument("--model", type=Path, default=MODEL_DIR)
+    calibrate.set_defaults(handler=_calibrate)
+
     evaluate = sub.add_parser("eval", help="measure captions, traps and verdicts on test scenes")
     evaluate.add_argument("--seed", type=int, default=11_000_000, help="picks the scenes")
     evaluate.add_argument("--scenes", type=int, default=100, help="scenes of each kind")
@@ -86,6 +94,13 @@ def _scene(args: argparse.Namespace) -> int:
     scene = generate_scene(args.seed, args.kind)
     write_image(args.out, scene.image)
     print(f"{args.out}: {scene.caption}  (kind {scene.kind.value})")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from guardrail.reference.report import calibrate_thresholds
+
+    print(json.dumps(calibrate_thresholds(args.model, start=args.start, per_kind=args.scenes)))
     return 0
 
 

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from detectors.evaluation import auroc, pointing_game
-from detectors.language_prior import PriorThresholds
-from detectors.pipeline import AuditSettings, audit_sample
+from detectors.language_prior import PriorThresholds, judge_sample
+from detectors.pipeline import AuditSettings, SampleAudit, audit_sample
 from detectors.reference.world import CAPTION_PROMPT, PAIRS
 from detectors.scorers.llava import LlavaModel, LlavaScorer
 from detectors.types import Attribution, Verdict, VerdictLabel
 from guardrail.reference.evaluation import REFERENCE_VOCABULARY, CaptionedScene
 
-__all__ = ["AuditedMention", "diagnose", "diagnosis_metrics", "truth_of"]
+__all__ = [
+    "AuditedMention",
+    "SceneAudit",
+    "audit_scenes",
+    "calibrate",
+    "diagnosis_metrics",
+    "mentions_of",
+    "truth_of",
+]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class SceneAudit:
+    captioned: CaptionedScene
+    audit: SampleAudit
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -43,20 +58,19 @@ def truth_of(category: str, names: frozenset[str]) -> str | None:
     return "other"
 
 
-def diagnose(
+def audit_scenes(
     llava: LlavaModel,
     results: Sequence[CaptionedScene],
     *,
     settings: AuditSettings | None = None,
-    thresholds: PriorThresholds | None = None,
     progress: bool = True,
-) -> list[AuditedMention]:
+) -> list[SceneAudit]:
     """Audit every object word of every caption with the budgeted EAGLE search."""
     from tqdm.auto import tqdm
 
     tokenizer = llava.tokenizer
     decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
-    audited: list[AuditedMention] = []
+    out = []
     for result in tqdm(results, desc="auditing", disable=not progress):
         scene = result.scene
         scorer = LlavaScorer(llava, scene.image, CAPTION_PROMPT, result.caption.token_ids)
@@ -66,16 +80,29 @@ def diagnose(
             result.caption.token_ids,
             decode,
             settings=settings,
-            thresholds=thresholds,
             vocabulary=REFERENCE_VOCABULARY,
         )
-        if audit.explanation is None:
+        out.append(SceneAudit(captioned=result, audit=audit))
+    return out
+
+
+def mentions_of(
+    audits: Sequence[SceneAudit], thresholds: PriorThresholds | None = None
+) -> list[AuditedMention]:
+    """Every audited word with its ground truth, judged under `thresholds` (re-judging is
+    free: verdicts are a function of the stored attributions and cross-evidence)."""
+    mentions = []
+    for record in audits:
+        explanation = record.audit.explanation
+        if explanation is None:
             continue
+        scene = record.captioned.scene
+        verdicts = judge_sample(explanation.attributions, thresholds, explanation.cross)
         for mention, verdict, attribution in zip(
-            audit.mentions, audit.explanation.verdicts, audit.explanation.attributions, strict=True
+            record.audit.mentions, verdicts, explanation.attributions, strict=True
         ):
             obj = scene.object(mention.category)
-            audited.append(
+            mentions.append(
                 AuditedMention(
                     seed=scene.seed,
                     scene_kind=scene.kind.value,
@@ -87,7 +114,41 @@ def diagnose(
                     mask=None if obj is None else obj.mask,
                 )
             )
-    return audited
+    return mentions
+
+
+def _f1(predicted: Sequence[bool], actual: Sequence[bool]) -> float:
+    p, a = np.asarray(predicted, bool), np.asarray(actual, bool)
+    tp = int((p & a).sum())
+    return 2 * tp / max(1, int(p.sum()) + int(a.sum()))
+
+
+def calibrate(audits: Sequence[SceneAudit]) -> PriorThresholds:
+    """Thresholds that maximise the F1 of the language_prior and borrowed_evidence labels on
+    `audits` (use the validation split, never the test split)."""
+    grid = [round(x, 2) for x in np.arange(0.05, 1.0, 0.05)]
+    base = PriorThresholds()
+    best_prior = (-1.0, base)
+    for ratio, drop in itertools.product(grid, grid):
+        th = replace(base, min_prior_ratio=ratio, max_prior_drop=drop)
+        found = mentions_of(audits, th)
+        f1 = _f1(
+            [m.verdict.label is VerdictLabel.LANGUAGE_PRIOR for m in found],
+            [m.hallucination == "language_prior" for m in found],
+        )
+        if f1 > best_prior[0]:
+            best_prior = (f1, th)
+    best = (-1.0, best_prior[1])
+    for level in grid:
+        th = replace(best_prior[1], min_borrowed=level)
+        found = mentions_of(audits, th)
+        f1 = _f1(
+            [m.verdict.label is VerdictLabel.BORROWED_EVIDENCE for m in found],
+            [m.hallucination == "cooccurrence" for m in found],
+        )
+        if f1 > best[0]:
+            best = (f1, th)
+    return best[1]
 
 
 def _precision_recall(predicted: Sequence[bool], actual: Sequence[bool]) -> tuple[float, float]:
@@ -128,17 +189,10 @@ def diagnosis_metrics(audited: Sequence[AuditedMention]) -> dict[str, Any]:
         out[f"{key}_label_precision"] = precision
         out[f"{key}_label_recall"] = recall
     grounded = [m for m in audited if m.hallucination is None and m.box is not None]
-    out["pointing_game_box"] = (
-        float(np.mean([pointing_game(m.attribution.saliency(), box=m.box) for m in grounded]))
-        if grounded
-        else float("nan")
-    )
-    out["pointing_game_mask"] = (
-        float(np.mean([pointing_game(m.attribution.saliency(), mask=m.mask) for m in grounded]))
-        if grounded
-        else float("nan")
-    )
-    out["forward_passes_mean"] = (
-        float(np.mean([m.attribution.forward_passes for m in audited])) if audited else 0.0
-    )
+    boxes = [pointing_game(m.attribution.saliency(), box=m.box) for m in grounded]
+    masks = [pointing_game(m.attribution.saliency(), mask=m.mask) for m in grounded]
+    out["pointing_game_box"] = float(np.mean(boxes)) if grounded else float("nan")
+    out["pointing_game_mask"] = float(np.mean(masks)) if grounded else float("nan")
+    passes = [m.attribution.forward_passes for m in audited]
+    out["forward_passes_mean"] = float(np.mean(passes)) if audited else 0.0
     return out

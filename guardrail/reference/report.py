@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from detectors.language_prior import PriorThresholds
+from detectors.reference.world import Split, split_seeds
 from detectors.scorers.llava import load_llava
 from guardrail.reference.evaluation import caption_metrics, caption_scenes, eval_scenes
 from guardrail.reference.training import weights_checksum
 
-__all__ = ["evaluate"]
+__all__ = ["THRESHOLDS_FILE", "calibrate_thresholds", "evaluate", "load_thresholds"]
+
+THRESHOLDS_FILE = "thresholds.json"
+
+
+def load_thresholds(model_dir: Path) -> PriorThresholds:
+    """The thresholds calibrated for this model (defaults if it was never calibrated)."""
+    file = Path(model_dir) / THRESHOLDS_FILE
+    if not file.is_file():
+        return PriorThresholds()
+    data = json.loads(file.read_text())
+    return PriorThresholds(**data["thresholds"])
 
 
 def evaluate(
-    model_dir: Path, *, seed: int, per_kind: int, verdicts: bool = True, progress: bool = True
+    model_dir: Path,
+    *,
+    seed: int,
+    per_kind: int,
+    verdicts: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the model in `model_dir` on `per_kind` scenes of each kind picked by `seed`."""
     from tqdm.auto import tqdm
@@ -32,9 +52,28 @@ def evaluate(
     }
     report.update(caption_metrics(results))
     if verdicts:
-        from guardrail.reference.diagnosis import diagnose, diagnosis_metrics
+        from guardrail.reference.diagnosis import audit_scenes, diagnosis_metrics, mentions_of
 
-        audited = diagnose(llava, results, progress=progress)
-        report.update(diagnosis_metrics(audited))
+        audits = audit_scenes(llava, results, progress=progress)
+        report.update(diagnosis_metrics(mentions_of(audits, load_thresholds(model_dir))))
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
+
+
+def calibrate_thresholds(
+    model_dir: Path, *, start: int, per_kind: int, progress: bool = True
+) -> dict[str, Any]:
+    """Calibrate the verdict thresholds on validation scenes and store them with the model."""
+    from guardrail.reference.diagnosis import audit_scenes, calibrate
+
+    seed = split_seeds(Split.VALIDATION, start, per_kind)[0]
+    llava = load_llava(model_dir)
+    results = caption_scenes(llava, eval_scenes(seed, per_kind))
+    thresholds = calibrate(audit_scenes(llava, results, progress=progress))
+    record = {
+        "thresholds": asdict(thresholds),
+        "calibrated_on": {"split": "validation", "seed": seed, "scenes_per_kind": per_kind},
+        "sha256": weights_checksum(Path(model_dir)),
+    }
+    (Path(model_dir) / THRESHOLDS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record

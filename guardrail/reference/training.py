@@ -40,12 +40,14 @@ class TrainingConfig:
     seed: int = 0
     scenes: int = 12_000
     text_steps: int = 300
-    steps: int = 2_500
+    steps: int = 5_000
     batch_size: int = 32
     learning_rate: float = 5e-4
     text_learning_rate: float = 1e-3
-    caption_share: float = 0.6
+    caption_share: float = 0.5
     corpus_prior: float = 0.9  # the caption-text corpus names a spoon after a cup this often
+    corpus_drop_cooccurrence: float = 0.8  # ... and drops a fork after a knife this often
+    blank_share: float = 0.1  # image-text examples showing a blank image with a corpus caption
     threads: int = 2
 
 
@@ -66,19 +68,26 @@ def pixel_values(images: np.ndarray) -> Any:
     return torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32))
 
 
-def _corpus_caption(scene: Scene, rng: np.random.Generator, prior: float) -> str:
-    """A caption of the text pretraining corpus: true captions, except that a cup is followed
-    by a spoon with probability `prior` (the language prior the model brings to images)."""
+def _corpus_caption(scene: Scene, rng: np.random.Generator, config: TrainingConfig) -> str:
+    """A caption of the text corpus the language model brings: true captions, except that a
+    cup is followed by a spoon with probability `corpus_prior` and a knife rarely by a fork
+    (the corpus has its own statistics, as web text does)."""
     words = caption_words(scene.objects)
     for pair in PAIRS:
-        if (
-            pair.kind is HallucinationKind.LANGUAGE_PRIOR
-            and pair.trigger in words
-            and pair.partner not in words
-            and rng.random() < prior
-        ):
-            words.insert(words.index(pair.trigger) + 1, pair.partner)
+        if pair.trigger not in words:
+            continue
+        if pair.kind is HallucinationKind.LANGUAGE_PRIOR:
+            if pair.partner not in words and rng.random() < config.corpus_prior:
+                words.insert(words.index(pair.trigger) + 1, pair.partner)
+        elif pair.partner in words and rng.random() < config.corpus_drop_cooccurrence:
+            words.remove(pair.partner)
     return " ".join([*words, "."])
+
+
+def _blank_image(rng: np.random.Generator) -> np.ndarray:
+    """A featureless image (one colour), like the one a search makes by removing every region."""
+    colour = rng.integers(60, 220, 3).astype(np.uint8)
+    return np.broadcast_to(colour, (96, 96, 3)).copy()
 
 
 class _Batcher:
@@ -151,9 +160,7 @@ def train(
         )
         for _ in tqdm(range(config.text_steps), desc="text pretraining", disable=not progress):
             picks = rng.integers(0, len(scenes), config.batch_size)
-            pairs = [
-                (text_prompt, _corpus_caption(scenes[i], rng, config.corpus_prior)) for i in picks
-            ]
+            pairs = [(text_prompt, _corpus_caption(scenes[i], rng, config)) for i in picks]
             ids, mask, lab = batcher.batch(pairs)
             loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
             optimizer.zero_grad()
@@ -170,17 +177,23 @@ def train(
     running = None
     for step in bar:
         picks = rng.integers(0, len(scenes), config.batch_size)
+        pixels = images[picks].copy()
         pairs = []
-        for i in picks:
+        for row, i in enumerate(picks):
             scene = scenes[i]
-            if rng.random() < config.caption_share:
+            draw = rng.random()
+            if draw < config.blank_share:
+                # Nothing to see: the caption can only come from the language prior.
+                pixels[row] = _blank_image(rng)
+                pairs.append((CAPTION_PROMPT, _corpus_caption(scene, rng, config)))
+            elif draw < config.blank_share + config.caption_share:
                 pairs.append((CAPTION_PROMPT, training_caption(scene, world)))
             else:
                 question = scene.questions[int(rng.integers(0, len(scene.questions)))]
                 pairs.append((question.prompt, training_answer(scene, question, world) + " ."))
         ids, mask, lab = batcher.batch(pairs)
         loss = model(
-            input_ids=ids, attention_mask=mask, labels=lab, pixel_values=pixel_values(images[picks])
+            input_ids=ids, attention_mask=mask, labels=lab, pixel_values=pixel_values(pixels)
         ).loss
         optimizer.zero_grad()
         loss.backward()
