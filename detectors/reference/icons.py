@@ -137,37 +137,40 @@ def _cup(
 def _fork(
     ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
-    w = max(2, s // 14)
-    col = c((185, 185, 200))
+    # silver-blue, four bold tines on a wide neck
+    w = max(3, s // 9)
+    col = c((150, 170, 215))
     _line(ly, m, (x, y - 0.05 * s), (x, y + 0.45 * s), col, w + 1)
-    _rect(ly, m, x - 0.16 * s, y - 0.12 * s, x + 0.16 * s, y - 0.04 * s, col)
-    for dx in (-0.15, 0.0, 0.15):
-        _line(ly, m, (x + dx * s, y - 0.45 * s), (x + dx * s, y - 0.08 * s), col, w)
+    _rect(ly, m, x - 0.25 * s, y - 0.14 * s, x + 0.25 * s, y - 0.02 * s, col)
+    for dx in (-0.22, -0.075, 0.075, 0.22):
+        _line(ly, m, (x + dx * s, y - 0.45 * s), (x + dx * s, y - 0.1 * s), col, w - 1)
 
 
 def _knife(
     ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
+    # a wide pale blade over a black handle
     _poly(
         ly,
         m,
         [
-            (x - 0.08 * s, y - 0.05 * s),
-            (x - 0.08 * s, y - 0.45 * s),
-            (x + 0.1 * s, y - 0.2 * s),
-            (x + 0.1 * s, y - 0.05 * s),
+            (x - 0.14 * s, y - 0.02 * s),
+            (x - 0.14 * s, y - 0.47 * s),
+            (x + 0.16 * s, y - 0.2 * s),
+            (x + 0.16 * s, y - 0.02 * s),
         ],
-        c((215, 215, 225)),
+        c((228, 228, 236)),
     )
-    _rect(ly, m, x - 0.09 * s, y - 0.05 * s, x + 0.1 * s, y + 0.45 * s, c((40, 30, 25)))
+    _rect(ly, m, x - 0.12 * s, y - 0.02 * s, x + 0.14 * s, y + 0.47 * s, c((30, 25, 20)))
 
 
 def _spoon(
     ly: np.ndarray, m: np.ndarray, x: int, y: int, s: int, c: Callable[[Color], Color]
 ) -> None:
-    col = c((170, 170, 185))
-    _ellipse(ly, m, (x, y - 0.25 * s), (0.14 * s, 0.2 * s), col)
-    _line(ly, m, (x, y - 0.05 * s), (x, y + 0.45 * s), col, max(2, s // 12))
+    # copper, a big round bowl on a bold handle
+    col = c((205, 115, 45))
+    _ellipse(ly, m, (x, y - 0.22 * s), (0.2 * s, 0.24 * s), col)
+    _line(ly, m, (x, y - 0.02 * s), (x, y + 0.47 * s), col, max(3, s // 8))
 
 
 def _ball(

@@ -37,18 +37,34 @@ class SearchTrace:
         self.deletion[len(self.selected)] = deletion
 
 
-def compact_prefix(insertion: np.ndarray, p_full: np.ndarray, coverage: float) -> int:
-    """Length 1 <= k < N of the shortest scored proper prefix whose mean insight reaches
-    `coverage` of the mean p_full; the longest scored proper prefix if none does (1 if none
-    was scored).  The whole image (k = N) trivially explains the token and is never chosen,
+def compact_prefix(
+    insertion: np.ndarray,
+    deletion: np.ndarray,
+    p_full: np.ndarray,
+    p_blank: np.ndarray,
+    coverage: float,
+) -> int:
+    """Length k (1 <= k < N) of the compact set along the order: the shortest scored proper
+    prefix that is sufficient (mean insight >= `coverage` * p_full) *and* indispensable (mean
+    necessity >= `coverage` * (1 - p_blank)); else the shortest that is sufficient; else the
+    longest scored one (1 if none was scored).  The whole image trivially explains the token
+    and is never chosen.
 
-    `insertion` is `(N + 1, T)` with NaN rows where a prefix was not scored."""
+    A region set that is merely sufficient can leave the rest of the object visible; asking
+    for necessity too makes the compact set cover all of the evidence.
+
+    `insertion` and `deletion` are `(N + 1, T)` with NaN rows where a prefix was not scored."""
     n = insertion.shape[0] - 1
-    goal = coverage * float(p_full.mean())
-    means = insertion.mean(axis=1)
-    scored = [r for r in range(1, n) if not np.isnan(means[r])]
+    ins_goal = coverage * float(p_full.mean())
+    nec_goal = coverage * float(1.0 - p_blank.mean())
+    insight = insertion.mean(axis=1)
+    necessity = 1.0 - deletion.mean(axis=1)
+    scored = [r for r in range(1, n) if not np.isnan(insight[r])]
     for r in scored:
-        if means[r] >= goal:
+        if insight[r] >= ins_goal and not np.isnan(necessity[r]) and necessity[r] >= nec_goal:
+            return r
+    for r in scored:
+        if insight[r] >= ins_goal:
             return r
     return max(scored) if scored else 1
 
@@ -78,7 +94,7 @@ def to_attribution(
     for r, row in trace.deletion.items():
         deletion[r] = row[cols]
     p_full = trace.p_full[cols]
-    k = compact_prefix(insertion, p_full, coverage)
+    k = compact_prefix(insertion, deletion, p_full, trace.p_blank[cols], coverage)
     return Attribution(
         targets=tuple(evaluator.targets[i] for i in cols),
         partition=evaluator.partition,

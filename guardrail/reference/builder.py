@@ -71,7 +71,7 @@ def build_processor() -> Any:
 
 
 def build_model(seed: int) -> Any:
-    """A ~1.1M-parameter `LlavaForConditionalGeneration`: CLIP vision tower (hidden 128, 3
+    """A ~1.1M-parameter `LlavaForConditionalGeneration`: CLIP vision tower (hidden 128, 4
     layers, 36 patches of 16 px) and a Llama language model (hidden 128, 3 layers)."""
     import torch
     from transformers import (
@@ -85,7 +85,7 @@ def build_model(seed: int) -> Any:
     vision = CLIPVisionConfig(
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=3,
+        num_hidden_layers=4,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,

@@ -40,7 +40,7 @@ class TrainingConfig:
     seed: int = 0
     scenes: int = 12_000
     text_steps: int = 300
-    steps: int = 5_000
+    steps: int = 6_000
     batch_size: int = 32
     learning_rate: float = 5e-4
     text_learning_rate: float = 1e-3

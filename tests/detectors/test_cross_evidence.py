@@ -42,7 +42,7 @@ def test_a_hallucinated_partner_borrows_the_triggers_evidence() -> None:
 
 
 def test_a_real_partner_next_to_its_trigger_is_grounded() -> None:
-    _, cross, (knife, fork) = _verdicts(fork_is_drawn=True)
+    _, cross, (_, fork) = _verdicts(fork_is_drawn=True)
     assert cross.without_other[1, 0] > 0.5 * fork.p_full  # the fork's own pixels remain
     assert fork.label is VerdictLabel.GROUNDED
     assert fork.hallucination_score < 0.3
