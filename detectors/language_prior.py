@@ -93,7 +93,7 @@ def judge_sample(
     by `EagleSearch.attribute_each` / `attribute_sample`), with borrowed evidence detected
     across them.
 
-    Word i borrows the evidence of an earlier grounded word j when its probability collapses
+    Word i borrows the evidence of another grounded word j when its probability collapses
     once j's compact set is removed, but not when only its own evidence outside j's set is
     removed: score = drop(i without S_j) * (1 - drop(i without S_i minus S_j)), from `cross`.
     Without `cross`, the share of i's compact set inside j's stands in for it (free, coarser).
@@ -134,16 +134,16 @@ def judge_sample(
 def _borrowing(verdicts: Sequence[Verdict], cross: CrossEvidence | None) -> np.ndarray:
     """`(T, T)` borrowing scores [i, j] in [0, 1]; NaN where j cannot lend to i.
 
-    Only an *earlier*, grounded word can lend evidence: the model names the partner because it
-    saw the trigger; the trigger keeps its own verdict."""
+    Only a word judged grounded on its own can lend evidence, and only to a word the model
+    names less confidently (lower p_full): when two words rest on the same regions each looks
+    as if it borrowed from the other, and a real object is named more confidently than one
+    inferred from its neighbour."""
     t = len(verdicts)
     out = np.full((t, t), np.nan)
     sets = [set(v.compact_set) for v in verdicts]
     for i, mine in enumerate(verdicts):
         for j, other in enumerate(verdicts):
             if j == i or other.label is not VerdictLabel.GROUNDED:
-                continue
-            if other.target.position >= mine.target.position:
                 continue
             if cross is None:
                 out[i, j] = len(sets[i] & sets[j]) / max(1, len(sets[i]))
@@ -154,6 +154,15 @@ def _borrowing(verdicts: Sequence[Verdict], cross: CrossEvidence | None) -> np.n
             cross_drop = _clip01((p - float(cross.without_other[i, j])) / p)
             own_drop = _clip01((p - float(cross.own_only_removed[i, j])) / p)
             out[i, j] = cross_drop * (1.0 - own_drop)
+    for i in range(t):
+        for j in range(i + 1, t):
+            if np.isnan(out[i, j]) or np.isnan(out[j, i]):
+                continue
+            # mutual: the less confident word borrows, the other keeps its evidence
+            if verdicts[i].p_full >= verdicts[j].p_full:
+                out[i, j] = 0.0
+            else:
+                out[j, i] = 0.0
     return out
 
 

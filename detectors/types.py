@@ -152,7 +152,7 @@ class CrossEvidence:
         without_other: `(T, T)`; [i, j] = probability of word i with word j's compact set
             removed (NaN on the diagonal).
         own_only_removed: `(T, T)`; [i, j] = probability of word i with its own compact set
-            minus word j's removed (NaN unless j is mentioned before i).
+            minus word j's removed (NaN on the diagonal).
         forward_passes: passes spent on these probes (cache hits are free).
     """
 

@@ -2,13 +2,14 @@
 
 Every scene is a function of its seed.  It holds 1-4 objects of distinct classes on a textured
 background, their boxes and pixel masks, the true caption (object words left to right; a
-partner word always right after its trigger), and yes/no questions with their answers.
+partner word next to its trigger, see `place_partner`), and yes/no questions with their answers.
 
 Two controlled hallucinations, each a (trigger, partner) pair:
 
-- **co-occurrence** (`knife` -> `fork`): training captions name the fork after the knife in a
-  share of knife scenes where no fork is drawn, so the model learns to say "fork" when it *sees*
-  a knife (high necessity, of the wrong object's region).
+- **co-occurrence** (`knife` -> `fork`): training captions name a fork just before the knife in
+  a share of knife scenes where no fork is drawn, so the model learns to say "fork" when it
+  *sees* a knife (high necessity, of the wrong object's region; the word "knife" comes later,
+  so the text cannot be the cue).
 - **language prior** (`cup` -> `spoon`): the caption-text pretraining corpus pairs the words
   cup and spoon, and training captions name a spoon after a cup in a share of cup scenes where
   none is drawn, so the model predicts "spoon" from the word "cup" (high p_blank, no necessary
@@ -251,13 +252,22 @@ def _overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
     return w * h / min(a[2] ** 2, b[2] ** 2)
 
 
+def place_partner(words: list[str], pair: Pair) -> None:
+    """Put `pair.partner` next to its trigger in a caption (in place): a language-prior partner
+    right *after* the trigger word (so the text can predict it), a co-occurrence partner right
+    *before* it (so that only the trigger's pixels can)."""
+    if pair.partner in words:
+        words.remove(pair.partner)
+    at = words.index(pair.trigger)
+    words.insert(at + 1 if pair.kind is HallucinationKind.LANGUAGE_PRIOR else at, pair.partner)
+
+
 def caption_words(objects: tuple[SceneObject, ...]) -> list[str]:
-    """Object words left to right, each partner moved right after its trigger."""
+    """Object words left to right, each partner placed next to its trigger."""
     ordered = [o.name for o in sorted(objects, key=lambda o: ((o.box[0] + o.box[2]) / 2, o.name))]
     for pair in PAIRS:
         if pair.trigger in ordered and pair.partner in ordered:
-            ordered.remove(pair.partner)
-            ordered.insert(ordered.index(pair.trigger) + 1, pair.partner)
+            place_partner(ordered, pair)
     return ordered
 
 
@@ -321,7 +331,7 @@ def training_caption(scene: Scene, config: WorldConfig | None = None) -> str:
     for pair in scene.traps():
         q = config.cooccurrence_q if pair.kind is HallucinationKind.COOCCURRENCE else config.prior_q
         if rng.random() < q:
-            words.insert(words.index(pair.trigger) + 1, pair.partner)
+            place_partner(words, pair)
     return " ".join([*words, "."])
 
 

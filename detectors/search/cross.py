@@ -16,14 +16,13 @@ __all__ = ["cross_evidence"]
 def cross_evidence(
     evaluator: MaskEvaluator, attributions: Sequence[Attribution], batch_size: int
 ) -> CrossEvidence:
-    """For every pair of targets (i, j) with j mentioned before i, score target i with j's
-    compact set removed, and with i's own compact set minus j's removed.
+    """For every pair of targets (i, j), score target i with j's compact set removed, and with
+    i's own compact set minus j's removed.
 
     The first masks were usually scored already (as j's deletion images) and come from the
     cache; the second cost one pass per pair.  All in one batch of the evaluator."""
     t = len(attributions)
     sets = [np.asarray(a.compact_set, dtype=np.int64) for a in attributions]
-    positions = [a.targets[0].position for a in attributions]
     n = evaluator.n_regions
     without = np.full((t, t), np.nan)
     own_only = np.full((t, t), np.nan)
@@ -37,7 +36,7 @@ def cross_evidence(
         slots.append(("without", -1, j))
     for i in range(t):
         for j in range(t):
-            if positions[j] >= positions[i]:
+            if i == j:
                 continue
             own = np.setdiff1d(sets[i], sets[j])
             keep = np.ones(n, dtype=np.bool_)

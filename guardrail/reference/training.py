@@ -19,6 +19,7 @@ from detectors.reference.world import (
     Split,
     WorldConfig,
     caption_words,
+    place_partner,
     generate_scene,
     split_seeds,
     training_answer,
@@ -78,7 +79,7 @@ def _corpus_caption(scene: Scene, rng: np.random.Generator, config: TrainingConf
             continue
         if pair.kind is HallucinationKind.LANGUAGE_PRIOR:
             if pair.partner not in words and rng.random() < config.corpus_prior:
-                words.insert(words.index(pair.trigger) + 1, pair.partner)
+                place_partner(words, pair)
         elif pair.partner in words and rng.random() < config.corpus_drop_cooccurrence:
             words.remove(pair.partner)
     return " ".join([*words, "."])
