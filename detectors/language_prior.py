@@ -29,6 +29,7 @@ from detectors.version import __version__
 __all__ = [
     "DETECTOR_NAME",
     "PriorThresholds",
+    "hallucination_score",
     "judge",
     "judge_sample",
     "perceptual_influence",
@@ -106,7 +107,7 @@ def judge_sample(
         row = scores[i]
         donor = int(np.nanargmax(row)) if np.isfinite(row).any() else None
         borrowed = float(row[donor]) if donor is not None else 0.0
-        score = max(verdict.prior_score, borrowed)
+        score = hallucination_score(verdict.prior_score, borrowed, verdict.p_full)
         extra = {**verdict.extra, "borrowing_score": borrowed}
         if (
             verdict.label is not VerdictLabel.GROUNDED
@@ -148,12 +149,13 @@ def _borrowing(verdicts: Sequence[Verdict], cross: CrossEvidence | None) -> np.n
             if cross is None:
                 out[i, j] = len(sets[i] & sets[j]) / max(1, len(sets[i]))
                 continue
-            p = mine.p_full
-            if p <= 0:
+            p, q = mine.p_full, other.p_full
+            if p <= 0 or q <= 0:
                 continue
             cross_drop = _clip01((p - float(cross.without_other[i, j])) / p)
+            back_drop = _clip01((q - float(cross.without_other[j, i])) / q)
             own_drop = _clip01((p - float(cross.own_only_removed[i, j])) / p)
-            out[i, j] = cross_drop * (1.0 - own_drop)
+            out[i, j] = cross_drop * back_drop * (1.0 - own_drop)
     for i in range(t):
         for j in range(i + 1, t):
             if np.isnan(out[i, j]) or np.isnan(out[j, i]):
@@ -212,7 +214,7 @@ def _judge_one(attribution: Attribution, col: int, th: PriorThresholds) -> Verdi
         target=target,
         label=label,
         prior_score=prior_score,
-        hallucination_score=prior_score,
+        hallucination_score=hallucination_score(prior_score, 0.0, p_full),
         p_full=p_full,
         p_blank=p_blank,
         insight=insight,
@@ -225,6 +227,13 @@ def _judge_one(attribution: Attribution, col: int, th: PriorThresholds) -> Verdi
         version=__version__,
         extra={"prior_ratio": prior_ratio, "forward_passes": float(attribution.forward_passes)},
     )
+
+
+def hallucination_score(prior_score: float, borrowing: float, p_full: float) -> float:
+    """How likely a mention is a hallucination, in [0, 1]: a noisy-or of three signals, each
+    in [0, 1]: the language-prior score, the borrowed-evidence score, and the model's own doubt
+    (1 - p_full; a mention the model makes with little confidence is suspect on its own)."""
+    return _clip01(1.0 - (1.0 - prior_score) * (1.0 - borrowing) * _clip01(p_full))
 
 
 def _clip01(x: float) -> float:

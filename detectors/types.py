@@ -177,7 +177,7 @@ class Verdict:
         label: grounded / language_prior / borrowed_evidence / undetermined.
         prior_score: in [0, 1], higher = more driven by the language prior.
         hallucination_score: in [0, 1], higher = more likely a hallucination of either kind
-            (the larger of `prior_score` and the borrowed-evidence overlap).
+            (noisy-or of `prior_score`, the borrowed-evidence score and 1 - p_full).
         p_full: probability on the original image.
         p_blank: probability on the blank image (what the text alone predicts).
         insight: probability with only the compact set visible.
