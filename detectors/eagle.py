@@ -153,7 +153,7 @@ class EagleSearch:
         from tqdm.auto import tqdm
 
         n = evaluator.n_regions
-        total = self.budget.max_forward_passes or n * (n + 1)
+        total = (self.budget.max_forward_passes or n * (n + 1)) * len(evaluator.targets)
         return tqdm(total=total, unit="pass", desc=f"EAGLE {self.resolved_strategy}")
 
     def _search(self, evaluator: MaskEvaluator, columns: np.ndarray) -> Attribution:

@@ -7,7 +7,7 @@ import numpy as np
 from detectors.regions import validate_image
 from detectors.types import Attribution
 
-__all__ = ["colorize", "overlay", "save_png"]
+__all__ = ["colorize", "overlay", "panel", "save_png"]
 
 
 def colorize(values: np.ndarray) -> np.ndarray:
@@ -23,7 +23,7 @@ def overlay(
     image: np.ndarray,
     attribution: Attribution,
     *,
-    alpha: float = 0.5,
+    alpha: float = 0.6,
     boundaries: bool = True,
 ) -> np.ndarray:
     """`(H, W, 3)` uint8 RGB: the saliency heatmap blended over the image, with region
@@ -35,7 +35,9 @@ def overlay(
     if saliency.shape != image.shape[:2]:
         raise ValueError(f"the attribution covers {saliency.shape}, the image is {image.shape[:2]}")
     heat = colorize(saliency).astype(np.float64)
-    out = (1.0 - alpha) * image.astype(np.float64) + alpha * heat
+    # cold regions fade out, so the eye lands on the evidence
+    weight = alpha * (0.25 + 0.75 * saliency)[..., None]
+    out = (1.0 - weight) * image.astype(np.float64) + weight * heat
     if boundaries:
         labels = attribution.partition.labels
         edge = np.zeros(labels.shape, dtype=np.bool_)
@@ -51,3 +53,31 @@ def save_png(rgb: np.ndarray, path: str) -> None:
 
     if not cv2.imwrite(path, np.ascontiguousarray(validate_image(rgb)[..., ::-1])):
         raise OSError(f"could not write PNG to {path}")
+
+
+def panel(
+    tiles: list[tuple[str, np.ndarray]], *, scale: int = 3, caption_height: int = 22
+) -> np.ndarray:
+    """Side-by-side tiles, each `(title, (H, W, 3) uint8)`, upscaled by `scale`, titled above."""
+    import cv2
+
+    if not tiles:
+        raise ValueError("panel needs at least one tile")
+    out = []
+    for title, rgb in tiles:
+        big = np.repeat(np.repeat(validate_image(rgb), scale, axis=0), scale, axis=1)
+        head = np.full((caption_height, big.shape[1], 3), 255, dtype=np.uint8)
+        cv2.putText(
+            head,
+            title,
+            (4, caption_height - 7),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.42,
+            (20, 20, 20),
+            1,
+            cv2.LINE_AA,
+        )
+        tile = np.concatenate([head, big], axis=0)
+        gap = np.full((tile.shape[0], 6, 3), 255, dtype=np.uint8)
+        out += [tile, gap]
+    return np.concatenate(out[:-1], axis=1)

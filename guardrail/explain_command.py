@@ -33,7 +33,7 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from detectors.heatmap import overlay
+    from detectors.heatmap import overlay, panel
     from detectors.pipeline import AuditSettings, audit_sample
     from detectors.scorers.llava import LlavaScorer, load_llava
     from detectors.serialization import attribution_to_dict, verdict_to_dict
@@ -54,7 +54,17 @@ def run(args: argparse.Namespace) -> int:
     settings = AuditSettings(
         n_regions=args.regions, budget_fraction=args.budget, fill=Fill(args.fill)
     )
-    audit = audit_sample(image, scorer, token_ids, decode, settings=settings, progress=True)
+    from guardrail.reference.report import load_thresholds
+
+    audit = audit_sample(
+        image,
+        scorer,
+        token_ids,
+        decode,
+        settings=settings,
+        thresholds=load_thresholds(args.model),
+        progress=True,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     write_image(args.out / "image.png", _upscale(image))
     words: list[dict[str, Any]] = []
@@ -86,6 +96,13 @@ def run(args: argparse.Namespace) -> int:
         "words": words,
     }
     (args.out / "explanation.json").write_text(json.dumps(report, indent=2) + "\n")
+    tiles = [("image", image)]
+    if audit.explanation is not None:
+        for mention, attribution, verdict in zip(
+            audit.mentions, audit.explanation.attributions, audit.explanation.verdicts, strict=True
+        ):
+            tiles.append((f"{mention.word}: {verdict.label.value}", overlay(image, attribution)))
+    write_image(args.out / "summary.png", panel(tiles))
     print(f"output: {output_text}")
     print(
         f"{'word':>10} {'verdict':>18} {'prior':>6} {'halluc':>6} {'p_full':>7} "
@@ -98,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if not rows:
         print("no object words in the output")
-    print(f"wrote {args.out / 'explanation.json'} and {len(rows)} heatmap(s)")
+    print(f"wrote {args.out / 'explanation.json'}, summary.png and {len(rows)} heatmap(s)")
     return 0
 
 
