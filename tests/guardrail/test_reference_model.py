@@ -127,3 +127,12 @@ def test_explain_command_writes_heatmaps_and_json(
 def test_missing_image_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", str(tmp_path / "nope.png"), "--out", str(tmp_path)]) == 2
     assert "FileNotFoundError: no image file" in capsys.readouterr().err
+
+
+def test_training_pixels_match_the_shipped_image_processor(llava: LlavaModel) -> None:
+    from guardrail.reference.training import pixel_values
+
+    images = np.stack([generate_scene(s).image for s in range(3)])
+    ours = pixel_values(images).numpy()
+    theirs = llava.pixel_values(list(images)).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
