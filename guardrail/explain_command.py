@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_image(args.out / "image.png", _upscale(image))
     words: list[dict[str, Any]] = []
+    tiles: list[tuple[str, Any]] = [("image", image)]
     rows = []
     if audit.explanation is not None:
         pairs = zip(
@@ -75,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         )
         for i, (mention, attribution, verdict) in enumerate(pairs):
             name = f"{i:02d}-{re.sub(r'[^a-z0-9]+', '-', mention.word.lower())}.png"
-            write_image(args.out / name, _upscale(overlay(image, attribution)))
+            picture = overlay(image, attribution)
+            tiles.append((f"{mention.word}: {verdict.label.value}", picture))
+            write_image(args.out / name, _upscale(picture))
             words.append(
                 {
                     "word": mention.word,
@@ -96,12 +99,6 @@ def run(args: argparse.Namespace) -> int:
         "words": words,
     }
     (args.out / "explanation.json").write_text(json.dumps(report, indent=2) + "\n")
-    tiles = [("image", image)]
-    if audit.explanation is not None:
-        for mention, attribution, verdict in zip(
-            audit.mentions, audit.explanation.attributions, audit.explanation.verdicts, strict=True
-        ):
-            tiles.append((f"{mention.word}: {verdict.label.value}", overlay(image, attribution)))
     write_image(args.out / "summary.png", panel(tiles))
     print(f"output: {output_text}")
     print(

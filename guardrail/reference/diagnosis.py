@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -123,32 +123,44 @@ def _f1(predicted: Sequence[bool], actual: Sequence[bool]) -> float:
     return 2 * tp / max(1, int(p.sum()) + int(a.sum()))
 
 
+def _best(
+    audits: Sequence[SceneAudit],
+    candidates: Iterable[PriorThresholds],
+    label: VerdictLabel,
+    kind: str,
+) -> PriorThresholds:
+    """The candidate whose `label` best matches the ground-truth `kind` (F1; first on ties)."""
+    best_f1, best = -1.0, PriorThresholds()
+    for th in candidates:
+        found = mentions_of(audits, th)
+        f1 = _f1(
+            [m.verdict.label is label for m in found], [m.hallucination == kind for m in found]
+        )
+        if f1 > best_f1:
+            best_f1, best = f1, th
+    return best
+
+
 def calibrate(audits: Sequence[SceneAudit]) -> PriorThresholds:
     """Thresholds that maximise the F1 of the language_prior and borrowed_evidence labels on
     `audits` (use the validation split, never the test split)."""
     grid = [round(x, 2) for x in np.arange(0.05, 1.0, 0.05)]
     base = PriorThresholds()
-    best_prior = (-1.0, base)
-    for ratio, drop in itertools.product(grid, grid):
-        th = replace(base, min_prior_ratio=ratio, max_prior_drop=drop)
-        found = mentions_of(audits, th)
-        f1 = _f1(
-            [m.verdict.label is VerdictLabel.LANGUAGE_PRIOR for m in found],
-            [m.hallucination == "language_prior" for m in found],
-        )
-        if f1 > best_prior[0]:
-            best_prior = (f1, th)
-    best = (-1.0, best_prior[1])
-    for level in grid:
-        th = replace(best_prior[1], min_borrowed=level)
-        found = mentions_of(audits, th)
-        f1 = _f1(
-            [m.verdict.label is VerdictLabel.BORROWED_EVIDENCE for m in found],
-            [m.hallucination == "cooccurrence" for m in found],
-        )
-        if f1 > best[0]:
-            best = (f1, th)
-    return best[1]
+    prior = _best(
+        audits,
+        (
+            replace(base, min_prior_ratio=r, max_prior_drop=d)
+            for r, d in itertools.product(grid, grid)
+        ),
+        VerdictLabel.LANGUAGE_PRIOR,
+        "language_prior",
+    )
+    return _best(
+        audits,
+        (replace(prior, min_borrowed=level) for level in grid),
+        VerdictLabel.BORROWED_EVIDENCE,
+        "cooccurrence",
+    )
 
 
 def _precision_recall(predicted: Sequence[bool], actual: Sequence[bool]) -> tuple[float, float]:
