@@ -5,6 +5,7 @@
     ├── PartitionError           no valid region partition (fewer than 2 regions, bad label map)
     ├── InvalidTargetError       a target that cannot be explained (bad position, duplicate)
     ├── ScorerContractError      a scorer returned something other than (B, T) probabilities
+    ├── ImageTokenError          a prompt's image tokens do not match the image features
     └── MissingDependencyError   an optional dependency is needed for this call
 
 Every message says what was wrong and what was expected.  `ValueError` subclasses are used where
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "DetectorError",
+    "ImageTokenError",
     "InvalidImageError",
     "InvalidTargetError",
     "MissingDependencyError",
@@ -41,6 +43,10 @@ class InvalidTargetError(DetectorError, ValueError):
 
 class ScorerContractError(DetectorError):
     """A scorer broke the `Scorer` contract (shape, range or finiteness of its output)."""
+
+
+class ImageTokenError(DetectorError, ValueError):
+    """A prompt's image placeholder tokens do not match the features its image gives."""
 
 
 class MissingDependencyError(DetectorError, ImportError):

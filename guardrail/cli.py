@@ -38,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     case.set_defaults(handler=_explain_case)
 
     from guardrail.explain_command import register as register_explain
+    from guardrail.export_command import register as register_export
     from guardrail.reference.commands import register as register_reference
 
     register_explain(commands)
+    register_export(commands)
     register_reference(commands)
     return parser
 

@@ -7,7 +7,6 @@ torch and transformers are imported here only.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,17 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from detectors.errors import DetectorError, InvalidTargetError, MissingDependencyError
+from detectors.errors import ImageTokenError, InvalidTargetError, MissingDependencyError
+from detectors.scorers.loading import ModelLoadError, model_family
 from detectors.scorers.masked import MaskedBatch
 from detectors.types import Target
 
 __all__ = ["Generation", "LlavaModel", "LlavaScorer", "ModelLoadError", "load_llava"]
-
-_ARCHITECTURE = "LlavaForConditionalGeneration"
-
-
-class ModelLoadError(DetectorError, ValueError):
-    """A model directory is missing, incomplete or of an unsupported architecture."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -57,7 +51,17 @@ class LlavaModel:
         return out["pixel_values"]
 
     def prompt_ids(self, prompt: str, image: np.ndarray) -> list[int]:
-        """Token ids of `prompt` with its image placeholder expanded to the image tokens."""
+        """Token ids of `prompt` with its image placeholder expanded to the image tokens.
+
+        Raises:
+            ImageTokenError: the prompt does not hold exactly one image placeholder.
+        """
+        placeholder = self.processor.image_token
+        if prompt.count(placeholder) != 1:
+            raise ImageTokenError(
+                f"the prompt must hold exactly one image placeholder ({placeholder!r}), found "
+                f"{prompt.count(placeholder)}"
+            )
         encoded = self.processor(images=[image], text=[prompt], return_tensors="pt")
         return [int(i) for i in encoded["input_ids"][0]]
 
@@ -107,17 +111,7 @@ def load_llava(model_dir: str | Path, *, threads: int | None = None) -> LlavaMod
         MissingDependencyError: torch or transformers is not installed.
     """
     path = Path(model_dir)
-    if not path.is_dir():
-        raise ModelLoadError(f"model directory {str(path)!r} does not exist")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(f"{str(path)!r} has no config.json: not a Hugging Face checkpoint")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    if _ARCHITECTURE not in architectures:
-        raise ModelLoadError(
-            f"{str(path)!r} holds {architectures or 'an unknown architecture'}; "
-            f"this scorer supports {_ARCHITECTURE}"
-        )
+    model_family(path, expected="llava")
     try:
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration

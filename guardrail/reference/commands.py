@@ -23,6 +23,9 @@ def register(commands: Any) -> None:
     train.add_argument("--steps", type=int, default=None, help="image-text training steps")
     train.add_argument("--text-steps", type=int, default=None, help="caption-text steps first")
     train.add_argument("--scenes", type=int, default=None, help="distinct training scenes")
+    train.add_argument(
+        "--caption-share", type=float, default=None, help="share of caption examples (rest: Q&A)"
+    )
     train.set_defaults(handler=_train)
 
     generate = sub.add_parser("generate", help="print what the model says about an image")
@@ -64,6 +67,7 @@ def _train(args: argparse.Namespace) -> int:
             ("steps", args.steps),
             ("text_steps", args.text_steps),
             ("scenes", args.scenes),
+            ("caption_share", args.caption_share),
         )
         if v is not None
     }

@@ -85,7 +85,7 @@ def test_loading_refuses_what_is_not_a_llava_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"no config\.json"):
         load_llava(tmp_path)
     (tmp_path / "config.json").write_text('{"architectures": ["BertModel"]}')
-    with pytest.raises(ModelLoadError, match="supports LlavaForConditionalGeneration"):
+    with pytest.raises(ModelLoadError, match="supported: LlavaForConditionalGeneration"):
         load_llava(tmp_path)
 
 

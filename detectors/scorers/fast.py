@@ -1,0 +1,212 @@
+"""The fast scoring path shared by the model families.
+
+For one sample, everything that does not depend on the mask is computed once: the text before
+the image runs through the language model once and is reused as a KV cache for every masked
+variant; the text after the image is embedded once; the sequence is cut after the last target
+position; logits are computed only at the rows that predict a target, in fp32.  Per chunk of
+masked variants only the vision encoder and the language model over the image and the text
+after it run.  `timings` accumulates where the time goes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from detectors.errors import ImageTokenError, InvalidTargetError
+from detectors.types import Target
+
+__all__ = ["PrefixCachedLM", "Timings", "check_targets", "image_span"]
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage, summed over calls (`calls` scorer calls, `rows` variants)."""
+
+    masking: float = 0.0
+    vision: float = 0.0
+    language_model: float = 0.0
+    total: float = 0.0
+    calls: int = 0
+    rows: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "masking": self.masking,
+            "vision": self.vision,
+            "language_model": self.language_model,
+            "total": self.total,
+            "calls": self.calls,
+            "rows": self.rows,
+        }
+
+
+def image_span(ids: Sequence[int], image_token_id: int, expected: int) -> tuple[int, int]:
+    """`(start, count)` of the one contiguous run of image tokens in `ids`.
+
+    Raises:
+        ImageTokenError: no image token, several runs, or a count other than `expected`.
+    """
+    where = [i for i, t in enumerate(ids) if t == image_token_id]
+    if not where:
+        raise ImageTokenError("the prompt has no image placeholder token")
+    start, count = where[0], len(where)
+    if where[-1] - start + 1 != count:
+        raise ImageTokenError(
+            "the prompt's image tokens are not one contiguous run (several images?)"
+        )
+    if count != expected:
+        raise ImageTokenError(
+            f"the prompt has {count} image tokens but the image gives {expected} features"
+        )
+    return start, count
+
+
+def check_targets(targets: Sequence[Target], generated_ids: Sequence[int]) -> None:
+    """Every target must name a generated token, at a position that exists."""
+    if not targets:
+        raise InvalidTargetError("no targets to score")
+    for t in targets:
+        if not 0 <= t.position < len(generated_ids):
+            raise InvalidTargetError(
+                f"target position {t.position} is outside the {len(generated_ids)} generated tokens"
+            )
+        if generated_ids[t.position] != t.token_id:
+            raise InvalidTargetError(
+                f"target {t.text!r} says token {t.token_id} at position {t.position}, "
+                f"but the model generated {generated_ids[t.position]} there"
+            )
+
+
+class PrefixCachedLM:
+    """Teacher-forced target probabilities for batches of image features.
+
+    Args:
+        decoder: the language model without its head (takes `inputs_embeds`, `cache`).
+        embed: its input embedding module.
+        lm_head: its output projection.
+        prompt_ids: the prompt with its image tokens expanded; generated_ids: what was generated.
+        image_start, image_tokens: where the image features go.
+        position_ids: `(k, 1, L)` explicit positions for the whole prompt + generation (3D rope
+            models), or None for 1-D positions.
+    """
+
+    def __init__(
+        self,
+        *,
+        decoder: Any,
+        embed: Any,
+        lm_head: Any,
+        prompt_ids: Sequence[int],
+        generated_ids: Sequence[int],
+        image_start: int,
+        image_tokens: int,
+        position_ids: Any = None,
+    ) -> None:
+        import torch
+
+        self.decoder, self.embed, self.lm_head = decoder, embed, lm_head
+        self.prompt_ids = [int(i) for i in prompt_ids]
+        self.generated_ids = [int(i) for i in generated_ids]
+        self.ids = self.prompt_ids + self.generated_ids
+        self.image_start, self.image_tokens = image_start, image_tokens
+        self.position_ids = position_ids
+        self.device = next(lm_head.parameters()).device
+        self.dtype = next(lm_head.parameters()).dtype
+        self._caches: dict[int, Any] = {}
+        self._suffix: dict[int, Any] = {}
+        with torch.inference_mode():
+            prefix = torch.tensor([self.ids[:image_start]], device=self.device)
+            self._prefix_cache = None
+            if image_start:
+                out = self.decoder(
+                    inputs_embeds=self.embed(prefix),
+                    position_ids=self._positions(0, image_start, 1),
+                    use_cache=True,
+                )
+                self._prefix_cache = out.cache if hasattr(out, "cache") else out.past_key_values
+
+    def _positions(self, start: int, stop: int, batch: int) -> Any:
+        if self.position_ids is None:
+            return None
+        return self.position_ids[:, :, start:stop].expand(-1, batch, -1)
+
+    def _cache(self, batch: int) -> Any:
+        """The prefix cache repeated `batch` times (made once per batch size, cropped back
+        to the prefix after every use)."""
+        import copy
+
+        if self._prefix_cache is None:
+            return None
+        cache = self._caches.get(batch)
+        if cache is None:
+            cache = copy.deepcopy(self._prefix_cache)
+            cache.batch_repeat_interleave(batch)
+            self._caches[batch] = cache
+        return cache
+
+    def _suffix_embeds(self, stop: int) -> Any:
+        import torch
+
+        embeds = self._suffix.get(stop)
+        if embeds is None:
+            ids = torch.tensor([self.ids[self.image_start : stop]], device=self.device)
+            with torch.inference_mode():
+                embeds = self.embed(ids)
+            self._suffix[stop] = embeds
+        return embeds
+
+    def probs(self, features: Any, targets: Sequence[Target]) -> Any:
+        """`(b, len(targets))` float32 tensor for `(b, image_tokens, D)` features."""
+        import torch
+
+        b = int(features.shape[0])
+        if features.shape[1] != self.image_tokens:
+            raise ImageTokenError(
+                f"the vision encoder gave {features.shape[1]} features for "
+                f"{self.image_tokens} image tokens"
+            )
+        base = len(self.prompt_ids)
+        stop = base + max(t.position for t in targets)  # the last row that predicts a target
+        embeds = self._suffix_embeds(stop).expand(b, -1, -1).clone()
+        embeds[:, : self.image_tokens] = features.to(self.dtype)
+        cache = self._cache(b)
+        with torch.inference_mode():
+            out = self.decoder(
+                inputs_embeds=embeds,
+                cache=cache,
+                position_ids=self._positions(self.image_start, stop, b),
+                use_cache=cache is not None,
+            )
+            if cache is not None:
+                cache.crop(-(stop - self.image_start))
+            rows = torch.tensor(
+                [base + t.position - 1 - self.image_start for t in targets], device=self.device
+            )
+            hidden = out.last_hidden_state[:, rows]
+            logits = self.lm_head(hidden).float()
+            logp = torch.log_softmax(logits, dim=-1)
+            cols = torch.tensor([t.token_id for t in targets], device=self.device)
+            picked = logp[:, torch.arange(len(targets), device=self.device), cols]
+        return picked.exp()
+
+
+def run_timed(timings: Timings, stage: str, fn: Any, *args: Any) -> Any:
+    """Call `fn(*args)` and add its seconds to `timings.<stage>` (synchronising CUDA)."""
+    import torch
+
+    start = time.perf_counter()
+    out = fn(*args)
+    if torch.cuda.is_available() and getattr(out, "is_cuda", False):
+        torch.cuda.synchronize()
+    setattr(timings, stage, getattr(timings, stage) + time.perf_counter() - start)
+    return out
+
+
+def to_numpy(probs: Any) -> np.ndarray:
+    return np.asarray(probs.detach().to("cpu").double().numpy(), dtype=np.float64)

@@ -1,0 +1,63 @@
+"""Finding out what a local checkpoint directory holds, before anything heavy is imported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from detectors.errors import DetectorError
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "ModelLoadError", "checkpoint_config", "model_family"]
+
+# architecture in config.json -> family name used by the scorers and the config file
+SUPPORTED_ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "llava",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+}
+
+
+class ModelLoadError(DetectorError, ValueError):
+    """A model directory is missing, incomplete or of an unsupported architecture."""
+
+
+def checkpoint_config(model_dir: str | Path) -> dict[str, Any]:
+    """The parsed config.json of a local Hugging Face checkpoint (never a hub id).
+
+    Raises:
+        ModelLoadError: the directory does not exist or holds no readable config.json.
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{str(path)!r} has no config.json: not a Hugging Face checkpoint")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{str(config_file)!r} is not readable JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{str(config_file)!r} does not hold a JSON object")
+    return config
+
+
+def model_family(model_dir: str | Path, expected: str | None = None) -> str:
+    """`"llava"` or `"qwen2_5_vl"`: which scorer family serves this checkpoint.
+
+    Raises:
+        ModelLoadError: missing directory, no config, or an architecture no scorer supports
+            (or not the `expected` family).
+    """
+    architectures = checkpoint_config(model_dir).get("architectures") or []
+    families = [SUPPORTED_ARCHITECTURES[a] for a in architectures if a in SUPPORTED_ARCHITECTURES]
+    wanted = [f for f in families if expected is None or f == expected]
+    if not wanted:
+        supported = ", ".join(
+            a for a, f in SUPPORTED_ARCHITECTURES.items() if expected is None or f == expected
+        )
+        raise ModelLoadError(
+            f"{str(model_dir)!r} holds {architectures or 'an unknown architecture'}; "
+            f"supported: {supported}"
+        )
+    return wanted[0]

@@ -1,0 +1,134 @@
+"""`guardrail export-vision`: the LLaVA vision tower and projector exported to ONNX, verified
+against torch before the file is written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detectors.errors import DetectorError
+from detectors.scorers.llava import LlavaModel
+from detectors.scorers.vision import FINGERPRINT_KEY, llava_vision_fingerprint, llava_vision_module
+
+__all__ = ["ExportMismatchError", "ExportReport", "export_vision"]
+
+TOLERANCE = 1e-4
+
+
+class ExportMismatchError(DetectorError):
+    """The exported ONNX graph does not reproduce the torch features: nothing was written."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExportReport:
+    path: Path
+    fingerprint: str
+    max_abs_diff_random: float
+    max_abs_diff_real: float
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    bytes: int
+
+
+def _max_diff(session: Any, module: Any, pixels: Any) -> float:
+    import torch
+
+    with torch.inference_mode():
+        want = module(pixels).numpy()
+    (got,) = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})
+    if got.shape != want.shape:
+        return float("inf")
+    return float(np.abs(got - want).max())
+
+
+def export_vision(
+    llava: LlavaModel,
+    out: str | Path,
+    *,
+    real_images: Sequence[np.ndarray] = (),
+    tolerance: float = TOLERANCE,
+    seed: int = 0,
+) -> ExportReport:
+    """Export `llava`'s vision tower + projector to `out` with a dynamic batch axis.
+
+    The graph is checked against torch on random pixels (batches of 1, 2 and 3) and on
+    `real_images` (run through the model's own image processor) before `out` is written.
+
+    Raises:
+        ExportMismatchError: the ONNX features differ from torch by more than `tolerance`.
+    """
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    module = llava_vision_module(llava.model)
+    side = int(llava.model.config.vision_config.image_size)
+    fingerprint = llava_vision_fingerprint(llava.model)
+    generator = torch.Generator().manual_seed(seed)
+    example = torch.randn(2, 3, side, side, generator=generator)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        raw = Path(tmp) / "vision.onnx"
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with torch.inference_mode():
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamic_shapes={"pixel_values": {0: batch}},
+                input_names=["pixel_values"],
+                output_names=["image_features"],
+                dynamo=True,
+                verbose=False,
+            )
+        assert program is not None
+        program.save(str(raw))
+        model = onnx.load(str(raw))
+        for key, value in (
+            (FINGERPRINT_KEY, fingerprint),
+            ("guardrail.source", str(llava.path)),
+            ("guardrail.architecture", "LlavaForConditionalGeneration"),
+        ):
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        staged = Path(tmp) / out.name
+        onnx.save(model, str(staged))
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        session = ort.InferenceSession(
+            str(staged), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        random_diff = max(
+            _max_diff(session, module, torch.randn(b, 3, side, side, generator=generator))
+            for b in (1, 2, 3)
+        )
+        real_diff = 0.0
+        if real_images:
+            real = llava.pixel_values(list(real_images)).to(torch.float32)
+            real_diff = _max_diff(session, module, real)
+        worst = max(random_diff, real_diff)
+        if not worst <= tolerance:
+            raise ExportMismatchError(
+                f"the ONNX vision encoder differs from torch by {worst:.3g} (max abs; allowed "
+                f"{tolerance:g}): {str(out)!r} was not written"
+            )
+        input_shape = tuple(session.get_inputs()[0].shape)
+        output_shape = tuple(session.get_outputs()[0].shape)
+        del session
+        os.replace(staged, out)
+    return ExportReport(
+        path=out,
+        fingerprint=fingerprint,
+        max_abs_diff_random=random_diff,
+        max_abs_diff_real=real_diff,
+        input_shape=input_shape,
+        output_shape=output_shape,
+        bytes=out.stat().st_size,
+    )

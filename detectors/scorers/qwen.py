@@ -1,0 +1,297 @@
+"""Scorers for Qwen2.5-VL checkpoints (`Qwen2_5_VLForConditionalGeneration`).
+
+Qwen's processor class needs torchvision, which the project does not install: the image
+processor (`Qwen2VLImageProcessorPil`) and the tokenizer are loaded on their own and the
+`<|image_pad|>` placeholder is expanded here (grid_t * grid_h * grid_w / merge^2 tokens).
+Pixel values are pre-patchified `(patches, C * T * P * P)` and concatenated across images, so a
+batch of masked variants is the concatenation of their patches with `image_grid_thw` repeated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detectors.errors import ImageTokenError, InvalidImageError, MissingDependencyError
+from detectors.regions import RegionPartition
+from detectors.scorers.fast import (
+    PrefixCachedLM,
+    Timings,
+    check_targets,
+    image_span,
+    run_timed,
+    to_numpy,
+)
+from detectors.scorers.loading import model_family
+from detectors.scorers.masked import MaskedBatch, fill_image
+from detectors.scorers.tensor_masks import InputGeometry, soft_region_masks
+from detectors.types import Fill, Target
+
+__all__ = ["FastQwenScorer", "QwenModel", "QwenScorer", "load_qwen", "patchify", "unpatchify"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class QwenModel:
+    """A loaded Qwen2.5-VL checkpoint: model, image processor, tokenizer, where it came from."""
+
+    model: Any
+    image_processor: Any
+    tokenizer: Any
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def merge(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    def pixel_inputs(self, images: Sequence[np.ndarray]) -> tuple[Any, Any]:
+        """`(pixel_values (patches, dim), image_grid_thw (n, 3))` from the image processor."""
+        out = self.image_processor(images=list(images), return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def image_tokens(self, grid_thw: Any) -> int:
+        return int(grid_thw.prod()) // self.merge**2
+
+    def prompt_ids(self, prompt: str, image: np.ndarray) -> list[int]:
+        """Token ids of `prompt` with its one `<|image_pad|>` expanded to the image's tokens."""
+        _, grid = self.pixel_inputs([image])
+        ids = [int(i) for i in self.tokenizer(prompt, add_special_tokens=False).input_ids]
+        hits = ids.count(self.image_token_id)
+        if hits != 1:
+            raise ImageTokenError(
+                f"the prompt must hold exactly one image placeholder "
+                f"({self.tokenizer.convert_ids_to_tokens(self.image_token_id)!r}), found {hits}"
+            )
+        at = ids.index(self.image_token_id)
+        return ids[:at] + [self.image_token_id] * self.image_tokens(grid[0]) + ids[at + 1 :]
+
+
+def load_qwen(
+    model_dir: str | Path, *, threads: int | None = None, device: str = "cpu"
+) -> QwenModel:
+    """Load a Qwen2.5-VL checkpoint from a local directory (never from a hub).
+
+    Raises:
+        ModelLoadError: missing directory, no config.json, or another architecture.
+    """
+    path = Path(model_dir)
+    model_family(path, expected="qwen2_5_vl")
+    try:
+        import torch
+        from transformers import (
+            AutoTokenizer,
+            Qwen2_5_VLForConditionalGeneration,
+            Qwen2VLImageProcessorPil,
+        )
+    except ImportError as exc:  # pragma: no cover - core dependencies
+        raise MissingDependencyError("scoring Qwen2.5-VL needs torch and transformers") from exc
+    if threads:
+        torch.set_num_threads(threads)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    model.to(device).eval()
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return QwenModel(model=model, image_processor=image_processor, tokenizer=tokenizer, path=path)
+
+
+def patchify(images: Any, patch: int, merge: int, temporal: int) -> Any:
+    """`(B, C, H, W)` -> `(B * H/P * W/P, C * T * P * P)` in the Qwen image processor's order."""
+    b, c, h, w = images.shape
+    gh, gw = h // patch, w // patch
+    x = images.reshape(b, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, gh/m, gw/m, m, m, C, P, P)
+    x = x.unsqueeze(6).expand(*x.shape[:6], temporal, patch, patch)
+    return x.reshape(b * gh * gw, c * temporal * patch * patch)
+
+
+def unpatchify(
+    patches: Any, grid_hw: tuple[int, int], patch: int, merge: int, temporal: int
+) -> Any:
+    """The inverse of `patchify` for one image (first temporal copy): `(1, C, H, W)`."""
+    gh, gw = grid_hw
+    c = patches.shape[1] // (temporal * patch * patch)
+    x = patches.reshape(gh // merge, gw // merge, merge, merge, c, temporal, patch, patch)[
+        :, :, :, :, :, 0
+    ]
+    x = x.permute(4, 0, 2, 5, 1, 3, 6)  # (C, gh/m, m, P, gw/m, m, P)
+    return x.reshape(1, c, gh * patch, gw * patch)
+
+
+class QwenScorer:
+    """The plain way: mask in pixel space, run the image processor and one full forward per
+    masked image (`max_batch_size` images per call, patches concatenated)."""
+
+    def __init__(
+        self,
+        qwen: QwenModel,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        max_batch_size: int = 1,
+    ) -> None:
+        self.qwen = qwen
+        self.prompt_ids = qwen.prompt_ids(prompt, image)
+        self.generated_ids = [int(i) for i in generated_ids]
+        self._max_batch_size = max_batch_size
+
+    @property
+    def name(self) -> str:
+        return f"qwen2.5-vl-torch({self.qwen.name})"
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
+        import torch
+
+        check_targets(targets, self.generated_ids)
+        model = self.qwen.model
+        device = next(model.parameters()).device
+        last = max(t.position for t in targets)
+        ids = torch.tensor(
+            [self.prompt_ids + self.generated_ids[:last]] * batch.size, device=device
+        )
+        pixels, grid = self.qwen.pixel_inputs(list(batch.pixels()))
+        types = (ids == self.qwen.image_token_id).int()
+        with torch.inference_mode():
+            logits = model(
+                input_ids=ids,
+                pixel_values=pixels.to(device),
+                image_grid_thw=grid.to(device),
+                mm_token_type_ids=types,
+            ).logits
+        rows = torch.tensor([len(self.prompt_ids) + t.position - 1 for t in targets], device=device)
+        logp = torch.log_softmax(logits[:, rows, :].float(), dim=-1)
+        cols = torch.tensor([t.token_id for t in targets], device=device)
+        probs = logp[:, torch.arange(len(targets), device=device), cols].exp()
+        return to_numpy(probs)
+
+
+class FastQwenScorer:
+    """Tensor-space masks, the vision tower on concatenated patches, and the language model
+    with the text before the image cached and 3-D rope positions computed once."""
+
+    def __init__(
+        self,
+        qwen: QwenModel,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        chunk_size: int = 16,
+    ) -> None:
+        import torch
+
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.qwen = qwen
+        self.image = np.asarray(image)
+        self.generated_ids = [int(i) for i in generated_ids]
+        self.chunk_size = chunk_size
+        model = qwen.model
+        self.device = next(model.parameters()).device
+        vision = model.config.vision_config
+        self.patch, self.temporal = int(vision.patch_size), int(vision.temporal_patch_size)
+        pixels, grid = qwen.pixel_inputs([self.image])
+        self.grid = grid.to(self.device)
+        self.grid_hw = (int(grid[0, 1]), int(grid[0, 2]))
+        prompt_ids = qwen.prompt_ids(prompt, self.image)
+        start, count = image_span(prompt_ids, qwen.image_token_id, qwen.image_tokens(grid[0]))
+        full = torch.tensor([prompt_ids + self.generated_ids], device=self.device)
+        positions, _ = model.model.get_rope_index(
+            full, mm_token_type_ids=(full == qwen.image_token_id).int(), image_grid_thw=self.grid
+        )
+        self.lm = PrefixCachedLM(
+            decoder=model.model.language_model,
+            embed=model.get_input_embeddings(),
+            lm_head=model.lm_head,
+            prompt_ids=prompt_ids,
+            generated_ids=self.generated_ids,
+            image_start=start,
+            image_tokens=count,
+            position_ids=positions,
+        )
+        hw = (self.grid_hw[0] * self.patch, self.grid_hw[1] * self.patch)
+        self.geometry = InputGeometry.resize_to(hw)
+        self._base = self._unpatch(pixels)
+        self._fills: dict[Fill, Any] = {}
+        self._partition: RegionPartition | None = None
+        self._soft: Any = None
+        self.timings = Timings()
+
+    def _unpatch(self, pixels: Any) -> Any:
+        import torch
+
+        x = unpatchify(pixels, self.grid_hw, self.patch, self.qwen.merge, self.temporal)
+        return x.to(self.device, torch.float32)
+
+    @property
+    def name(self) -> str:
+        return f"qwen2.5-vl-fast({self.qwen.name}; vision=torch; lm=torch:{self.device.type})"
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.chunk_size
+
+    def masked_patches(self, batch: MaskedBatch) -> Any:
+        """The masked variants' patches, concatenated, built in tensor space."""
+        import torch
+
+        if batch.image.shape != self.image.shape:
+            raise InvalidImageError(
+                f"the batch's image has shape {batch.image.shape}; this scorer was built for "
+                f"{self.image.shape}"
+            )
+        if batch.partition is not self._partition:
+            soft = soft_region_masks(batch.partition, self.geometry)
+            self._soft = torch.from_numpy(soft.reshape(soft.shape[0], -1)).to(self.device)
+            self._partition = batch.partition
+        if batch.fill not in self._fills:
+            pixels, _ = self.qwen.pixel_inputs([fill_image(self.image, batch.fill)])
+            self._fills[batch.fill] = self._unpatch(pixels)
+        fill = self._fills[batch.fill]
+        keep = torch.from_numpy(batch.keep.astype(np.float32)).to(self.device)
+        share = (keep @ self._soft).view(batch.size, 1, *self._base.shape[-2:])
+        images = fill + share * (self._base - fill)
+        return patchify(images, self.patch, self.qwen.merge, self.temporal)
+
+    def _features(self, patches: Any) -> Any:
+        import torch
+
+        b = patches.shape[0] // (self.grid_hw[0] * self.grid_hw[1])
+        with torch.inference_mode():
+            out = self.qwen.model.model.visual(patches, grid_thw=self.grid.repeat(b, 1))
+        return out.pooler_output.reshape(b, -1, out.pooler_output.shape[-1])
+
+    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
+        import torch
+
+        started = time.perf_counter()
+        check_targets(targets, self.generated_ids)
+        t = self.timings
+        patches = run_timed(t, "masking", self.masked_patches, batch)
+        per_image = self.grid_hw[0] * self.grid_hw[1]
+        out = []
+        for i in range(0, batch.size, self.chunk_size):
+            chunk = patches[i * per_image : (i + self.chunk_size) * per_image]
+            features = run_timed(t, "vision", self._features, chunk)
+            out.append(run_timed(t, "language_model", self.lm.probs, features, targets))
+        probs = to_numpy(torch.cat(out))
+        t.calls += 1
+        t.rows += batch.size
+        t.total += time.perf_counter() - started
+        return probs

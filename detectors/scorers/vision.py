@@ -1,0 +1,215 @@
+"""Vision encoders: the vision tower and projector, run in torch or by ONNX Runtime.
+
+A `VisionRunner` maps a `(B, 3, H, W)` float32 pixel batch to `(B, T, D)` image features in the
+language model's embedding space.  `OnnxVision` runs a file written by `export_vision` (see
+`detectors.scorers.onnx_export`) and checks, when it opens it, that the file was exported from
+the model it is asked to serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from detectors.errors import DetectorError, MissingDependencyError
+
+__all__ = [
+    "OnnxMismatchError",
+    "OnnxVision",
+    "TorchVision",
+    "VisionRunner",
+    "llava_vision_fingerprint",
+    "llava_vision_module",
+    "ort_providers",
+]
+
+FINGERPRINT_KEY = "guardrail.vision_fingerprint"
+
+
+class OnnxMismatchError(DetectorError, ValueError):
+    """An ONNX vision file does not belong to the model it is asked to serve."""
+
+
+class VisionRunner(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def __call__(self, pixels: Any) -> Any: ...
+
+
+def llava_vision_module(model: Any) -> Any:
+    """A `torch.nn.Module` computing what LLaVA splices in for the image tokens: the chosen
+    vision-tower layer(s), the CLS token dropped under the "default" strategy, the projector."""
+    import torch
+
+    config = model.config
+    layer = config.vision_feature_layer
+    strategy = config.vision_feature_select_strategy
+
+    class LlavaVision(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = model.model.vision_tower
+            self.projector = model.model.multi_modal_projector
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            states = self.tower(pixel_values, output_hidden_states=True).hidden_states
+            layers = [layer] if isinstance(layer, int) else list(layer)
+            picked = [states[i][:, 1:] if strategy == "default" else states[i] for i in layers]
+            out: torch.Tensor = self.projector(torch.cat(picked, dim=-1))
+            return out
+
+    return LlavaVision().eval()
+
+
+def llava_vision_fingerprint(model: Any) -> str:
+    """SHA-256 of what determines the vision features: the vision and projector config and a
+    cheap signature of every vision/projector weight (shape, sum, sum of squares)."""
+    import torch
+
+    config = model.config
+    parts: dict[str, Any] = {
+        "vision_config": config.vision_config.to_dict(),
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "projector_hidden_act": getattr(config, "projector_hidden_act", None),
+        "text_hidden_size": config.text_config.hidden_size,
+    }
+    for key in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        parts["vision_config"].pop(key, None)
+    weights = []
+    with torch.no_grad():
+        for prefix, module in (
+            ("tower", model.model.vision_tower),
+            ("projector", model.model.multi_modal_projector),
+        ):
+            for name, tensor in sorted(module.state_dict().items()):
+                t = tensor.detach().double()
+                weights.append(
+                    [
+                        f"{prefix}.{name}",
+                        list(t.shape),
+                        f"{float(t.sum()):.6e}",
+                        f"{float((t * t).sum()):.6e}",
+                    ]
+                )
+    parts["weights"] = weights
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+class TorchVision:
+    """The vision tower and projector in torch (parity tests, machines without the ONNX file)."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    @property
+    def name(self) -> str:
+        return "vision=torch"
+
+    def __call__(self, pixels: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return self.module(pixels)
+
+
+def ort_providers(device: str) -> list[Any]:
+    """Execution providers to pass explicitly: CUDA first when asked for and available."""
+    import onnxruntime as ort
+
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxVision:
+    """The vision tower and projector run by ONNX Runtime.
+
+    Args:
+        path: the `.onnx` file written by `export_vision`.
+        fingerprint: the serving model's `llava_vision_fingerprint`; a file exported from
+            another model is refused.
+        input_hw: the model's input grid `(H, W)`; tokens, dim: its image tokens and text width.
+        device: "cpu" or "cuda[:i]"; what actually runs is read back from the session.
+        threads: ONNX Runtime intra-op threads (0 = its default).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        fingerprint: str,
+        input_hw: tuple[int, int],
+        tokens: int,
+        dim: int,
+        device: str = "cpu",
+        threads: int = 0,
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - a core dependency
+            raise MissingDependencyError("ONNX vision needs onnxruntime-gpu") from exc
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise OnnxMismatchError(f"ONNX vision file {str(self.path)!r} does not exist")
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=ort_providers(device)
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise OnnxMismatchError(
+                f"{str(self.path)!r} is not a loadable ONNX model: {exc}"
+            ) from exc
+        self._check(fingerprint, input_hw, tokens, dim)
+        self.provider = str(self.session.get_providers()[0])
+        self.input_name = self.session.get_inputs()[0].name
+        self.on_cuda = self.provider == "CUDAExecutionProvider"
+
+    def _check(self, fingerprint: str, input_hw: tuple[int, int], tokens: int, dim: int) -> None:
+        meta = self.session.get_modelmeta().custom_metadata_map
+        where = str(self.path)
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise OnnxMismatchError(f"{where!r} must have one input and one output")
+        shape_in, shape_out = list(inputs[0].shape), list(outputs[0].shape)
+        if len(shape_in) != 4 or shape_in[1:] != [3, *input_hw]:
+            raise OnnxMismatchError(
+                f"{where!r} takes pixels of shape {shape_in}; the model needs [batch, 3, "
+                f"{input_hw[0]}, {input_hw[1]}]"
+            )
+        if len(shape_out) != 3 or shape_out[1:] != [tokens, dim]:
+            raise OnnxMismatchError(
+                f"{where!r} gives features of shape {shape_out}; the model needs "
+                f"[batch, {tokens}, {dim}]"
+            )
+        if isinstance(shape_in[0], int) or isinstance(shape_out[0], int):
+            raise OnnxMismatchError(f"{where!r} has a fixed batch size: re-export it")
+        found = meta.get(FINGERPRINT_KEY)
+        if found != fingerprint:
+            raise OnnxMismatchError(
+                f"{where!r} was exported from another model (fingerprint "
+                f"{(found or 'missing')[:12]}, this model {fingerprint[:12]}): run "
+                "`guardrail export-vision MODEL_DIR --out FILE.onnx` again"
+            )
+
+    @property
+    def name(self) -> str:
+        return f"vision=onnx:{self.provider}"
+
+    def __call__(self, pixels: Any) -> Any:
+        import torch
+
+        array = pixels.detach().to("cpu", torch.float32).numpy()
+        (features,) = self.session.run(None, {self.input_name: np.ascontiguousarray(array)})
+        return torch.from_numpy(features).to(pixels.device)
