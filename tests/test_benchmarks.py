@@ -30,3 +30,33 @@ def test_search_budget_benchmark_prints_json() -> None:
     assert {"exact", "efficient", "budgeted@10%", "efficient@10%", "budgeted@efficient"} <= methods
     exact = next(r for r in report["summary"] if r["method"] == "exact")
     assert exact["passes_mean"] == 16 * 17 and exact["attainment_mean"] == 1.0
+
+
+def _run_json(script: str, *args: str) -> dict[str, object]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report: dict[str, object] = json.loads(proc.stdout)
+    return report
+
+
+def test_scorer_speed_benchmark_prints_json() -> None:
+    report = _run_json(
+        "scorer_speed.py", "--variants", "4", "--repeats", "1", "--chunks", "4", "--chunk", "4"
+    )
+    for key in ("speedup_reference_model", "max_abs_prob_diff", "overhead_share"):
+        assert isinstance(report[key], float), key
+    assert float(report["max_abs_prob_diff"]) <= 1e-5  # type: ignore[arg-type]
+    results = report["results"]
+    assert isinstance(results, list)
+    assert [r["image_tokens"] for r in results] == [36, 256]
+
+
+def test_explain_speed_benchmark_prints_json() -> None:
+    report = _run_json("explain_speed.py", "--scenes", "1", "--regions", "8", "--fraction", "0.5")
+    for key in ("speedup", "attainment", "reference_passes", "ours_passes"):
+        assert isinstance(report[key], float), key
+    assert float(report["reference_passes"]) > float(report["ours_passes"])  # type: ignore[arg-type]

@@ -79,6 +79,7 @@ class LlavaModel:
         encoded = self.processor(
             images=list(images), text=list(prompts), return_tensors="pt", padding=True
         )
+        encoded = encoded.to(next(self.model.parameters()).device)
         with torch.inference_mode():
             out = self.model.generate(
                 **encoded,
@@ -89,7 +90,7 @@ class LlavaModel:
             )
         results = []
         width = encoded["input_ids"].shape[1]
-        for row in out[:, width:].tolist():
+        for row in out[:, width:].cpu().tolist():
             ids: list[int] = []
             for token in row:
                 if token == tokenizer.pad_token_id:
@@ -102,7 +103,9 @@ class LlavaModel:
         return results
 
 
-def load_llava(model_dir: str | Path, *, threads: int | None = None) -> LlavaModel:
+def load_llava(
+    model_dir: str | Path, *, threads: int | None = None, device: str = "cpu"
+) -> LlavaModel:
     """Load a LLaVA checkpoint from a local directory (never from a hub).
 
     Raises:
@@ -122,7 +125,7 @@ def load_llava(model_dir: str | Path, *, threads: int | None = None) -> LlavaMod
     if threads:
         torch.set_num_threads(threads)
     model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
-    model.eval()
+    model.to(torch.device(device)).eval()  # type: ignore[arg-type]  # transformers types .to oddly
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return LlavaModel(model=model, processor=processor, path=path)
 
@@ -180,12 +183,13 @@ class LlavaScorer:
         self.check_targets(targets)
         last = max(t.position for t in targets)
         ids = self.prompt_ids + self.generated_ids[:last]
-        input_ids = torch.tensor([ids] * batch.size, dtype=torch.long)
-        pixels = self.llava.pixel_values(list(batch.pixels()))
+        device = next(self.llava.model.parameters()).device
+        input_ids = torch.tensor([ids] * batch.size, dtype=torch.long, device=device)
+        pixels = self.llava.pixel_values(list(batch.pixels())).to(device)
         with torch.inference_mode():
             logits = self.llava.model(input_ids=input_ids, pixel_values=pixels).logits
-        rows = torch.tensor([len(self.prompt_ids) + t.position - 1 for t in targets])
+        rows = torch.tensor([len(self.prompt_ids) + t.position - 1 for t in targets], device=device)
         logp = torch.log_softmax(logits[:, rows, :].float(), dim=-1)
-        cols = torch.tensor([t.token_id for t in targets])
-        probs = logp[:, torch.arange(len(targets)), cols].exp()
-        return np.asarray(probs.numpy(), dtype=np.float64)
+        cols = torch.tensor([t.token_id for t in targets], device=device)
+        probs = logp[:, torch.arange(len(targets), device=device), cols].exp()
+        return np.asarray(probs.cpu().numpy(), dtype=np.float64)

@@ -100,7 +100,7 @@ def load_qwen(
     if threads:
         torch.set_num_threads(threads)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True)
-    model.to(device).eval()
+    model.to(torch.device(device)).eval()  # type: ignore[arg-type]  # transformers types .to oddly
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return QwenModel(model=model, image_processor=image_processor, tokenizer=tokenizer, path=path)

@@ -62,7 +62,7 @@ def soft_region_masks(partition: RegionPartition, geometry: InputGeometry) -> np
     top, left, ch, cw = geometry.crop_box
     if geometry.resize_hw == labels.shape:
         onehot = labels[None] == np.arange(n)[:, None, None]
-        return onehot[:, top : top + ch, left : left + cw].astype(np.float32)
+        return np.asarray(onehot[:, top : top + ch, left : left + cw], dtype=np.float32)
     import cv2
 
     rh, rw = geometry.resize_hw

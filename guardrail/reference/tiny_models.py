@@ -152,9 +152,6 @@ def save_tiny_qwen(out: Path, *, image_size: int = 56, seed: int = 0) -> Path:
         video_token_id=vocab["<|video_pad|>"],
         vision_start_token_id=vocab["<|vision_start|>"],
         vision_end_token_id=vocab["<|vision_end|>"],
-        bos_token_id=vocab["<|im_start|>"],
-        eos_token_id=vocab["<|im_end|>"],
-        pad_token_id=vocab["<pad>"],
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()

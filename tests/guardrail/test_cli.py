@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,18 @@ def test_expected_failures_print_a_message_not_a_traceback() -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("ValueError: unknown analytic case")
     assert "Traceback" not in proc.stderr
+
+
+def test_export_vision_writes_a_verified_onnx_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from detectors.reference import MODEL_DIR
+
+    out = tmp_path / "vision.onnx"
+    assert main(["export-vision", str(MODEL_DIR), "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert out.is_file() and report["bytes"] == out.stat().st_size
+    assert report["max_abs_diff_real"] <= 1e-4 and report["output_shape"][1:] == [36, 128]
+    missing = tmp_path / "nowhere"
+    assert main(["export-vision", str(missing), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err

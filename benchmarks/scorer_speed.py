@@ -1,0 +1,222 @@
+"""Seconds per masked-image evaluation: the reference implementation's way against ours.
+
+For the shipped reference model (36 image tokens) and a tiny random LLaVA with 256 image tokens
+(built from a config, no download), on the same sample and the same masks:
+
+  (a) reference way: pixel-space mask, image processor and one full forward per masked image
+  (b) batched torch: the same, `--chunk` images per forward
+  (c) ours: tensor-space masks, ONNX Runtime vision encoder, the text before the image cached,
+      logits only at the target rows, `--chunk` variants per pass
+
+It prints the seconds per masked image, the speed-ups, the largest probability difference
+between (a) and (c), where (c)'s time goes (vision, language model, masking and Python
+overhead) and (c) at several chunk sizes.
+
+    python benchmarks/scorer_speed.py            # table
+    python benchmarks/scorer_speed.py --json     # one JSON object
+    python benchmarks/scorer_speed.py --device cuda   # on a GPU (ORT CUDA provider)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detectors import Fill, Target
+from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
+from detectors.regions import slic_partition
+from detectors.scorers import MaskedBatch
+from detectors.scorers.llava import LlavaModel, LlavaScorer, load_llava
+from detectors.scorers.llava_fast import FastLlavaScorer, llava_onnx_vision
+from detectors.scorers.onnx_export import export_vision
+from guardrail.reference.tiny_models import LLAVA_PROMPT, save_tiny_llava
+
+
+def _seconds(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm up (first-call allocations, ORT graph optimisation)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _sample(name: str, llava: LlavaModel) -> tuple[np.ndarray, str, list[int], list[Target]]:
+    if name == "reference":
+        scene = generate_scene(11_000_003, SceneKind.CLEAN)
+        said = llava.generate(scene.image, CAPTION_PROMPT)
+        ids = list(said.token_ids)
+        targets = [
+            Target(position=i, token_id=t, text=llava.tokenizer.decode([t]))
+            for i, t in enumerate(ids[:-1])
+        ]
+        return scene.image, CAPTION_PROMPT, ids, targets
+    image = np.random.default_rng(3).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    words = ["a", "dog", "on", "a", "table", "."]
+    ids = [int(llava.tokenizer.convert_tokens_to_ids(w)) for w in words]
+    targets = [Target(position=i, token_id=ids[i], text=words[i]) for i in (1, 4)]
+    return image, LLAVA_PROMPT, ids, targets
+
+
+def bench_model(
+    name: str, llava: LlavaModel, onnx_path: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    image, prompt, ids, targets = _sample(name, llava)
+    partition = slic_partition(image, 48)
+    rng = np.random.default_rng(0)
+    keep = rng.random((args.variants, partition.n_regions)) < 0.5
+    batch = MaskedBatch(image=image, partition=partition, keep=keep, fill=Fill.MEAN)
+    rows = [
+        MaskedBatch(image=image, partition=partition, keep=keep[i : i + 1], fill=Fill.MEAN)
+        for i in range(args.variants)
+    ]
+    plain = LlavaScorer(llava, image, prompt, ids, max_batch_size=1)
+    batched = LlavaScorer(llava, image, prompt, ids, max_batch_size=args.chunk)
+    vision = llava_onnx_vision(llava, onnx_path, device=args.device)
+
+    def run_a() -> np.ndarray:
+        return np.concatenate([plain.score(r, targets) for r in rows])
+
+    def run_b() -> np.ndarray:
+        return np.concatenate(
+            [
+                batched.score(
+                    MaskedBatch(
+                        image=image,
+                        partition=partition,
+                        keep=keep[i : i + args.chunk],
+                        fill=Fill.MEAN,
+                    ),
+                    targets,
+                )
+                for i in range(0, args.variants, args.chunk)
+            ]
+        )
+
+    def ours(chunk: int) -> FastLlavaScorer:
+        return FastLlavaScorer(llava, image, prompt, ids, vision=vision, chunk_size=chunk)
+
+    fast = ours(args.chunk)
+    diff = float(np.abs(run_a() - fast.score(batch, targets)).max())
+    a = _seconds(run_a, args.repeats) / args.variants
+    b = _seconds(run_b, args.repeats) / args.variants
+    fast = ours(args.chunk)
+    fast.score(batch, targets)
+    fast.timings.__init__()  # type: ignore[misc]
+    wall = 0.0
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        fast.score(batch, targets)
+        wall += time.perf_counter() - started
+    t = fast.timings
+    c = wall / (args.repeats * args.variants)
+    models = t.vision + t.language_model
+    chunks = {}
+    for chunk in args.chunks:
+        scorer = ours(chunk)
+        chunks[str(chunk)] = _seconds(lambda s=scorer: s.score(batch, targets), args.repeats) / (
+            args.variants
+        )
+    return {
+        "model": name,
+        "image_tokens": fast.lm.image_tokens,
+        "targets": len(targets),
+        "variants": args.variants,
+        "scorer": fast.name,
+        "seconds_per_image": {"a_reference": a, "b_batched_torch": b, "c_ours": c},
+        "speedup_a_over_c": a / c,
+        "speedup_b_over_c": b / c,
+        "max_abs_prob_diff": diff,
+        "breakdown_share": {
+            "vision": t.vision / wall,
+            "language_model": t.language_model / wall,
+            "masking": t.masking / wall,
+            "python_overhead": max(0.0, wall - models - t.masking) / wall,
+        },
+        "overhead_share": max(0.0, wall - models) / wall,
+        "chunk_seconds_per_image": chunks,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", type=int, default=64, help="masked images per model")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=16, help="variants per forward in (b), (c)")
+    parser.add_argument("--chunks", default="4,8,16,32,64", help="chunk sizes to compare for (c)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json-out", type=Path, help="also write the JSON object here")
+    args = parser.parse_args(argv)
+    args.chunks = [int(c) for c in args.chunks.split(",") if c]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {
+            "reference": load_llava(MODEL_DIR),
+            "tiny-llava-256": load_llava(
+                save_tiny_llava(Path(tmp) / "tiny", image_size=128, patch_size=8)
+            ),
+        }
+        for name, llava in models.items():
+            onnx_path = Path(tmp) / f"{name}.onnx"
+            export_vision(llava, onnx_path)  # exported and verified on CPU
+            llava.model.to(args.device)
+            results.append(bench_model(name, llava, onnx_path, args))
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "device": args.device,
+            "torch": torch.__version__,
+        },
+        "results": results,
+        "speedup_reference_model": results[0]["speedup_a_over_c"],
+        "max_abs_prob_diff": max(r["max_abs_prob_diff"] for r in results),
+        "overhead_share": results[0]["overhead_share"],
+    }
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        f"scorer speed on {report['machine']['processor']}, {args.threads} threads, {args.device}"
+    )
+    print(
+        f"{'model':<16}{'tokens':>7}{'(a) ms':>9}{'(b) ms':>9}{'(c) ms':>9}"
+        f"{'a/c':>7}{'b/c':>7}{'max|dp|':>10}{'vision':>8}{'LM':>7}{'mask':>7}{'py':>7}"
+    )
+    for r in results:
+        s, share = r["seconds_per_image"], r["breakdown_share"]
+        print(
+            f"{r['model']:<16}{r['image_tokens']:>7}{s['a_reference'] * 1e3:>9.2f}"
+            f"{s['b_batched_torch'] * 1e3:>9.2f}{s['c_ours'] * 1e3:>9.2f}"
+            f"{r['speedup_a_over_c']:>6.1f}x{r['speedup_b_over_c']:>6.1f}x"
+            f"{r['max_abs_prob_diff']:>10.1e}{share['vision']:>8.0%}{share['language_model']:>7.0%}"
+            f"{share['masking']:>7.0%}{share['python_overhead']:>7.0%}"
+        )
+    print("\n(c) ms per masked image by chunk size")
+    for r in results:
+        cells = "  ".join(f"{k}: {v * 1e3:.2f}" for k, v in r["chunk_seconds_per_image"].items())
+        print(f"{r['model']:<16}{cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
