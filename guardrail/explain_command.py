@@ -29,19 +29,25 @@ def register(commands: Any) -> None:
         "--budget", type=float, default=0.10, help="passes per word, share of the exact search"
     )
     explain.add_argument("--fill", default="mean", choices=["black", "grey", "mean", "blur"])
+    explain.add_argument(
+        "--onnx", type=Path, help="vision encoder from `guardrail export-vision` (default: torch)"
+    )
+    explain.add_argument("--device", default="cpu", help="cpu or cuda")
     explain.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from detectors.heatmap import overlay, panel
     from detectors.pipeline import AuditSettings, audit_sample
-    from detectors.scorers.llava import LlavaScorer, load_llava
+    from detectors.scorers.llava import load_llava
+    from detectors.scorers.llava_fast import FastLlavaScorer, llava_onnx_vision
     from detectors.serialization import attribution_to_dict, verdict_to_dict
     from detectors.types import Fill
     from guardrail.images import read_image, write_image
 
     image = read_image(args.image)
-    llava = load_llava(args.model)
+    llava = load_llava(args.model, device=args.device)
+    vision = llava_onnx_vision(llava, args.onnx, device=args.device) if args.onnx else None
     tokenizer = llava.tokenizer
     if args.output is None:
         generation = llava.generate(image, args.prompt)
@@ -50,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         token_ids = tokenizer(args.output, add_special_tokens=False).input_ids
     decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
     output_text = decode(token_ids)
-    scorer = LlavaScorer(llava, image, args.prompt, token_ids)
+    scorer = FastLlavaScorer(llava, image, args.prompt, token_ids, vision=vision)
     settings = AuditSettings(
         n_regions=args.regions, budget_fraction=args.budget, fill=Fill(args.fill)
     )

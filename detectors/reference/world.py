@@ -50,8 +50,9 @@ CAPTION_PROMPT = "USER: <image> Describe the image. ASSISTANT:"
 
 
 def question_prompt(name: str) -> str:
-    """The yes/no prompt about one class."""
-    return f"USER: <image> Is there a {name} in the image? ASSISTANT:"
+    """The yes/no prompt about one class.  The question comes before the image, so that the
+    image tokens can attend to the word asked about (a small model answers far better so)."""
+    return f"USER: Is there a {name} in the image? <image> ASSISTANT:"
 
 
 class HallucinationKind(str, enum.Enum):

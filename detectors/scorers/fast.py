@@ -30,6 +30,7 @@ class Timings:
     masking: float = 0.0
     vision: float = 0.0
     language_model: float = 0.0
+    decoder_forward: float = 0.0  # the language model's own forward, inside `language_model`
     total: float = 0.0
     calls: int = 0
     rows: int = 0
@@ -40,6 +41,7 @@ class Timings:
             "masking": self.masking,
             "vision": self.vision,
             "language_model": self.language_model,
+            "decoder_forward": self.decoder_forward,
             "total": self.total,
             "calls": self.calls,
             "rows": self.rows,
@@ -107,9 +109,11 @@ class PrefixCachedLM:
         image_start: int,
         image_tokens: int,
         position_ids: Any = None,
+        timings: Timings | None = None,
     ) -> None:
         import torch
 
+        self.timings = timings if timings is not None else Timings()
         self.decoder, self.embed, self.lm_head = decoder, embed, lm_head
         self.prompt_ids = [int(i) for i in prompt_ids]
         self.generated_ids = [int(i) for i in generated_ids]
@@ -177,12 +181,16 @@ class PrefixCachedLM:
         embeds[:, : self.image_tokens] = features.to(self.dtype)
         cache = self._cache(b)
         with torch.inference_mode():
+            started = time.perf_counter()
             out = self.decoder(
                 inputs_embeds=embeds,
                 cache=cache,
                 position_ids=self._positions(self.image_start, stop, b),
                 use_cache=cache is not None,
             )
+            if out.last_hidden_state.is_cuda:
+                torch.cuda.synchronize()
+            self.timings.decoder_forward += time.perf_counter() - started
             if cache is not None:
                 cache.crop(-(stop - self.image_start))
             rows = torch.tensor(

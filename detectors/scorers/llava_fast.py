@@ -122,6 +122,7 @@ class FastLlavaScorer:
         _, tokens, _ = llava_image_tokens(llava)
         prompt_ids = llava.prompt_ids(prompt, self.image)
         start, count = image_span(prompt_ids, int(model.config.image_token_id), tokens)
+        self.timings = Timings()
         self.lm = PrefixCachedLM(
             decoder=model.model.language_model,
             embed=model.get_input_embeddings(),
@@ -130,13 +131,13 @@ class FastLlavaScorer:
             generated_ids=self.generated_ids,
             image_start=start,
             image_tokens=count,
+            timings=self.timings,
         )
         self.geometry = llava_geometry(llava, self.image.shape[:2])
         self._base = llava.pixel_values([self.image]).to(self.device, torch.float32)
         self._fills: dict[Fill, Any] = {}
         self._partition: RegionPartition | None = None
         self._soft: Any = None
-        self.timings = Timings()
 
     @property
     def name(self) -> str:

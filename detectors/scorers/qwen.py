@@ -215,6 +215,7 @@ class FastQwenScorer:
         positions, _ = model.model.get_rope_index(
             full, mm_token_type_ids=(full == qwen.image_token_id).int(), image_grid_thw=self.grid
         )
+        self.timings = Timings()
         self.lm = PrefixCachedLM(
             decoder=model.model.language_model,
             embed=model.get_input_embeddings(),
@@ -224,6 +225,7 @@ class FastQwenScorer:
             image_start=start,
             image_tokens=count,
             position_ids=positions,
+            timings=self.timings,
         )
         hw = (self.grid_hw[0] * self.patch, self.grid_hw[1] * self.patch)
         self.geometry = InputGeometry.resize_to(hw)
@@ -231,7 +233,6 @@ class FastQwenScorer:
         self._fills: dict[Fill, Any] = {}
         self._partition: RegionPartition | None = None
         self._soft: Any = None
-        self.timings = Timings()
 
     def _unpatch(self, pixels: Any) -> Any:
         import torch

@@ -16,7 +16,11 @@
    pool is re-measured at this S if at most half of the remaining budget pays for it.  Once one
    side has reached its goal (say the deletion image already lost 90% of what it can lose), only
    the other side is measured (half the passes); the chosen region's other image is scored once.
-   Step 1 is free: its masks were scored by the screening and come from the cache.
+   Step 1 is free: its masks were scored by the screening and come from the cache.  When the
+   chosen regions suffice but necessity is short of its goal and the surrogate predicts no
+   region that brings it closer
+   (redundant evidence: the token survives the loss of any one region), the whole pool is
+   measured once in the current context, budget permitting.
 5. Stop when the compact set explains the token (insight >= coverage * p_full and necessity >=
    coverage * (1 - p_blank); unless `stop_when_converged` is off, for a finer ordering of the
    rest), when `max_regions` are chosen, or when the budget runs out.  The
@@ -136,6 +140,7 @@ def budgeted_greedy(
     ins_goal = coverage * float(full[columns].mean())
     nec_goal = coverage * float(1.0 - blank[columns].mean())
     current_ins, current_del = blank, full
+    blind_probe_done = False
 
     while pool:
         if evaluator.stop_reason is not None:
@@ -157,6 +162,25 @@ def budgeted_greedy(
         ranked = [pool[i] for i in np.lexsort((pool_arr, -predicted))]
         predicted_of = dict(zip(pool, predicted, strict=True))
         start, width = 0, candidates
+        if side == "deletion" and not blind_probe_done:
+            # The chosen regions suffice, necessity is short of its goal, and the surrogate
+            # sees no region that brings it closer: the evidence is redundant (the token
+            # survives the loss of any one region), which an additive surrogate cannot see.
+            # Measure the whole pool once in this context, if at most half of the remaining
+            # budget pays for it.
+            need = nec_goal - float(1.0 - current_del[columns].mean())
+            _, predicted_del = surrogate.predict(pool_arr)
+            best_drop = float((current_del[columns].mean() - predicted_del.mean(axis=1)).max())
+            cost = len(ranked) * (2 if side == "both" else 1)
+            remaining = evaluator.remaining_passes
+            if (
+                len(trace.selected) > 0
+                and need > 0
+                and best_drop < 0.1 * need
+                and (remaining is None or 2 * cost <= remaining)
+            ):
+                width = len(ranked)
+                blind_probe_done = True
         while start < len(ranked):
             group = ranked[start : start + width]
             start += len(group)

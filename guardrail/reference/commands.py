@@ -86,7 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompt = CAPTION_PROMPT
     if args.question:
         q = args.question.strip()
-        prompt = f"USER: <image> {q} ASSISTANT:" if " " in q else question_prompt(q)
+        prompt = f"USER: {q} <image> ASSISTANT:" if " " in q else question_prompt(q)
     print(llava.generate(image, prompt).text)
     return 0
 

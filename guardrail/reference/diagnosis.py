@@ -13,7 +13,9 @@ from detectors.evaluation import auroc, pointing_game
 from detectors.language_prior import PriorThresholds, judge_sample
 from detectors.pipeline import AuditSettings, SampleAudit, audit_sample
 from detectors.reference.world import CAPTION_PROMPT, PAIRS
-from detectors.scorers.llava import LlavaModel, LlavaScorer
+from detectors.scorers.llava import LlavaModel
+from detectors.scorers.llava_fast import FastLlavaScorer
+from detectors.scorers.vision import VisionRunner
 from detectors.types import Attribution, Verdict, VerdictLabel
 from guardrail.reference.evaluation import REFERENCE_VOCABULARY, CaptionedScene
 
@@ -63,9 +65,11 @@ def audit_scenes(
     results: Sequence[CaptionedScene],
     *,
     settings: AuditSettings | None = None,
+    vision: VisionRunner | None = None,
     progress: bool = True,
 ) -> list[SceneAudit]:
-    """Audit every object word of every caption with the budgeted EAGLE search."""
+    """Audit every object word of every caption with the budgeted EAGLE search on the fast
+    scorer (`vision`: an ONNX vision encoder, or None for the torch tower)."""
     from tqdm.auto import tqdm
 
     tokenizer = llava.tokenizer
@@ -73,7 +77,9 @@ def audit_scenes(
     out = []
     for result in tqdm(results, desc="auditing", disable=not progress):
         scene = result.scene
-        scorer = LlavaScorer(llava, scene.image, CAPTION_PROMPT, result.caption.token_ids)
+        scorer = FastLlavaScorer(
+            llava, scene.image, CAPTION_PROMPT, result.caption.token_ids, vision=vision
+        )
         audit = audit_sample(
             scene.image,
             scorer,

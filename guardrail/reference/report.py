@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from detectors.language_prior import PriorThresholds
 from detectors.reference.world import Split, split_seeds
-from detectors.scorers.llava import load_llava
+from detectors.scorers.llava import LlavaModel, load_llava
+from detectors.scorers.vision import OnnxVision
 from guardrail.reference.evaluation import caption_metrics, caption_scenes, eval_scenes
 from guardrail.reference.training import weights_checksum
 
 __all__ = ["THRESHOLDS_FILE", "calibrate_thresholds", "evaluate", "load_thresholds"]
 
 THRESHOLDS_FILE = "thresholds.json"
+
+
+@contextmanager
+def onnx_vision(llava: LlavaModel) -> Iterator[OnnxVision]:
+    """The model's vision encoder exported to a temporary ONNX file and opened (CPU)."""
+    from detectors.scorers.llava_fast import llava_onnx_vision
+    from detectors.scorers.onnx_export import export_vision
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_vision(llava, Path(tmp) / "vision.onnx").path
+        yield llava_onnx_vision(llava, path)
 
 
 def load_thresholds(model_dir: Path) -> PriorThresholds:
@@ -54,7 +69,9 @@ def evaluate(
     if verdicts:
         from guardrail.reference.diagnosis import audit_scenes, diagnosis_metrics, mentions_of
 
-        audits = audit_scenes(llava, results, progress=progress)
+        with onnx_vision(llava) as vision:
+            audits = audit_scenes(llava, results, vision=vision, progress=progress)
+            report["scorer"] = f"llava-fast({llava.name}; {vision.name})"
         report.update(diagnosis_metrics(mentions_of(audits, load_thresholds(model_dir))))
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
@@ -69,7 +86,8 @@ def calibrate_thresholds(
     seed = split_seeds(Split.VALIDATION, start, per_kind)[0]
     llava = load_llava(model_dir)
     results = caption_scenes(llava, eval_scenes(seed, per_kind))
-    thresholds = calibrate(audit_scenes(llava, results, progress=progress))
+    with onnx_vision(llava) as vision:
+        thresholds = calibrate(audit_scenes(llava, results, vision=vision, progress=progress))
     record = {
         "thresholds": asdict(thresholds),
         "calibrated_on": {"split": "validation", "seed": seed, "scenes_per_kind": per_kind},

@@ -41,11 +41,11 @@ class TrainingConfig:
     seed: int = 0
     scenes: int = 12_000
     text_steps: int = 300
-    steps: int = 6_000
+    steps: int = 8_000
     batch_size: int = 32
     learning_rate: float = 5e-4
     text_learning_rate: float = 1e-3
-    caption_share: float = 0.5
+    caption_share: float = 0.4
     corpus_prior: float = 0.9  # the caption-text corpus names a spoon after a cup this often
     corpus_drop_cooccurrence: float = 0.8  # ... and drops a fork after a knife this often
     blank_share: float = 0.1  # image-text examples showing a blank image with a corpus caption
