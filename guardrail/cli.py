@@ -37,11 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     case.add_argument("--heatmap", metavar="PNG", help="write the saliency heatmap here")
     case.set_defaults(handler=_explain_case)
 
+    from guardrail.db_command import register as register_db
     from guardrail.explain_command import register as register_explain
     from guardrail.export_command import register as register_export
     from guardrail.reference.commands import register as register_reference
 
     register_explain(commands)
+    register_db(commands)
     register_export(commands)
     register_reference(commands)
     return parser

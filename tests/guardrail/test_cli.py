@@ -53,3 +53,12 @@ def test_export_vision_writes_a_verified_onnx_file(
     missing = tmp_path / "nowhere"
     assert main(["export-vision", str(missing), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_db_upgrade_and_current(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    assert main(["db", "current", "--url", url]) == 1
+    assert "needs `guardrail db upgrade`" in capsys.readouterr().out
+    assert main(["db", "upgrade", "--url", url]) == 0
+    assert "schema at revision 0001" in capsys.readouterr().out
+    assert main(["db", "current", "--url", url]) == 0

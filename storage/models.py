@@ -1,0 +1,184 @@
+"""The tables: samples, flagged tokens, attributions, verdicts, jobs (SQLAlchemy 2, typed).
+
+Raw images and prompts are columns that stay NULL unless the operator opts in (`store_raw`);
+the image's SHA-256 and size are always kept, and so is the region label map (compressed), so
+a report can draw a heatmap over a neutral canvas of the same regions without the image.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "AttributionRecord",
+    "Base",
+    "FlaggedToken",
+    "Job",
+    "JobStatus",
+    "Sample",
+    "SampleStatus",
+    "VerdictRecord",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class SampleStatus(str, enum.Enum):
+    QUEUED = "queued"
+    AUDITING = "auditing"
+    AUDITED = "audited"
+    FAILED = "failed"
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Sample(Base):
+    """One sampled model output (image, prompt, generated tokens)."""
+
+    __tablename__ = "samples"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[SampleStatus] = mapped_column(
+        Enum(SampleStatus, native_enum=False, length=16), default=SampleStatus.QUEUED
+    )
+    image_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    image_width: Mapped[int] = mapped_column(Integer)
+    image_height: Mapped[int] = mapped_column(Integer)
+    generated_text: Mapped[str] = mapped_column(Text)
+    token_ids: Mapped[list[Any]] = mapped_column(JSON)
+    extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # only with store_raw
+    prompt: Mapped[str | None] = mapped_column(Text)
+    image_png: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+    tokens: Mapped[list[FlaggedToken]] = relationship(
+        back_populates="sample", cascade="all, delete-orphan", order_by="FlaggedToken.position"
+    )
+
+    __table_args__ = (Index("ix_samples_model_received", "model", "received_at"),)
+
+
+class FlaggedToken(Base):
+    """An object word of a sample's output, at its token position."""
+
+    __tablename__ = "flagged_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sample_id: Mapped[str] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    token_id: Mapped[int] = mapped_column(Integer)
+    word: Mapped[str] = mapped_column(String(64))
+    category: Mapped[str] = mapped_column(String(64))
+
+    sample: Mapped[Sample] = relationship(back_populates="tokens")
+    attribution: Mapped[AttributionRecord | None] = relationship(
+        back_populates="token", cascade="all, delete-orphan", uselist=False
+    )
+    verdict: Mapped[VerdictRecord | None] = relationship(
+        back_populates="token", cascade="all, delete-orphan", uselist=False
+    )
+
+
+class AttributionRecord(Base):
+    """The search's result for one token: ordering, curves and provenance."""
+
+    __tablename__ = "attributions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_pk: Mapped[int] = mapped_column(
+        ForeignKey("flagged_tokens.id", ondelete="CASCADE"), unique=True
+    )
+    order: Mapped[list[Any]] = mapped_column(JSON)
+    insertion: Mapped[list[Any]] = mapped_column(JSON)
+    deletion: Mapped[list[Any]] = mapped_column(JSON)
+    compact_set: Mapped[list[Any]] = mapped_column(JSON)
+    p_full: Mapped[float] = mapped_column(Float)
+    p_blank: Mapped[float] = mapped_column(Float)
+    forward_passes: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float] = mapped_column(Float)
+    stopped_by: Mapped[str] = mapped_column(String(32))
+    search: Mapped[str] = mapped_column(String(32))
+    scorer_name: Mapped[str] = mapped_column(String(256))
+    fill: Mapped[str] = mapped_column(String(16))
+    partition_method: Mapped[str] = mapped_column(String(64))
+    labels_npz: Mapped[bytes] = mapped_column(LargeBinary)  # the region label map, compressed
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    token: Mapped[FlaggedToken] = relationship(back_populates="attribution")
+
+
+class VerdictRecord(Base):
+    """The label of one token and the numbers it was decided from."""
+
+    __tablename__ = "verdicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_pk: Mapped[int] = mapped_column(
+        ForeignKey("flagged_tokens.id", ondelete="CASCADE"), unique=True
+    )
+    label: Mapped[str] = mapped_column(String(32), index=True)
+    prior_score: Mapped[float] = mapped_column(Float)
+    hallucination_score: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(Text)
+    numbers: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    token: Mapped[FlaggedToken] = relationship(back_populates="verdict")
+
+
+class Job(Base):
+    """An audit to run: claimed with a lease, retried with backoff, done exactly once."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sample_id: Mapped[str] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), index=True)
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=16), default=JobStatus.QUEUED
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
+    run_after: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_jobs_status_run_after", "status", "run_after"),)
