@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from detectors.errors import DetectorError
 from guardrail import __version__
+from storage.engine import UnmigratedDatabaseError
 
 __all__ = ["build_parser", "main"]
 
@@ -41,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     from guardrail.explain_command import register as register_explain
     from guardrail.export_command import register as register_export
     from guardrail.reference.commands import register as register_reference
+    from guardrail.serve_command import register as register_serve
 
     register_explain(commands)
     register_db(commands)
+    register_serve(commands)
     register_export(commands)
     register_reference(commands)
     return parser
@@ -70,6 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.handler(args))
-    except (DetectorError, ValueError, OSError) as exc:
+    except (DetectorError, ValueError, OSError, UnmigratedDatabaseError) as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

@@ -34,3 +34,30 @@ def write_image(path: str | Path, rgb: np.ndarray) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1])):
         raise OSError(f"could not write {str(path)!r}")
+
+
+def decode_image(data: bytes, *, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, WebP, ...) as an `(H, W, 3)` uint8 RGB array.
+
+    Raises:
+        ValueError: not an image OpenCV can decode, or larger than `max_pixels`.
+    """
+    import cv2
+
+    if not data:
+        raise ValueError("the image is empty")
+    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if array is None:
+        raise ValueError("the image could not be decoded (send PNG, JPEG or WebP)")
+    if array.shape[0] * array.shape[1] > max_pixels:
+        raise ValueError(f"the image has {array.shape[0]}x{array.shape[1]} pixels, too many")
+    return np.ascontiguousarray(array[..., ::-1])
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buffer = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise ValueError("could not encode the image as PNG")
+    return bytes(buffer)

@@ -85,7 +85,7 @@ class Sample(Base):
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # only with store_raw
     prompt: Mapped[str | None] = mapped_column(Text)
-    image_png: Mapped[bytes | None] = mapped_column(LargeBinary)
+    image_data: Mapped[bytes | None] = mapped_column(LargeBinary)  # the upload, as sent
 
     tokens: Mapped[list[FlaggedToken]] = relationship(
         back_populates="sample", cascade="all, delete-orphan", order_by="FlaggedToken.position"
@@ -178,6 +178,9 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
+    # what the audit needs and the sample may not keep (store_raw off): cleared when done
+    image_data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    prompt: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

@@ -27,8 +27,16 @@ class QueueDepth:
     oldest_age_seconds: float
 
 
-def enqueue(session: Session, sample_id: str, *, max_attempts: int = 5) -> Job:
-    job = Job(sample_id=sample_id, max_attempts=max_attempts)
+def enqueue(
+    session: Session,
+    sample_id: str,
+    *,
+    max_attempts: int = 5,
+    image_data: bytes | None = None,
+    prompt: str | None = None,
+) -> Job:
+    """A job for `sample_id`; `image_data` and `prompt` ride with it until it is finished."""
+    job = Job(sample_id=sample_id, max_attempts=max_attempts, image_data=image_data, prompt=prompt)
     session.add(job)
     session.flush()
     return job
@@ -90,7 +98,13 @@ def complete(session: Session, job_id: int, owner: str) -> bool:
     result = session.execute(
         update(Job)
         .where(_owned(job_id, owner))
-        .values(status=JobStatus.DONE, finished_at=utcnow(), lease_owner=None)
+        .values(
+            status=JobStatus.DONE,
+            finished_at=utcnow(),
+            lease_owner=None,
+            image_data=None,
+            prompt=None,
+        )
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
@@ -110,6 +124,7 @@ def fail(
     if job.attempts >= job.max_attempts:
         job.status = JobStatus.FAILED
         job.finished_at = utcnow()
+        job.image_data = job.prompt = None
     else:
         job.status = JobStatus.QUEUED
         job.run_after = utcnow() + timedelta(seconds=backoff_seconds * 2 ** (job.attempts - 1))

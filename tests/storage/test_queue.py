@@ -123,3 +123,15 @@ def test_deleting_a_sample_deletes_its_tokens_and_jobs(engine: Engine) -> None:
     with sessions.begin() as session:
         assert session.query(FlaggedToken).count() == 0
         assert session.query(Job).count() == 0
+
+
+def test_the_shipped_migrations_match_the_models(engine: Engine) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from storage.models import Base
+
+    upgrade(engine)
+    with engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert diff == []

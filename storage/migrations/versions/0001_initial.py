@@ -41,7 +41,7 @@ def upgrade() -> None:
         sa.Column("token_ids", sa.JSON(), nullable=False),
         sa.Column("extra", sa.JSON(), nullable=False),
         sa.Column("prompt", sa.Text(), nullable=True),
-        sa.Column("image_png", sa.LargeBinary(), nullable=True),
+        sa.Column("image_data", sa.LargeBinary(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("samples", schema=None) as batch_op:
@@ -89,6 +89,8 @@ def upgrade() -> None:
         sa.Column("lease_owner", sa.String(length=128), nullable=True),
         sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("image_data", sa.LargeBinary(), nullable=True),
+        sa.Column("prompt", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(["sample_id"], ["samples.id"], ondelete="CASCADE"),

@@ -1,0 +1,308 @@
+"""The HTTP API (FastAPI): ingest, sample status, audit listing, health, metrics.
+
+`POST /v1/samples` answers 202 with the sample id once the sample and its job are committed,
+or 200 with `sampled: false` and the reason; malformed input gets a 4xx that says what is
+wrong, and nothing accepted is lost (the job is in the database before the answer leaves).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from guardrail import __version__
+from guardrail.auditor import image_placeholder
+from guardrail.images import decode_image
+from guardrail.runtime import Runtime
+from guardrail.sampling import request_key
+from storage import queue
+from storage.engine import UnmigratedDatabaseError, check_migrated
+from storage.models import Sample
+from storage.repositories import add_sample, get_sample, list_audits
+
+__all__ = ["SampleIn", "create_app"]
+
+FORCE_HEADER = "X-Guardrail-Audit"
+
+
+class SampleIn(BaseModel):
+    """A model output to audit."""
+
+    model_config = {"extra": "forbid"}
+
+    model: str = Field(description="a model name from the configuration")
+    prompt: str = Field(
+        description="the prompt as sent (with the image placeholder, or "
+        "the user text when the model has a prompt template)"
+    )
+    output: str | None = Field(default=None, description="the generated text")
+    token_ids: list[int] | None = Field(default=None, description="the generated token ids")
+    image_base64: str = Field(description="the image, base64 (PNG, JPEG or WebP; data URL ok)")
+    request_id: str | None = Field(default=None, max_length=128)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    audit: bool = Field(default=False, description="always audit this one")
+
+
+class SampleAccepted(BaseModel):
+    sampled: bool
+    id: str | None = None
+    status: str | None = None
+    reason: str | None = None
+
+
+def _decode_base64(data: str) -> bytes:
+    if data.startswith("data:"):
+        _, _, data = data.partition(",")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise HTTPException(422, f"image_base64 is not valid base64: {exc}") from None
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    settings = runtime.settings
+    tokens = [t.get_secret_value().encode() for t in settings.api_tokens]
+    app = FastAPI(
+        title="eagle-guardrail",
+        version=__version__,
+        description="Hallucination guardrail sidecar for multimodal LLMs (EAGLE attribution).",
+    )
+    app.state.runtime = runtime
+
+    def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
+        if not tokens:
+            return
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        given = authorization[7:].strip().encode()
+        if not any(hmac.compare_digest(given, t) for t in tokens):
+            raise HTTPException(403, "this token is not allowed")
+
+    auth = [Depends(authorize)]
+
+    def ingest(body: SampleIn, image_bytes: bytes, force: bool) -> JSONResponse:
+        m = runtime.metrics
+        model = settings.model(body.model)
+        if model is None:
+            m.samples_skipped.labels(model="unknown", reason="unknown_model").inc()
+            known = ", ".join(x.name for x in settings.models)
+            raise HTTPException(404, f"model {body.model!r} is not configured (known: {known})")
+        m.samples_received.labels(model=model.name).inc()
+        if body.output is None and body.token_ids is None:
+            raise HTTPException(422, "give the generated text (output) or its token_ids")
+        if len(image_bytes) > settings.max_image_bytes:
+            raise HTTPException(413, f"the image is over {settings.max_image_bytes} bytes")
+        try:
+            image = decode_image(image_bytes)
+        except ValueError as exc:
+            raise HTTPException(422, f"image: {exc}") from None
+        auditor = runtime.auditors[model.name]
+        if image_placeholder(model.family) not in auditor.prompt_for(body.prompt):
+            raise HTTPException(
+                422,
+                f"prompt: holds no {image_placeholder(model.family)!r} placeholder and model "
+                f"{model.name!r} has no prompt template",
+            )
+        digest = hashlib.sha256(image_bytes).hexdigest()
+        key = request_key(model.name, body.request_id, digest, body.prompt, body.output or "")
+        decision = runtime.sampler.decide(model.name, key, force=force or body.audit)
+        if not decision.sampled:
+            m.samples_skipped.labels(model=model.name, reason=decision.reason).inc()
+            return JSONResponse({"sampled": False, "reason": decision.reason}, status_code=200)
+        with runtime.sessions.begin() as session:
+            sample = add_sample(
+                session,
+                model=model.name,
+                image_sha256=digest,
+                image_size=(int(image.shape[1]), int(image.shape[0])),
+                generated_text=body.output or "",
+                token_ids=body.token_ids,
+                request_id=body.request_id,
+                metadata=body.metadata,
+                prompt=body.prompt if settings.store_raw else None,
+                image_data=image_bytes if settings.store_raw else None,
+            )
+            queue.enqueue(
+                session,
+                sample.id,
+                max_attempts=settings.max_attempts,
+                image_data=image_bytes,
+                prompt=body.prompt,
+            )
+            sample_id = sample.id
+        m.samples_sampled.labels(model=model.name).inc()
+        return JSONResponse(
+            {"sampled": True, "id": sample_id, "status": "queued", "reason": decision.reason},
+            status_code=202,
+        )
+
+    @app.post(
+        "/v1/samples",
+        dependencies=auth,
+        status_code=202,
+        response_model=SampleAccepted,
+        responses={200: {"description": "not sampled"}, 404: {}, 413: {}, 422: {}},
+    )
+    def post_sample(
+        body: SampleIn,
+        x_guardrail_audit: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        """Offer a model output (JSON, image as base64) for audit."""
+        image_bytes = _decode_base64(body.image_base64)
+        return ingest(body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always"))
+
+    @app.post(
+        "/v1/samples/upload", dependencies=auth, status_code=202, response_model=SampleAccepted
+    )
+    async def post_sample_upload(
+        image: Annotated[UploadFile, File(description="the image file")],
+        model: Annotated[str, Form()],
+        prompt: Annotated[str, Form()],
+        output: Annotated[str | None, Form()] = None,
+        token_ids: Annotated[str | None, Form(description="JSON list of ints")] = None,
+        request_id: Annotated[str | None, Form()] = None,
+        metadata: Annotated[str | None, Form(description="JSON object")] = None,
+        x_guardrail_audit: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        """Offer a model output as a multipart upload."""
+        try:
+            ids = json.loads(token_ids) if token_ids else None
+            meta = json.loads(metadata) if metadata else {}
+        except json.JSONDecodeError as exc:
+            raise HTTPException(422, f"token_ids/metadata must be JSON: {exc}") from None
+        data = await image.read(settings.max_image_bytes + 1)
+        try:
+            body = SampleIn(
+                model=model,
+                prompt=prompt,
+                output=output,
+                token_ids=ids,
+                image_base64="",
+                request_id=request_id,
+                metadata=meta,
+            )
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return ingest(body, data, (x_guardrail_audit or "").lower() in ("1", "always"))
+
+    @app.get("/v1/samples/{sample_id}", dependencies=auth)
+    def get_sample_status(sample_id: str) -> dict[str, Any]:
+        """A sample's status, flagged tokens and verdicts with their numbers."""
+        with runtime.sessions() as session:
+            sample = get_sample(session, sample_id)
+            if sample is None:
+                raise HTTPException(404, f"no sample {sample_id!r}")
+            return _sample_view(sample)
+
+    @app.get("/v1/audits", dependencies=auth)
+    def get_audits(
+        model: str | None = None,
+        verdict: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict[str, Any]:
+        """Recent audited object words, newest first."""
+        with runtime.sessions() as session:
+            rows = list_audits(
+                session, model=model, label=verdict, since=since, until=until, limit=limit
+            )
+            return {
+                "audits": [
+                    {
+                        "sample_id": s.id,
+                        "model": s.model,
+                        "received_at": s.received_at.isoformat(),
+                        "word": t.word,
+                        "category": t.category,
+                        "position": t.position,
+                        "verdict": v.label,
+                        "hallucination_score": v.hallucination_score,
+                        "prior_score": v.prior_score,
+                    }
+                    for s, t, v in rows
+                ]
+            }
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        problems = []
+        try:
+            check_migrated(runtime.engine)
+        except UnmigratedDatabaseError as exc:
+            problems.append(str(exc))
+        except Exception as exc:  # unreachable database
+            problems.append(f"database: {type(exc).__name__}: {exc}")
+        if runtime.workers:
+            missing = [n for n, a in runtime.auditors.items() if not a.loaded]
+            if missing:
+                problems.append(f"models not loaded yet: {', '.join(missing)}")
+        status = 200 if not problems else 503
+        return JSONResponse({"ready": not problems, "problems": problems}, status_code=status)
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Response:
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _sample_view(sample: Sample) -> dict[str, Any]:
+    tokens = []
+    for t in sample.tokens:
+        a, v = t.attribution, t.verdict
+        tokens.append(
+            {
+                "position": t.position,
+                "token_id": t.token_id,
+                "word": t.word,
+                "category": t.category,
+                "verdict": None
+                if v is None
+                else {
+                    "label": v.label,
+                    "hallucination_score": v.hallucination_score,
+                    "prior_score": v.prior_score,
+                    "reason": v.reason,
+                    **v.numbers,
+                },
+                "attribution": None
+                if a is None
+                else {
+                    "compact_set": a.compact_set,
+                    "order": a.order,
+                    "forward_passes": a.forward_passes,
+                    "seconds": a.seconds,
+                    "stopped_by": a.stopped_by,
+                    "search": a.search,
+                    "scorer": a.scorer_name,
+                    "partition": a.partition_method,
+                    "fill": a.fill,
+                },
+            }
+        )
+    return {
+        "id": sample.id,
+        "model": sample.model,
+        "status": sample.status.value,
+        "received_at": sample.received_at.isoformat(),
+        "request_id": sample.request_id,
+        "image_sha256": sample.image_sha256,
+        "image_size": [sample.image_width, sample.image_height],
+        "output": sample.generated_text,
+        "tokens": tokens,
+    }

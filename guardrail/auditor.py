@@ -1,0 +1,148 @@
+"""Auditing one sample of one configured model: load it once, score with the fast scorer,
+run the budgeted EAGLE search on every object word and judge it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from detectors.pipeline import AuditSettings, audit_sample
+from detectors.types import Attribution, Verdict
+from guardrail.config import ModelSettings
+
+__all__ = ["AuditResult", "ModelAuditor", "image_placeholder"]
+
+_PLACEHOLDERS = {"llava": "<image>", "qwen2_5_vl": "<|image_pad|>"}
+
+
+def image_placeholder(family: str) -> str:
+    return _PLACEHOLDERS[family]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditResult:
+    token_ids: tuple[int, ...]
+    words: tuple[tuple[int, int, str, str], ...]  # position, token id, word, category
+    attributions: tuple[Attribution, ...]
+    verdicts: tuple[Verdict, ...]
+    forward_passes: int
+    seconds: float
+    budget_exhausted: int  # words whose search stopped on its budget
+
+
+class ModelAuditor:
+    """One configured model, loaded on first use (thread-safe)."""
+
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._loaded: dict[str, Any] | None = None
+
+    def prompt_for(self, prompt: str) -> str:
+        """The prompt as the model saw it: as sent if it holds the image placeholder, else
+        through the configured template (`{prompt}` is replaced)."""
+        placeholder = image_placeholder(self.settings.family)
+        if placeholder in prompt or not self.settings.prompt:
+            return prompt
+        return self.settings.prompt.replace("{prompt}", prompt)
+
+    def load(self) -> dict[str, Any]:
+        with self._lock:
+            if self._loaded is None:
+                self._loaded = self._load()
+            return self._loaded
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    def _load(self) -> dict[str, Any]:
+        from guardrail.reference.report import load_thresholds
+
+        s = self.settings
+        if s.family == "llava":
+            from detectors.scorers.llava import load_llava
+            from detectors.scorers.llava_fast import llava_onnx_vision
+
+            llava = load_llava(s.path, device=s.device)
+            vision = llava_onnx_vision(llava, s.onnx, device=s.device) if s.onnx else None
+            tokenizer = llava.tokenizer
+            model: Any = llava
+        else:
+            from detectors.scorers.qwen import load_qwen
+
+            model = load_qwen(s.path, device=s.device)
+            vision = None
+            tokenizer = model.tokenizer
+        return {
+            "model": model,
+            "vision": vision,
+            "tokenizer": tokenizer,
+            "thresholds": load_thresholds(s.path),
+        }
+
+    def scorer(self, image: np.ndarray, prompt: str, token_ids: Sequence[int]) -> Any:
+        loaded = self.load()
+        if self.settings.family == "llava":
+            from detectors.scorers.llava_fast import FastLlavaScorer
+
+            return FastLlavaScorer(
+                loaded["model"], image, self.prompt_for(prompt), token_ids, vision=loaded["vision"]
+            )
+        from detectors.scorers.qwen import FastQwenScorer
+
+        return FastQwenScorer(loaded["model"], image, self.prompt_for(prompt), token_ids)
+
+    def tokenize(self, text: str) -> list[int]:
+        tokenizer = self.load()["tokenizer"]
+        return [int(t) for t in tokenizer(text, add_special_tokens=False).input_ids]
+
+    def audit(
+        self, image: np.ndarray, prompt: str, token_ids: Sequence[int] | None, text: str
+    ) -> AuditResult:
+        import time
+
+        from detectors.types import StopReason
+
+        started = time.perf_counter()
+        loaded = self.load()
+        ids = list(token_ids) if token_ids else self.tokenize(text)
+        tokenizer = loaded["tokenizer"]
+
+        def decode(pieces: Sequence[int]) -> str:
+            return str(tokenizer.decode(list(pieces), skip_special_tokens=True))
+
+        s = self.settings
+        audit = audit_sample(
+            image,
+            self.scorer(image, prompt, ids),
+            ids,
+            decode,
+            settings=AuditSettings(
+                n_regions=s.n_regions,
+                budget_fraction=s.budget_fraction,
+                max_seconds=s.max_seconds_per_token,
+            ),
+            thresholds=loaded["thresholds"],
+        )
+        words = tuple((m.position, m.token_id, m.word, m.category) for m in audit.mentions)
+        if audit.explanation is None:
+            return AuditResult(tuple(ids), (), (), (), 0, time.perf_counter() - started, 0)
+        attributions = tuple(audit.explanation.attributions)
+        exhausted = sum(
+            a.stopped_by in (StopReason.FORWARD_BUDGET, StopReason.TIME_BUDGET)
+            for a in attributions
+        )
+        return AuditResult(
+            token_ids=tuple(ids),
+            words=words,
+            attributions=attributions,
+            verdicts=tuple(audit.explanation.verdicts),
+            forward_passes=audit.forward_passes,
+            seconds=time.perf_counter() - started,
+            budget_exhausted=exhausted,
+        )

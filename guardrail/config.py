@@ -1,0 +1,167 @@
+"""The sidecar's settings: `GUARDRAIL_*` environment variables and a TOML file, validated once.
+
+Precedence: keyword arguments, then environment variables (`GUARDRAIL_DATABASE_URL`, nested
+keys with `__`, lists as JSON), then the TOML file (`--config FILE` or `GUARDRAIL_CONFIG`),
+then the defaults.  Library code never reads the environment: `load_settings` is called by the
+CLI and the result is passed down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["ConfigError", "ModelSettings", "Settings", "load_settings", "masked"]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names every bad key."""
+
+
+def _reference_model_dir() -> Path:
+    from detectors.reference import MODEL_DIR
+
+    return Path(MODEL_DIR)
+
+
+class ModelSettings(BaseModel):
+    """One audited model, declared by name."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    path: Path = Field(description="local checkpoint directory (never a hub id)")
+    family: Literal["llava", "qwen2_5_vl"] = "llava"
+    onnx: Path | None = Field(default=None, description="vision encoder from export-vision")
+    device: str = "cpu"
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    max_audits_per_minute: int | None = Field(default=None, ge=1)
+    n_regions: int = Field(default=48, ge=2, le=1024)
+    budget_fraction: float = Field(default=0.10, gt=0.0, le=1.0)
+    max_seconds_per_token: float | None = Field(default=None, gt=0.0)
+    prompt: str | None = Field(default=None, description="prompt template with the image token")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"model directory {str(value)!r} does not exist")
+        return value
+
+
+def _default_models() -> list[ModelSettings]:
+    return [ModelSettings(name="reference", path=_reference_model_dir())]
+
+
+class Settings(BaseSettings):
+    """Everything the sidecar needs; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GUARDRAIL_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    database_url: SecretStr = SecretStr("sqlite:///guardrail.db")
+    store_raw: bool = Field(default=False, description="keep raw images and prompts")
+    api_tokens: list[SecretStr] = Field(default_factory=list, description="bearer tokens")
+    models: list[ModelSettings] = Field(default_factory=_default_models)
+    upstream_url: str | None = Field(default=None, description="OpenAI-compatible upstream")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=1, le=65535)
+    workers: int = Field(default=1, ge=0, le=64)
+    lease_seconds: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    max_image_bytes: int = Field(default=20 * 2**20, ge=1024)
+    config_file: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Settings:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"models: duplicate names {duplicates}")
+        return self
+
+    def model(self, name: str) -> ModelSettings | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml = _TOML_FILE.get("path")
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+
+_TOML_FILE: dict[str, Path | None] = {"path": None}
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Resolve and validate the settings.
+
+    Raises:
+        ConfigError: a missing config file, or invalid values (every bad key is named).
+    """
+    env = os.environ if environ is None else environ
+    path = Path(config_file) if config_file else None
+    if path is None and env.get("GUARDRAIL_CONFIG"):
+        path = Path(env["GUARDRAIL_CONFIG"])
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    saved = dict(os.environ)
+    _TOML_FILE["path"] = path
+    try:
+        if environ is not None:  # resolve against the given environment only
+            os.environ.clear()
+            os.environ.update(environ)
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        source = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{source}: {problems}") from None
+    finally:
+        _TOML_FILE["path"] = None
+        if environ is not None:
+            os.environ.clear()
+            os.environ.update(saved)
+    settings.config_file = path
+    return settings
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The resolved settings as JSON-able data, secrets masked (passwords in URLs too)."""
+    from sqlalchemy.engine import make_url
+
+    data: dict[str, Any] = json.loads(settings.model_dump_json())
+    url = settings.database_url.get_secret_value()
+    try:
+        data["database_url"] = make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: mask it whole
+        data["database_url"] = "**********"
+    data["api_tokens"] = [f"****{t.get_secret_value()[-4:]}" for t in settings.api_tokens]
+    data["config_file"] = str(settings.config_file) if settings.config_file else None
+    return data

@@ -1,0 +1,146 @@
+"""Audit workers: claim a job, audit its sample, store the result, complete the job.
+
+The result and the job's completion are committed in one transaction, and only if this worker
+still holds the job's lease (a heartbeat extends it while the audit runs), so a job is audited
+to completion exactly once even when a worker is killed mid-audit: its lease expires and
+another worker takes the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import traceback
+import uuid
+from collections.abc import Mapping
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from guardrail.auditor import ModelAuditor
+from guardrail.images import decode_image
+from guardrail.metrics import Metrics, category_label
+from storage import queue
+from storage.models import Sample, SampleStatus
+from storage.repositories import save_audit
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("guardrail.worker")
+
+
+class Worker:
+    """One worker: `run_once` audits at most one job; `run` loops until `stop` is set."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        auditors: Mapping[str, ModelAuditor],
+        metrics: Metrics,
+        *,
+        lease_seconds: float = 120.0,
+        poll_seconds: float = 0.5,
+        owner: str | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.auditors = auditors
+        self.metrics = metrics
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.owner = owner or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:  # the database went away, say: log, wait, retry
+                log.exception("worker %s: queue error", self.owner)
+                worked = False
+            if not worked:
+                self.stop.wait(self.poll_seconds)
+
+    def update_queue_gauges(self) -> None:
+        with self.sessions() as session:
+            d = queue.depth(session)
+        self.metrics.queue_depth.set(d.queued)
+        self.metrics.queue_running.set(d.running)
+        self.metrics.queue_oldest_age.set(d.oldest_age_seconds)
+
+    def run_once(self) -> bool:
+        """Claim and audit one job; False when the queue had none."""
+        with self.sessions.begin() as session:
+            job = queue.claim(session, self.owner, lease_seconds=self.lease_seconds)
+            if job is None:
+                return False
+            job_id, sample_id = job.id, job.sample_id
+            image_data, prompt = job.image_data, job.prompt or ""
+            sample = session.get(Sample, sample_id)
+            assert sample is not None  # the foreign key guarantees it
+            model, text, token_ids = sample.model, sample.generated_text, list(sample.token_ids)
+            sample.status = SampleStatus.AUDITING
+        heartbeat = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job_id, heartbeat), daemon=True)
+        beat.start()
+        try:
+            auditor = self.auditors.get(model)
+            if auditor is None:
+                raise LookupError(f"model {model!r} is not configured on this worker")
+            if image_data is None:
+                raise ValueError("the job carries no image")
+            image = decode_image(image_data)
+            result = auditor.audit(image, prompt, token_ids or None, text)
+        except Exception as exc:
+            heartbeat.set()
+            beat.join()
+            self.metrics.audit_failures.labels(model=model).inc()
+            message = f"{type(exc).__name__}: {exc}"
+            log.warning("worker %s: job %s failed: %s", self.owner, job_id, message)
+            log.debug("%s", traceback.format_exc())
+            with self.sessions.begin() as session:
+                status = queue.fail(session, job_id, self.owner, message)
+                if status is not None and status.value == "failed":
+                    failed = session.get(Sample, sample_id)
+                    if failed is not None:
+                        failed.status = SampleStatus.FAILED
+            return True
+        heartbeat.set()
+        beat.join()
+        with self.sessions() as session, session.begin():
+            if not queue.complete(session, job_id, self.owner):
+                session.rollback()  # the lease was lost: another worker owns this job now
+                log.warning("worker %s: lost the lease of job %s", self.owner, job_id)
+                return True
+            sample = session.get(Sample, sample_id)
+            assert sample is not None
+            save_audit(
+                session,
+                sample,
+                result.words,
+                result.attributions,
+                result.verdicts,
+                result.token_ids,
+            )
+        m = self.metrics
+        m.audits.labels(model=model).inc()
+        m.audit_duration.labels(model=model).observe(result.seconds)
+        m.audit_forward_passes.labels(model=model).observe(result.forward_passes)
+        if result.budget_exhausted:
+            m.budget_exhaustions.labels(model=model).inc(result.budget_exhausted)
+        for (_, _, _, category), verdict in zip(result.words, result.verdicts, strict=True):
+            m.tokens_audited.labels(
+                model=model, verdict=verdict.label.value, category=category_label(category)
+            ).inc()
+        return True
+
+    def _heartbeat(self, job_id: int, done: threading.Event) -> None:
+        interval = max(0.5, self.lease_seconds / 3)
+        while not done.wait(interval):
+            try:
+                with self.sessions.begin() as session:
+                    if not queue.extend(
+                        session, job_id, self.owner, lease_seconds=self.lease_seconds
+                    ):
+                        return
+            except Exception:
+                log.exception("worker %s: could not extend the lease of job %s", self.owner, job_id)

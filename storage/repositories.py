@@ -1,0 +1,190 @@
+"""Reading and writing samples and audits.  Functions take a session and never commit."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from detectors.types import Attribution, Verdict
+from storage.models import (
+    AttributionRecord,
+    FlaggedToken,
+    Sample,
+    SampleStatus,
+    VerdictRecord,
+)
+
+__all__ = [
+    "AuditedWord",
+    "add_sample",
+    "get_sample",
+    "label_map",
+    "list_audits",
+    "save_audit",
+]
+
+AuditedWord = tuple[int, int, str, str]  # position, token id, word, category
+
+
+def _json(values: Any) -> Any:
+    """Arrays and floats as JSON (NaN and inf become None)."""
+    array = np.asarray(values, dtype=np.float64)
+    out = array.tolist()
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return None if not math.isfinite(v) else v
+
+    return clean(out)
+
+
+def _npz(labels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, labels=labels.astype(np.int32))
+    return buffer.getvalue()
+
+
+def label_map(record: AttributionRecord) -> np.ndarray:
+    """The `(H, W)` region label map an attribution was computed on."""
+    with np.load(io.BytesIO(record.labels_npz)) as data:
+        return np.asarray(data["labels"])
+
+
+def add_sample(
+    session: Session,
+    *,
+    model: str,
+    image_sha256: str,
+    image_size: tuple[int, int],
+    generated_text: str,
+    token_ids: Sequence[int] | None,
+    request_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    prompt: str | None = None,
+    image_data: bytes | None = None,
+) -> Sample:
+    """A new sample (pass `prompt` and `image_data` only when the operator stores raw data)."""
+    width, height = image_size
+    sample = Sample(
+        model=model,
+        request_id=request_id,
+        image_sha256=image_sha256,
+        image_width=width,
+        image_height=height,
+        generated_text=generated_text,
+        token_ids=[int(t) for t in token_ids] if token_ids is not None else [],
+        extra=dict(metadata or {}),
+        prompt=prompt,
+        image_data=image_data,
+    )
+    session.add(sample)
+    session.flush()
+    return sample
+
+
+def save_audit(
+    session: Session,
+    sample: Sample,
+    words: Sequence[AuditedWord],
+    attributions: Sequence[Attribution],
+    verdicts: Sequence[Verdict],
+    token_ids: Sequence[int],
+) -> None:
+    """Store the flagged words of `sample` with their attributions and verdicts and mark it
+    audited (replacing what an earlier, interrupted attempt may have left)."""
+    for token in list(sample.tokens):
+        session.delete(token)
+    session.flush()
+    sample.token_ids = [int(t) for t in token_ids]
+    for (position, token_id, word, category), attribution, verdict in zip(
+        words, attributions, verdicts, strict=True
+    ):
+        token = FlaggedToken(position=position, token_id=token_id, word=word, category=category)
+        token.attribution = AttributionRecord(
+            order=[int(r) for r in attribution.order],
+            insertion=_json(attribution.insertion[:, 0]),
+            deletion=_json(attribution.deletion[:, 0]),
+            compact_set=[int(r) for r in attribution.compact_set],
+            p_full=float(attribution.p_full[0]),
+            p_blank=float(attribution.p_blank[0]),
+            forward_passes=int(attribution.forward_passes),
+            seconds=float(attribution.seconds),
+            stopped_by=attribution.stopped_by.value,
+            search=attribution.search,
+            scorer_name=attribution.scorer_name,
+            fill=attribution.fill.value,
+            partition_method=attribution.partition_method,
+            labels_npz=_npz(attribution.partition.labels),
+        )
+        numbers = {
+            key: _json(getattr(verdict, key))
+            for key in (
+                "p_full",
+                "p_blank",
+                "insight",
+                "necessity",
+                "relative_drop",
+                "perceptual_influence",
+            )
+        }
+        numbers["borrowed_from"] = verdict.borrowed_from
+        numbers["compact_set"] = [int(r) for r in verdict.compact_set]
+        numbers["detector"] = verdict.detector
+        token.verdict = VerdictRecord(
+            label=verdict.label.value,
+            prior_score=float(_json(verdict.prior_score) or 0.0),
+            hallucination_score=float(_json(verdict.hallucination_score) or 0.0),
+            reason=verdict.reason,
+            numbers=numbers,
+        )
+        sample.tokens.append(token)
+    sample.status = SampleStatus.AUDITED
+    session.flush()
+
+
+def get_sample(session: Session, sample_id: str) -> Sample | None:
+    query = (
+        select(Sample)
+        .where(Sample.id == sample_id)
+        .options(
+            selectinload(Sample.tokens).selectinload(FlaggedToken.verdict),
+            selectinload(Sample.tokens).selectinload(FlaggedToken.attribution),
+        )
+    )
+    return session.execute(query).scalar_one_or_none()
+
+
+def list_audits(
+    session: Session,
+    *,
+    model: str | None = None,
+    label: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+) -> list[tuple[Sample, FlaggedToken, VerdictRecord]]:
+    """Recent audited words, newest first, with their sample and verdict."""
+    query = (
+        select(Sample, FlaggedToken, VerdictRecord)
+        .join(FlaggedToken, FlaggedToken.sample_id == Sample.id)
+        .join(VerdictRecord, VerdictRecord.token_pk == FlaggedToken.id)
+        .order_by(Sample.received_at.desc(), FlaggedToken.position)
+        .limit(limit)
+    )
+    if model is not None:
+        query = query.where(Sample.model == model)
+    if label is not None:
+        query = query.where(VerdictRecord.label == label)
+    if since is not None:
+        query = query.where(Sample.received_at >= since)
+    if until is not None:
+        query = query.where(Sample.received_at < until)
+    return [(s, t, v) for s, t, v in session.execute(query).all()]

@@ -1,0 +1,181 @@
+"""The sidecar end to end: config, ingest over HTTP, the worker, results, auth, bad input."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from detectors.reference import CAPTION_PROMPT, MODEL_DIR
+from guardrail.api import create_app
+from guardrail.cli import main
+from guardrail.config import ConfigError, load_settings
+from guardrail.images import encode_png, read_image
+from guardrail.runtime import Runtime, build_runtime
+from guardrail.worker import Worker
+from storage import queue
+from storage.engine import upgrade
+from storage.models import Job, JobStatus, Sample
+
+TOKEN = "s3cret-token-0001"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _runtime(tmp_path: Path, **overrides: object) -> Runtime:
+    settings = load_settings(
+        environ={},
+        database_url=f"sqlite:///{tmp_path / 'g.db'}",
+        api_tokens=[TOKEN],
+        **overrides,
+    )
+    runtime = build_runtime(settings)
+    upgrade(runtime.engine)
+    return runtime
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "knife_trap.png"
+OUTPUT = "fork knife car clock ."  # what the shipped model says about it
+
+
+def _trap() -> tuple[np.ndarray, str]:
+    image = read_image(EXAMPLE)
+    return image, base64.b64encode(encode_png(image)).decode()
+
+
+def _body(image_b64: str, **extra: object) -> dict[str, object]:
+    return {
+        "model": "reference",
+        "prompt": CAPTION_PROMPT,
+        "output": OUTPUT,
+        "image_base64": image_b64,
+        **extra,
+    }
+
+
+def test_config_names_bad_keys_and_reads_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "guardrail.toml"
+    toml.write_text(
+        f'database_url = "sqlite:///{tmp_path}/x.db"\nstore_raw = true\n'
+        f'[[models]]\nname = "ref"\npath = "{MODEL_DIR}"\nsample_rate = 0.5\n'
+    )
+    settings = load_settings(toml, environ={"GUARDRAIL_PORT": "9000"})
+    assert settings.store_raw and settings.port == 9000
+    assert [m.name for m in settings.models] == ["ref"] and settings.models[0].sample_rate == 0.5
+    with pytest.raises(ConfigError, match=r"models\.0\.sample_rate"):
+        load_settings(
+            environ={
+                "GUARDRAIL_MODELS": json.dumps(
+                    [{"name": "a", "path": str(MODEL_DIR), "sample_rate": 2}]
+                )
+            }
+        )
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml", environ={})
+
+
+def test_config_check_masks_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GUARDRAIL_DATABASE_URL", "postgresql+psycopg://u:hunter2@db/guardrail")
+    monkeypatch.setenv("GUARDRAIL_API_TOKENS", json.dumps(["abcdefgh9876"]))
+    assert main(["config", "check"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "abcdefgh" not in out and "****9876" in out
+
+
+def test_a_trap_sample_is_ingested_audited_and_reported(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path)
+    client = TestClient(create_app(runtime))
+    _, image_b64 = _trap()
+    answer = client.post("/v1/samples", json=_body(image_b64, request_id="r-1"), headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    sample_id = answer.json()["id"]
+    assert client.get(f"/v1/samples/{sample_id}", headers=AUTH).json()["status"] == "queued"
+    worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics)
+    assert worker.run_once() is True
+    assert worker.run_once() is False  # exactly one job
+    view = client.get(f"/v1/samples/{sample_id}", headers=AUTH).json()
+    assert view["status"] == "audited"
+    labels = {t["word"]: t["verdict"]["label"] for t in view["tokens"]}
+    assert set(labels) == {"fork", "knife", "car", "clock"}
+    assert labels["fork"] == "borrowed_evidence" and labels["knife"] == "grounded"
+    assert view["tokens"][0]["attribution"]["scorer"].startswith("llava-fast(")
+    audits = client.get("/v1/audits", params={"verdict": "borrowed_evidence"}, headers=AUTH)
+    assert [a["word"] for a in audits.json()["audits"]] == ["fork"]
+    metrics = client.get("/metrics").text
+    fork = 'category="fork",model="reference",verdict="borrowed_evidence"'
+    assert f"guardrail_tokens_audited_total{{{fork}}} 1.0" in metrics
+    assert 'guardrail_samples_sampled_total{model="reference"} 1.0' in metrics
+    with runtime.sessions() as session:  # store_raw is off: no image or prompt kept
+        sample = session.get(Sample, sample_id)
+        job = session.query(Job).one()
+        assert sample is not None and sample.image_data is None and sample.prompt is None
+        assert job.status is JobStatus.DONE and job.image_data is None
+
+
+def test_bad_input_gets_a_clear_4xx_and_auth_is_enforced(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path)
+    client = TestClient(create_app(runtime))
+    _, image_b64 = _trap()
+    assert client.post("/v1/samples", json=_body(image_b64)).status_code == 401
+    bad = {"Authorization": "Bearer nope"}
+    assert client.post("/v1/samples", json=_body(image_b64), headers=bad).status_code == 403
+    assert client.get("/healthz").status_code == 200
+    cases = [
+        (_body("!!!not base64"), 422, "base64"),
+        (_body(base64.b64encode(b"not an image").decode()), 422, "could not be decoded"),
+        (_body(image_b64, model="gpt-9"), 404, "not configured"),
+        (_body(image_b64, prompt="describe it"), 422, "placeholder"),
+        ({**_body(image_b64), "output": None}, 422, "output"),
+        ({**_body(image_b64), "surprise": 1}, 422, "surprise"),
+    ]
+    for body, status, words in cases:
+        answer = client.post("/v1/samples", json=body, headers=AUTH)
+        assert answer.status_code == status, (body.get("model"), answer.text)
+        assert words in answer.text
+    with runtime.sessions() as session:
+        assert session.query(Sample).count() == 0
+
+
+def test_sampling_is_deterministic_and_forced_audits_pass(tmp_path: Path) -> None:
+    models = [{"name": "reference", "path": str(MODEL_DIR), "sample_rate": 0.0}]
+    runtime = _runtime(tmp_path, models=models)
+    client = TestClient(create_app(runtime))
+    _, image_b64 = _trap()
+    skipped = client.post("/v1/samples", json=_body(image_b64), headers=AUTH)
+    assert skipped.status_code == 200 and skipped.json() == {"sampled": False, "reason": "rate"}
+    forced = client.post(
+        "/v1/samples", json=_body(image_b64), headers={**AUTH, "X-Guardrail-Audit": "always"}
+    )
+    assert forced.status_code == 202 and forced.json()["reason"] == "forced"
+    assert 'reason="rate"} 1.0' in client.get("/metrics").text
+
+
+def test_a_killed_workers_job_is_audited_exactly_once(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path)
+    client = TestClient(create_app(runtime))
+    _, image_b64 = _trap()
+    sample_id = client.post("/v1/samples", json=_body(image_b64), headers=AUTH).json()["id"]
+    with runtime.sessions.begin() as session:  # a worker claims it, then dies (kill -9)
+        assert queue.claim(session, "dead-worker", lease_seconds=0.05) is not None
+    survivor = Worker(runtime.sessions, runtime.auditors, runtime.metrics, lease_seconds=30)
+    assert survivor.run_once() is False  # still leased
+    time.sleep(0.1)
+    assert survivor.run_once() is True
+    with runtime.sessions.begin() as session:
+        assert not queue.complete(session, 1, "dead-worker")  # its late result is refused
+    view = client.get(f"/v1/samples/{sample_id}", headers=AUTH).json()
+    assert view["status"] == "audited" and len(view["tokens"]) == 4
+
+
+def test_readyz_reports_an_unmigrated_database(tmp_path: Path) -> None:
+    settings = load_settings(environ={}, database_url=f"sqlite:///{tmp_path / 'fresh.db'}")
+    client = TestClient(create_app(build_runtime(settings)))
+    answer = client.get("/readyz")
+    assert answer.status_code == 503 and "guardrail db upgrade" in answer.text
+    assert "/v1/samples" in client.get("/openapi.json").json()["paths"]
