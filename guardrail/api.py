@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import json
 from datetime import datetime
@@ -21,14 +20,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from guardrail import __version__
-from guardrail.auditor import image_placeholder
-from guardrail.images import decode_image
+from guardrail.ingest import IngestError, IngestRequest, ingest
 from guardrail.runtime import Runtime
-from guardrail.sampling import request_key
-from storage import queue
 from storage.engine import UnmigratedDatabaseError, check_migrated
 from storage.models import Sample
-from storage.repositories import add_sample, get_sample, list_audits
+from storage.repositories import get_sample, list_audits
 
 __all__ = ["SampleIn", "create_app"]
 
@@ -72,6 +68,8 @@ def _decode_base64(data: str) -> bytes:
 def create_app(runtime: Runtime) -> FastAPI:
     settings = runtime.settings
     tokens = [t.get_secret_value().encode() for t in settings.api_tokens]
+    from guardrail.proxy import add_proxy_routes
+
     app = FastAPI(
         title="eagle-guardrail",
         version=__version__,
@@ -90,61 +88,22 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     auth = [Depends(authorize)]
 
-    def ingest(body: SampleIn, image_bytes: bytes, force: bool) -> JSONResponse:
-        m = runtime.metrics
-        model = settings.model(body.model)
-        if model is None:
-            m.samples_skipped.labels(model="unknown", reason="unknown_model").inc()
-            known = ", ".join(x.name for x in settings.models)
-            raise HTTPException(404, f"model {body.model!r} is not configured (known: {known})")
-        m.samples_received.labels(model=model.name).inc()
-        if body.output is None and body.token_ids is None:
-            raise HTTPException(422, "give the generated text (output) or its token_ids")
-        if len(image_bytes) > settings.max_image_bytes:
-            raise HTTPException(413, f"the image is over {settings.max_image_bytes} bytes")
-        try:
-            image = decode_image(image_bytes)
-        except ValueError as exc:
-            raise HTTPException(422, f"image: {exc}") from None
-        auditor = runtime.auditors[model.name]
-        if image_placeholder(model.family) not in auditor.prompt_for(body.prompt):
-            raise HTTPException(
-                422,
-                f"prompt: holds no {image_placeholder(model.family)!r} placeholder and model "
-                f"{model.name!r} has no prompt template",
-            )
-        digest = hashlib.sha256(image_bytes).hexdigest()
-        key = request_key(model.name, body.request_id, digest, body.prompt, body.output or "")
-        decision = runtime.sampler.decide(model.name, key, force=force or body.audit)
-        if not decision.sampled:
-            m.samples_skipped.labels(model=model.name, reason=decision.reason).inc()
-            return JSONResponse({"sampled": False, "reason": decision.reason}, status_code=200)
-        with runtime.sessions.begin() as session:
-            sample = add_sample(
-                session,
-                model=model.name,
-                image_sha256=digest,
-                image_size=(int(image.shape[1]), int(image.shape[0])),
-                generated_text=body.output or "",
-                token_ids=body.token_ids,
-                request_id=body.request_id,
-                metadata=body.metadata,
-                prompt=body.prompt if settings.store_raw else None,
-                image_data=image_bytes if settings.store_raw else None,
-            )
-            queue.enqueue(
-                session,
-                sample.id,
-                max_attempts=settings.max_attempts,
-                image_data=image_bytes,
-                prompt=body.prompt,
-            )
-            sample_id = sample.id
-        m.samples_sampled.labels(model=model.name).inc()
-        return JSONResponse(
-            {"sampled": True, "id": sample_id, "status": "queued", "reason": decision.reason},
-            status_code=202,
+    def ingest_json(body: SampleIn, image_bytes: bytes, force: bool) -> JSONResponse:
+        request = IngestRequest(
+            model=body.model,
+            prompt=body.prompt,
+            image_bytes=image_bytes,
+            output=body.output,
+            token_ids=body.token_ids,
+            request_id=body.request_id,
+            metadata=body.metadata,
+            force=force or body.audit,
         )
+        try:
+            answer = ingest(runtime, request)
+        except IngestError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        return JSONResponse(answer, status_code=202 if answer["sampled"] else 200)
 
     @app.post(
         "/v1/samples",
@@ -159,7 +118,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     ) -> JSONResponse:
         """Offer a model output (JSON, image as base64) for audit."""
         image_bytes = _decode_base64(body.image_base64)
-        return ingest(body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always"))
+        return ingest_json(body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always"))
 
     @app.post(
         "/v1/samples/upload", dependencies=auth, status_code=202, response_model=SampleAccepted
@@ -193,7 +152,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             )
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        return ingest(body, data, (x_guardrail_audit or "").lower() in ("1", "always"))
+        return ingest_json(body, data, (x_guardrail_audit or "").lower() in ("1", "always"))
 
     @app.get("/v1/samples/{sample_id}", dependencies=auth)
     def get_sample_status(sample_id: str) -> dict[str, Any]:
@@ -233,6 +192,8 @@ def create_app(runtime: Runtime) -> FastAPI:
                     for s, t, v in rows
                 ]
             }
+
+    add_proxy_routes(app, runtime)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

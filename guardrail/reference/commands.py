@@ -17,6 +17,15 @@ def register(commands: Any) -> None:
     reference = commands.add_parser("reference", help="the shipped reference model and world")
     sub = reference.add_subparsers(dest="reference_command", metavar="COMMAND", required=True)
 
+    serve = sub.add_parser(
+        "serve", help="serve the shipped model as an OpenAI-compatible chat-completions server"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8701)
+    serve.add_argument("--model", type=Path, default=MODEL_DIR)
+    serve.add_argument("--name", default="reference", help="the model name it answers to")
+    serve.set_defaults(handler=_serve)
+
     train = sub.add_parser("train", help="train the reference model (CPU, deterministic)")
     train.add_argument("--out", type=Path, default=MODEL_DIR, help="where to save the model")
     train.add_argument("--seed", type=int, default=0)
@@ -56,6 +65,16 @@ def register(commands: Any) -> None:
     evaluate.add_argument("--model", type=Path, default=MODEL_DIR)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=_eval)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from guardrail.reference.upstream import create_upstream_app
+
+    app = create_upstream_app(args.model, model_name=args.name)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -1,0 +1,135 @@
+"""The proxy end to end: the reference upstream and the sidecar as real HTTP servers, driven by
+the official `openai` client; streaming and not; fail-open when ingest breaks."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from openai import OpenAI
+
+from detectors.reference import MODEL_DIR
+from guardrail.api import create_app
+from guardrail.config import load_settings
+from guardrail.reference.upstream import create_upstream_app
+from guardrail.runtime import Runtime, build_runtime
+from guardrail.worker import Worker
+from storage.engine import upgrade
+from storage.models import Sample
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "knife_trap.png"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Server:
+    def __init__(self, app: Any) -> None:
+        self.port = _free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    with _Server(create_upstream_app(MODEL_DIR)) as url:
+        yield url
+
+
+def _sidecar(tmp_path: Path, upstream: str) -> Runtime:
+    settings = load_settings(
+        environ={}, database_url=f"sqlite:///{tmp_path / 'g.db'}", upstream_url=upstream
+    )
+    runtime = build_runtime(settings)
+    upgrade(runtime.engine)
+    return runtime
+
+
+def _messages() -> list[dict[str, Any]]:
+    url = "data:image/png;base64," + base64.b64encode(EXAMPLE.read_bytes()).decode()
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "Describe the image."},
+            ],
+        }
+    ]
+
+
+def _wait_for_samples(runtime: Runtime, n: int) -> None:
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        with runtime.sessions() as session:
+            if session.query(Sample).count() >= n:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} samples were teed to ingest")
+
+
+def test_the_proxy_passes_responses_through_and_tees_them(upstream: str, tmp_path: Path) -> None:
+    runtime = _sidecar(tmp_path, upstream)
+    direct = OpenAI(base_url=f"{upstream}/v1", api_key="none")
+    want = direct.chat.completions.create(model="reference", messages=_messages())
+    with _Server(create_app(runtime)) as sidecar:
+        proxied = OpenAI(base_url=f"{sidecar}/v1", api_key="none")
+        got = proxied.chat.completions.create(model="reference", messages=_messages())
+        assert got.choices[0].message.content == want.choices[0].message.content
+        assert got.choices[0].message.content == "fork knife car clock ."
+        stream = proxied.chat.completions.create(
+            model="reference", messages=_messages(), stream=True
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+        assert text == "fork knife car clock ."
+        _wait_for_samples(runtime, 1)  # the same request twice: one sample (deterministic key)
+    worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics)
+    assert worker.run_once() and worker.run_once()
+    with runtime.sessions() as session:
+        samples = session.query(Sample).all()
+        assert {s.status.value for s in samples} == {"audited"}
+        words = {t.word: t.verdict.label for s in samples for t in s.tokens if t.verdict}
+        assert words["fork"] == "borrowed_evidence"
+
+
+def test_the_proxy_fails_open_when_ingest_breaks(upstream: str, tmp_path: Path) -> None:
+    runtime = _sidecar(tmp_path, upstream)
+    runtime.engine.dispose()
+    (tmp_path / "g.db").unlink()  # the database is gone (and unmigrated if recreated)
+    with _Server(create_app(runtime)) as sidecar:
+        proxied = OpenAI(base_url=f"{sidecar}/v1", api_key="none")
+        got = proxied.chat.completions.create(model="reference", messages=_messages())
+        assert got.choices[0].message.content == "fork knife car clock ."
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            metrics = httpx.get(f"{sidecar}/metrics").text
+            if 'guardrail_proxy_fail_open_drops_total{reason="ingest_error"} 1.0' in metrics:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the drop was not counted")
+        bad = httpx.post(f"{sidecar}/v1/chat/completions", json={"model": "reference"})
+        assert bad.status_code == 400  # the upstream's own answer, passed through
