@@ -1,5 +1,7 @@
-from __future__ import annotations
+"""`python -m guardrail` = the `guardrail` command."""
+
+import sys
 
 from guardrail.cli import main
 
-raise SystemExit(main())
+sys.exit(main())

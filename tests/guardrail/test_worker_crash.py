@@ -1,0 +1,149 @@
+"""Workers that die and workers that race: every accepted sample is audited exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
+from guardrail.config import load_settings
+from guardrail.images import encode_png
+from guardrail.ingest import IngestRequest, ingest
+from guardrail.runtime import Runtime, build_runtime
+from guardrail.worker import Worker
+from storage.engine import make_engine, upgrade
+from storage.models import FlaggedToken, Job, JobStatus, Sample
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "knife_trap.png"
+POSTGRES_URL = os.environ.get(
+    "GUARDRAIL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def _ingest(runtime: Runtime, image_png: bytes, output: str, request_id: str) -> str:
+    answer = ingest(
+        runtime,
+        IngestRequest(
+            model="reference",
+            prompt=CAPTION_PROMPT,
+            image_bytes=image_png,
+            output=output,
+            request_id=request_id,
+        ),
+    )
+    assert answer["sampled"]
+    return str(answer["id"])
+
+
+def test_a_worker_killed_mid_audit_loses_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    slow = [{"name": "reference", "path": str(MODEL_DIR), "budget_fraction": 1.0}]
+    env = {
+        **os.environ,
+        "GUARDRAIL_DATABASE_URL": url,
+        "GUARDRAIL_LEASE_SECONDS": "2",
+        "GUARDRAIL_MODELS": json.dumps(slow),  # exact search: a long audit to kill
+    }
+    settings = load_settings(environ={}, database_url=url, lease_seconds=2)
+    runtime = build_runtime(settings)
+    upgrade(runtime.engine)
+    sample_id = _ingest(runtime, EXAMPLE.read_bytes(), "fork knife car clock .", "crash-1")
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "guardrail", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with runtime.sessions() as session:
+                job = session.query(Job).one()
+                if job.status is JobStatus.RUNNING:
+                    break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the worker never claimed the job")
+        time.sleep(0.5)
+        victim.send_signal(signal.SIGKILL)  # kill -9, mid-audit
+        victim.wait(timeout=10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    with runtime.sessions() as session:
+        assert session.get(Sample, sample_id).status.value == "auditing"  # type: ignore[union-attr]
+    survivor = Worker(runtime.sessions, runtime.auditors, runtime.metrics, lease_seconds=30)
+    deadline = time.time() + 10
+    while not survivor.run_once():  # the job comes back once the dead worker's lease expires
+        assert time.time() < deadline, "the job did not come back"
+        time.sleep(0.2)
+    assert not survivor.run_once()
+    with runtime.sessions() as session:
+        job = session.query(Job).one()
+        assert job.status is JobStatus.DONE and job.attempts == 2
+        assert session.get(Sample, sample_id).status.value == "audited"  # type: ignore[union-attr]
+        assert session.query(FlaggedToken).count() == 4  # once, not twice
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    try:
+        engine = make_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            connection.execute(text("select 1"))
+    except Exception as exc:
+        if os.environ.get("GUARDRAIL_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required but not reachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    schema = f"gr_test_{uuid.uuid4().hex[:12]}"
+    with engine.begin() as connection:
+        connection.execute(text(f"create schema {schema}"))
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
+    with engine.begin() as connection:
+        connection.execute(text(f"drop schema {schema} cascade"))
+    engine.dispose()
+
+
+def test_racing_workers_on_postgresql_audit_each_sample_once(postgres_url: str) -> None:
+    runtime = build_runtime(load_settings(environ={}, database_url=postgres_url))
+    upgrade(runtime.engine)
+    ids = []
+    for i in range(6):
+        scene = generate_scene(11_000_200 + i, SceneKind.CLEAN)
+        ids.append(_ingest(runtime, encode_png(scene.image), scene.caption, f"race-{i}"))
+    workers = [
+        Worker(runtime.sessions, runtime.auditors, runtime.metrics, owner=f"w{i}") for i in range(3)
+    ]
+    done: list[str] = []
+
+    def drain(worker: Worker) -> None:
+        while worker.run_once():
+            done.append(worker.owner)
+
+    threads = [threading.Thread(target=drain, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(done) == 6
+    with runtime.sessions() as session:
+        jobs = session.query(Job).all()
+        assert all(j.status is JobStatus.DONE and j.attempts == 1 for j in jobs)
+        for sample_id in ids:
+            sample = session.get(Sample, sample_id)
+            assert sample is not None and sample.status.value == "audited"
+            positions = [t.position for t in sample.tokens]
+            assert positions and len(positions) == len(set(positions))
+    runtime.engine.dispose()
