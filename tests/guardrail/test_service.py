@@ -179,3 +179,52 @@ def test_readyz_reports_an_unmigrated_database(tmp_path: Path) -> None:
     answer = client.get("/readyz")
     assert answer.status_code == 503 and "guardrail db upgrade" in answer.text
     assert "/v1/samples" in client.get("/openapi.json").json()["paths"]
+
+
+def test_multipart_upload_and_store_raw(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path, store_raw=True)
+    client = TestClient(create_app(runtime))
+    png = EXAMPLE.read_bytes()
+    answer = client.post(
+        "/v1/samples/upload",
+        files={"image": ("trap.png", png, "image/png")},
+        data={"model": "reference", "prompt": CAPTION_PROMPT, "output": OUTPUT},
+        headers=AUTH,
+    )
+    assert answer.status_code == 202, answer.text
+    with runtime.sessions() as session:
+        sample = session.get(Sample, answer.json()["id"])
+        assert sample is not None and sample.image_data == png and sample.prompt == CAPTION_PROMPT
+    bad = client.post(
+        "/v1/samples/upload",
+        files={"image": ("trap.png", png, "image/png")},
+        data={"model": "reference", "prompt": CAPTION_PROMPT, "token_ids": "[1, 2"},
+        headers=AUTH,
+    )
+    assert bad.status_code == 422 and "token_ids" in bad.text
+
+
+def test_sampler_rate_is_deterministic_and_capped_per_minute() -> None:
+    from guardrail.config import ModelSettings
+    from guardrail.sampling import Sampler
+
+    now = [0.0]
+    half = ModelSettings(name="m", path=MODEL_DIR, sample_rate=0.5, max_audits_per_minute=3)
+    sampler = Sampler({"m": half}, clock=lambda: now[0])
+    keys = [f"request-{i}".encode() for i in range(400)]
+    first = [Sampler.fraction(k) < 0.5 for k in keys]
+    assert 0.4 < sum(first) / len(first) < 0.6
+    assert first == [Sampler.fraction(k) < 0.5 for k in keys]  # the same request, same answer
+    picked = [k for k, f in zip(keys, first, strict=True) if f][:5]
+    decisions = [sampler.decide("m", k) for k in picked]
+    assert [d.reason for d in decisions] == ["sampled"] * 3 + ["rate_limited"] * 2
+    now[0] = 61.0
+    assert sampler.decide("m", picked[3]).sampled
+
+
+def test_serve_refuses_an_unmigrated_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GUARDRAIL_DATABASE_URL", f"sqlite:///{tmp_path / 'new.db'}")
+    assert main(["serve", "--workers", "0"]) == 2
+    assert "guardrail db upgrade" in capsys.readouterr().err

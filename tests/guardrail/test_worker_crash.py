@@ -147,3 +147,36 @@ def test_racing_workers_on_postgresql_audit_each_sample_once(postgres_url: str) 
             positions = [t.position for t in sample.tokens]
             assert positions and len(positions) == len(set(positions))
     runtime.engine.dispose()
+
+
+def test_a_worker_process_serves_its_own_metrics(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    runtime = build_runtime(load_settings(environ={}, database_url=url))
+    upgrade(runtime.engine)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GUARDRAIL_DATABASE_URL": url}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrail", "worker", "--metrics-port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        body = ""
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    body = r.read().decode()
+                    break
+            except OSError:
+                time.sleep(0.2)
+        assert "guardrail_queue_depth" in body and "guardrail_audit_duration_seconds" in body
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
