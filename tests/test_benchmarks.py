@@ -60,3 +60,10 @@ def test_explain_speed_benchmark_prints_json() -> None:
     for key in ("speedup", "attainment", "reference_passes", "ours_passes"):
         assert isinstance(report[key], float), key
     assert float(report["reference_passes"]) > float(report["ours_passes"])  # type: ignore[arg-type]
+
+
+def test_proxy_overhead_benchmark_prints_json() -> None:
+    report = _run_json("proxy_overhead.py", "--requests", "2")
+    assert report["samples_teed"] == 4
+    for mode in ("plain", "stream"):
+        assert isinstance(report[mode], dict) and "overhead_p50_ms" in report[mode]

@@ -4,8 +4,6 @@ the official `openai` client; streaming and not; fail-open when ingest breaks.""
 from __future__ import annotations
 
 import base64
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from openai import OpenAI
 
 from detectors.reference import MODEL_DIR
 from guardrail.api import create_app
+from guardrail.background_server import BackgroundServer
 from guardrail.config import load_settings
 from guardrail.reference.upstream import create_upstream_app
 from guardrail.runtime import Runtime, build_runtime
@@ -28,34 +26,9 @@ from storage.models import Sample
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "knife_trap.png"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Server:
-    def __init__(self, app: Any) -> None:
-        self.port = _free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
-    with _Server(create_upstream_app(MODEL_DIR)) as url:
+    with BackgroundServer(create_upstream_app(MODEL_DIR)) as url:
         yield url
 
 
@@ -95,7 +68,7 @@ def test_the_proxy_passes_responses_through_and_tees_them(upstream: str, tmp_pat
     runtime = _sidecar(tmp_path, upstream)
     direct = OpenAI(base_url=f"{upstream}/v1", api_key="none")
     want = direct.chat.completions.create(model="reference", messages=_messages())
-    with _Server(create_app(runtime)) as sidecar:
+    with BackgroundServer(create_app(runtime)) as sidecar:
         proxied = OpenAI(base_url=f"{sidecar}/v1", api_key="none")
         got = proxied.chat.completions.create(model="reference", messages=_messages())
         assert got.choices[0].message.content == want.choices[0].message.content
@@ -119,7 +92,7 @@ def test_the_proxy_fails_open_when_ingest_breaks(upstream: str, tmp_path: Path) 
     runtime = _sidecar(tmp_path, upstream)
     runtime.engine.dispose()
     (tmp_path / "g.db").unlink()  # the database is gone (and unmigrated if recreated)
-    with _Server(create_app(runtime)) as sidecar:
+    with BackgroundServer(create_app(runtime)) as sidecar:
         proxied = OpenAI(base_url=f"{sidecar}/v1", api_key="none")
         got = proxied.chat.completions.create(model="reference", messages=_messages())
         assert got.choices[0].message.content == "fork knife car clock ."
