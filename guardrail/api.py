@@ -18,12 +18,13 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, 
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from sqlalchemy import select
 
 from guardrail import __version__
 from guardrail.ingest import IngestError, IngestRequest, ingest
 from guardrail.runtime import Runtime
 from storage.engine import UnmigratedDatabaseError, check_migrated
-from storage.models import Sample
+from storage.models import Job, Sample
 from storage.repositories import get_sample, list_audits
 
 __all__ = ["SampleIn", "create_app"]
@@ -161,7 +162,21 @@ def create_app(runtime: Runtime) -> FastAPI:
             sample = get_sample(session, sample_id)
             if sample is None:
                 raise HTTPException(404, f"no sample {sample_id!r}")
-            return _sample_view(sample)
+            view = _sample_view(sample)
+            job = (
+                session.execute(
+                    select(Job).where(Job.sample_id == sample_id).order_by(Job.id.desc())
+                )
+                .scalars()
+                .first()
+            )
+            if job is not None:
+                view["job"] = {
+                    "status": job.status.value,
+                    "attempts": job.attempts,
+                    "error": job.last_error,
+                }
+            return view
 
     @app.get("/v1/audits", dependencies=auth)
     def get_audits(

@@ -14,7 +14,12 @@ from detectors.pipeline import AuditSettings, audit_sample
 from detectors.types import Attribution, Verdict
 from guardrail.config import ModelSettings
 
-__all__ = ["AuditResult", "ModelAuditor", "image_placeholder"]
+__all__ = ["AuditInputError", "AuditResult", "ModelAuditor", "image_placeholder"]
+
+
+class AuditInputError(ValueError):
+    """The sample cannot be audited as sent (retrying will not help)."""
+
 
 _PLACEHOLDERS = {"llava": "<image>", "qwen2_5_vl": "<|image_pad|>"}
 
@@ -101,6 +106,31 @@ class ModelAuditor:
         tokenizer = self.load()["tokenizer"]
         return [int(t) for t in tokenizer(text, add_special_tokens=False).input_ids]
 
+    def _check_tokens(self, loaded: dict[str, Any], prompt: str, ids: Sequence[int]) -> None:
+        model = loaded["model"].model
+        text_config = model.config.get_text_config()
+        vocab = int(text_config.vocab_size)
+        bad = [t for t in ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise AuditInputError(
+                f"token ids {bad[:5]} do not decode: the model's vocabulary has {vocab} tokens"
+            )
+        limit = getattr(text_config, "max_position_embeddings", None)
+        if limit is not None:
+            if self.settings.family == "llava":
+                from detectors.scorers.llava import LlavaModel
+
+                llava: LlavaModel = loaded["model"]
+                image = np.zeros((32, 32, 3), dtype=np.uint8)
+                n_prompt = len(llava.prompt_ids(self.prompt_for(prompt), image))
+            else:
+                n_prompt = len(loaded["tokenizer"](self.prompt_for(prompt)).input_ids)
+            if n_prompt + len(ids) > int(limit):
+                raise AuditInputError(
+                    f"the prompt and output are {n_prompt + len(ids)} tokens, over the "
+                    f"model's {limit} positions"
+                )
+
     def audit(
         self, image: np.ndarray, prompt: str, token_ids: Sequence[int] | None, text: str
     ) -> AuditResult:
@@ -112,6 +142,7 @@ class ModelAuditor:
         loaded = self.load()
         ids = list(token_ids) if token_ids else self.tokenize(text)
         tokenizer = loaded["tokenizer"]
+        self._check_tokens(loaded, prompt, ids)
 
         def decode(pieces: Sequence[int]) -> str:
             return str(tokenizer.decode(list(pieces), skip_special_tokens=True))

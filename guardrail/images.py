@@ -39,19 +39,41 @@ def write_image(path: str | Path, rgb: np.ndarray) -> None:
 def decode_image(data: bytes, *, max_pixels: int = 40_000_000) -> np.ndarray:
     """Encoded image bytes (PNG, JPEG, WebP, ...) as an `(H, W, 3)` uint8 RGB array.
 
+    The size is read from the header and checked against `max_pixels` before anything is
+    decoded (decompression bombs); truncated files are refused, not half-decoded.
+
     Raises:
-        ValueError: not an image OpenCV can decode, or larger than `max_pixels`.
+        ValueError: empty, not an image, truncated, or larger than `max_pixels`.
     """
-    import cv2
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise ValueError("the image is empty")
-    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if array is None:
-        raise ValueError("the image could not be decoded (send PNG, JPEG or WebP)")
-    if array.shape[0] * array.shape[1] > max_pixels:
-        raise ValueError(f"the image has {array.shape[0]}x{array.shape[1]} pixels, too many")
-    return np.ascontiguousarray(array[..., ::-1])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ValueError(
+                        f"the image is {width}x{height} pixels, over the {max_pixels} allowed"
+                    )
+                image.load()
+                rgb = image.convert("RGB")
+    except ValueError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"the image has too many pixels (decompression bomb?): {exc}") from None
+    except UnidentifiedImageError:
+        raise ValueError("the image could not be decoded (send PNG, JPEG or WebP)") from None
+    except (OSError, SyntaxError) as exc:  # truncated or corrupt data
+        raise ValueError(f"the image is truncated or corrupt: {exc}") from None
+    if width == 0 or height == 0:
+        raise ValueError("the image has no pixels")
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

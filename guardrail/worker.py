@@ -17,7 +17,8 @@ from collections.abc import Mapping
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from guardrail.auditor import ModelAuditor
+from detectors.errors import DetectorError
+from guardrail.auditor import AuditInputError, ModelAuditor
 from guardrail.images import decode_image
 from guardrail.metrics import Metrics, category_label
 from storage import queue
@@ -97,8 +98,11 @@ class Worker:
             message = f"{type(exc).__name__}: {exc}"
             log.warning("worker %s: job %s failed: %s", self.owner, job_id, message)
             log.debug("%s", traceback.format_exc())
+            permanent = isinstance(exc, AuditInputError | DetectorError | LookupError) or (
+                isinstance(exc, ValueError) and "image" in str(exc)
+            )
             with self.sessions.begin() as session:
-                status = queue.fail(session, job_id, self.owner, message)
+                status = queue.fail(session, job_id, self.owner, message, permanent=permanent)
                 if status is not None and status.value == "failed":
                     failed = session.get(Sample, sample_id)
                     if failed is not None:

@@ -111,17 +111,24 @@ def complete(session: Session, job_id: int, owner: str) -> bool:
 
 
 def fail(
-    session: Session, job_id: int, owner: str, error: str, *, backoff_seconds: float = 5.0
+    session: Session,
+    job_id: int,
+    owner: str,
+    error: str,
+    *,
+    backoff_seconds: float = 5.0,
+    permanent: bool = False,
 ) -> JobStatus | None:
     """Record a failed attempt: back to the queue after an exponential backoff, or FAILED once
-    `max_attempts` are spent.  None if `owner` no longer holds the job."""
+    `max_attempts` are spent or when the error is `permanent` (bad input: retrying cannot
+    help).  None if `owner` no longer holds the job."""
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.lease_owner != owner or job.status != JobStatus.RUNNING:
         return None
     job.last_error = error[:4000]
     job.lease_owner = None
     job.lease_expires_at = None
-    if job.attempts >= job.max_attempts:
+    if permanent or job.attempts >= job.max_attempts:
         job.status = JobStatus.FAILED
         job.finished_at = utcnow()
         job.image_data = job.prompt = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 from pathlib import Path
@@ -228,3 +229,53 @@ def test_serve_refuses_an_unmigrated_database(
     monkeypatch.setenv("GUARDRAIL_DATABASE_URL", f"sqlite:///{tmp_path / 'new.db'}")
     assert main(["serve", "--workers", "0"]) == 2
     assert "guardrail db upgrade" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        ({"output": None, "token_ids": [10**6, 3]}, "failed", "do not decode"),
+        ({"output": " ".join(["cup"] * 150)}, "failed", "positions"),
+        ({"output": "a ball ."}, "audited", None),
+        ({"output": "nothing to see here ."}, "audited", None),
+    ],
+)
+def test_problems_only_the_worker_sees_are_stored_as_failed_with_the_reason(
+    tmp_path: Path, body: dict[str, object], status: str, error: str | None
+) -> None:
+    runtime = _runtime(tmp_path)
+    client = TestClient(create_app(runtime))
+    _, image_b64 = _trap()
+    answer = client.post("/v1/samples", json={**_body(image_b64), **body}, headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics)
+    assert worker.run_once()
+    assert not worker.run_once()  # input errors are not retried
+    view = client.get(f"/v1/samples/{answer.json()['id']}", headers=AUTH).json()
+    assert view["status"] == status
+    if error is None:
+        assert view["job"]["error"] is None
+    else:
+        assert error in view["job"]["error"] and view["job"]["attempts"] == 1
+
+
+def test_images_that_are_not_images_get_a_4xx(tmp_path: Path) -> None:
+    from PIL import Image
+
+    runtime = _runtime(tmp_path)
+    client = TestClient(create_app(runtime))
+    png = EXAMPLE.read_bytes()
+    bomb = io.BytesIO()
+    Image.new("L", (12_000, 12_000)).save(bomb, format="PNG")  # 144 Mpx, a few hundred kB
+    for data, words in [
+        (png[: len(png) // 2], "truncated"),
+        (bomb.getvalue(), "pixels"),
+        (b"GIF89a" + b"\0" * 20, "decoded"),
+    ]:
+        body = _body(base64.b64encode(data).decode())
+        answer = client.post("/v1/samples", json=body, headers=AUTH)
+        assert answer.status_code == 422 and words in answer.text, answer.text
+    malformed = client.post(
+        "/v1/samples", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert malformed.status_code == 422
