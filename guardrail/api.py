@@ -7,6 +7,7 @@ wrong, and nothing accepted is lost (the job is in the database before the answe
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -89,7 +90,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     auth = [Depends(authorize)]
 
-    def ingest_json(body: SampleIn, image_bytes: bytes, force: bool) -> JSONResponse:
+    async def ingest_json(body: SampleIn, image_bytes: bytes, force: bool) -> JSONResponse:
         request = IngestRequest(
             model=body.model,
             prompt=body.prompt,
@@ -100,8 +101,9 @@ def create_app(runtime: Runtime) -> FastAPI:
             metadata=body.metadata,
             force=force or body.audit,
         )
+        loop = asyncio.get_running_loop()
         try:
-            answer = ingest(runtime, request)
+            answer = await loop.run_in_executor(runtime.ingest_executor, ingest, runtime, request)
         except IngestError as exc:
             raise HTTPException(exc.status, str(exc)) from None
         return JSONResponse(answer, status_code=202 if answer["sampled"] else 200)
@@ -113,13 +115,15 @@ def create_app(runtime: Runtime) -> FastAPI:
         response_model=SampleAccepted,
         responses={200: {"description": "not sampled"}, 404: {}, 413: {}, 422: {}},
     )
-    def post_sample(
+    async def post_sample(
         body: SampleIn,
         x_guardrail_audit: Annotated[str | None, Header()] = None,
     ) -> JSONResponse:
         """Offer a model output (JSON, image as base64) for audit."""
         image_bytes = _decode_base64(body.image_base64)
-        return ingest_json(body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always"))
+        return await ingest_json(
+            body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always")
+        )
 
     @app.post(
         "/v1/samples/upload", dependencies=auth, status_code=202, response_model=SampleAccepted
@@ -153,7 +157,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             )
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        return ingest_json(body, data, (x_guardrail_audit or "").lower() in ("1", "always"))
+        return await ingest_json(body, data, (x_guardrail_audit or "").lower() in ("1", "always"))
 
     @app.get("/v1/samples/{sample_id}", dependencies=auth)
     def get_sample_status(sample_id: str) -> dict[str, Any]:

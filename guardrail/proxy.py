@@ -109,9 +109,16 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
             drop("no_image")
         except (IngestError, json.JSONDecodeError, UnicodeDecodeError):
             drop("rejected")
-        except Exception:  # the database or anything else: traffic must still flow
-            log.exception("proxy: could not tee a sample to ingest")
+        except Exception as exc:  # the database or anything else: traffic must still flow
+            log.warning("proxy: could not tee a sample to ingest: %s", str(exc).splitlines()[0])
             drop("ingest_error")
+
+    async def submit(fn: Any, *args: Any) -> None:
+        """Run the tee on the ingest executor without holding up the event loop."""
+        try:
+            runtime.ingest_executor.submit(fn, *args)
+        except RuntimeError:  # the executor is shutting down
+            drop("shutting_down")
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
@@ -159,7 +166,9 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
                 except (ValueError, KeyError, IndexError, TypeError):
                     text = None
             background = (
-                BackgroundTask(tee, body, text, lower) if response.status_code == 200 else None
+                BackgroundTask(submit, tee, body, text, lower)
+                if response.status_code == 200
+                else None
             )
             return Response(
                 content=content,
@@ -190,5 +199,7 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
             relay(),
             status_code=response.status_code,
             headers=out_headers,
-            background=BackgroundTask(after_stream) if response.status_code == 200 else None,
+            background=BackgroundTask(submit, after_stream)
+            if response.status_code == 200
+            else None,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
@@ -24,11 +25,14 @@ class Runtime:
     metrics: Metrics
     auditors: dict[str, ModelAuditor]
     sampler: Sampler
+    # ingest writes: one thread on SQLite (one writer, no lock contention), more on PostgreSQL
+    ingest_executor: ThreadPoolExecutor
     workers: list[object] = field(default_factory=list)
 
 
 def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime:
-    engine = make_engine(settings.database_url.get_secret_value())
+    url = settings.database_url.get_secret_value()
+    engine = make_engine(url)
     auditors = {m.name: ModelAuditor(m) for m in settings.models}
     return Runtime(
         settings=settings,
@@ -37,4 +41,7 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
         metrics=metrics or Metrics.create(),
         auditors=auditors,
         sampler=Sampler({m.name: m for m in settings.models}),
+        ingest_executor=ThreadPoolExecutor(
+            max_workers=1 if url.startswith("sqlite") else 8, thread_name_prefix="ingest"
+        ),
     )

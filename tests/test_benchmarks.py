@@ -67,3 +67,22 @@ def test_proxy_overhead_benchmark_prints_json() -> None:
     assert report["samples_teed"] >= 4  # warm-up requests are teed too; the last may lag
     for mode in ("plain", "stream"):
         assert isinstance(report[mode], dict) and "overhead_p50_ms" in report[mode]
+
+
+def test_sidecar_load_benchmark_prints_json() -> None:
+    report = _run_json(
+        "sidecar_load.py",
+        "--requests",
+        "5",
+        "--rate",
+        "50",
+        "--samples",
+        "40",
+        "--concurrency",
+        "4",
+        "--outage-requests",
+        "3",
+    )
+    for key in ("proxy_overhead_p50_ms", "proxy_overhead_p99_ms", "ingest_samples_per_s"):
+        assert isinstance(report[key], float), key
+    assert report["failed_requests_during_db_outage"] == 0
