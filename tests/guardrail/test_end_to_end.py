@@ -1,0 +1,165 @@
+"""The whole sidecar as separate processes, as deployed: `guardrail reference serve` upstream,
+`guardrail serve` (API + proxy) and two `guardrail worker` processes sharing PostgreSQL,
+driven through the proxy with the official `openai` client."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+from sqlalchemy import text
+
+from guardrail.background_server import free_port
+from storage.engine import make_engine, session_factory
+from storage.models import Job, JobStatus, Sample
+
+ROOT = Path(__file__).resolve().parents[2]
+POSTGRES_URL = os.environ.get(
+    "GUARDRAIL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    try:
+        engine = make_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            connection.execute(text("select 1"))
+    except Exception as exc:
+        if os.environ.get("GUARDRAIL_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required but not reachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    schema = f"gr_e2e_{uuid.uuid4().hex[:12]}"
+    with engine.begin() as connection:
+        connection.execute(text(f"create schema {schema}"))
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
+    with engine.begin() as connection:
+        connection.execute(text(f"drop schema {schema} cascade"))
+    engine.dispose()
+
+
+def _spawn(args: list[str], env: dict[str, str], probe: str | None) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrail", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while probe is not None and time.time() < deadline:
+        try:
+            if httpx.get(probe, timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    if probe is not None:
+        process.kill()
+        raise AssertionError(f"guardrail {' '.join(args)} did not come up")
+    return process
+
+
+def _ask(client: OpenAI, image: Path, request_id: str) -> str:
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    answer = client.chat.completions.create(
+        model="reference",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "Describe the image."},
+                ],
+            }
+        ],
+        extra_headers={"X-Request-Id": request_id},
+    )
+    return str(answer.choices[0].message.content)
+
+
+def test_proxy_and_two_worker_processes_on_postgresql(database_url: str, tmp_path: Path) -> None:
+    from detectors.reference import SceneKind, generate_scene
+    from guardrail.images import write_image
+
+    images = {
+        "knife": ROOT / "examples" / "knife_trap.png",
+        "cup": ROOT / "examples" / "cup_trap.png",
+    }
+    for i in range(3):
+        path = tmp_path / f"clean{i}.png"
+        write_image(path, generate_scene(11_000_300 + i, SceneKind.CLEAN).image)
+        images[f"clean{i}"] = path
+    up_port, side_port = free_port(), free_port()
+    metric_ports = [free_port(), free_port()]
+    env = {
+        "GUARDRAIL_DATABASE_URL": database_url,
+        "GUARDRAIL_UPSTREAM_URL": f"http://127.0.0.1:{up_port}",
+        "GUARDRAIL_WORKERS": "0",
+    }
+    subprocess.run(
+        [sys.executable, "-m", "guardrail", "db", "upgrade"],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+    )
+    processes = [
+        _spawn(
+            ["reference", "serve", "--port", str(up_port)],
+            env,
+            f"http://127.0.0.1:{up_port}/v1/models",
+        ),
+        _spawn(["serve", "--port", str(side_port)], env, f"http://127.0.0.1:{side_port}/readyz"),
+    ]
+    processes += [
+        _spawn(["worker", "--metrics-port", str(port)], env, f"http://127.0.0.1:{port}/metrics")
+        for port in metric_ports
+    ]
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{side_port}/v1", api_key="none")
+        said = {name: _ask(client, path, f"e2e-{name}") for name, path in images.items()}
+        assert said["knife"] == "fork knife car clock ."
+        engine = make_engine(database_url)
+        sessions = session_factory(engine)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with sessions() as session:
+                statuses = [s.status.value for s in session.query(Sample).all()]
+            if len(statuses) == len(images) and set(statuses) == {"audited"}:
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError(f"not all samples were audited: {statuses}")
+        with sessions() as session:
+            jobs = session.query(Job).all()
+            assert len(jobs) == len(images)
+            assert all(j.status is JobStatus.DONE and j.attempts == 1 for j in jobs)
+            by_request = {s.request_id: s for s in session.query(Sample).all()}
+            verdicts = {
+                name: {t.word: t.verdict.label for t in by_request[f"e2e-{name}"].tokens}
+                for name in images
+            }
+        engine.dispose()
+        assert verdicts["knife"]["fork"] == "borrowed_evidence"
+        assert verdicts["cup"]["spoon"] == "language_prior"
+        metrics = httpx.get(f"http://127.0.0.1:{side_port}/metrics").text
+        assert f'guardrail_samples_sampled_total{{model="reference"}} {len(images)}.0' in metrics
+        audited = 0.0
+        for port in metric_ports:  # each worker process serves its own registry
+            for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+                if line.startswith("guardrail_audits_total{"):
+                    audited += float(line.rsplit(" ", 1)[1])
+        assert audited == len(images)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=15)
