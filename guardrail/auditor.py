@@ -42,8 +42,9 @@ class AuditResult:
 class ModelAuditor:
     """One configured model, loaded on first use (thread-safe)."""
 
-    def __init__(self, settings: ModelSettings) -> None:
+    def __init__(self, settings: ModelSettings, *, threads: int | None = None) -> None:
         self.settings = settings
+        self.threads = threads
         self._lock = threading.Lock()
         self._loaded: dict[str, Any] | None = None
 
@@ -73,14 +74,14 @@ class ModelAuditor:
             from detectors.scorers.llava import load_llava
             from detectors.scorers.llava_fast import llava_onnx_vision
 
-            llava = load_llava(s.path, device=s.device)
+            llava = load_llava(s.path, device=s.device, threads=self.threads)
             vision = llava_onnx_vision(llava, s.onnx, device=s.device) if s.onnx else None
             tokenizer = llava.tokenizer
             model: Any = llava
         else:
             from detectors.scorers.qwen import load_qwen
 
-            model = load_qwen(s.path, device=s.device)
+            model = load_qwen(s.path, device=s.device, threads=self.threads)
             vision = None
             tokenizer = model.tokenizer
         return {

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8700, ge=1, le=65535)
     workers: int = Field(default=1, ge=0, le=64)
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch threads per process (default: torch's choice)"
+    )
     lease_seconds: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     max_image_bytes: int = Field(default=20 * 2**20, ge=1024)

@@ -33,7 +33,7 @@ class Runtime:
 def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime:
     url = settings.database_url.get_secret_value()
     engine = make_engine(url)
-    auditors = {m.name: ModelAuditor(m) for m in settings.models}
+    auditors = {m.name: ModelAuditor(m, threads=settings.torch_threads) for m in settings.models}
     return Runtime(
         settings=settings,
         engine=engine,

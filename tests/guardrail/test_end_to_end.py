@@ -104,6 +104,8 @@ def test_proxy_and_two_worker_processes_on_postgresql(database_url: str, tmp_pat
         "GUARDRAIL_DATABASE_URL": database_url,
         "GUARDRAIL_UPSTREAM_URL": f"http://127.0.0.1:{up_port}",
         "GUARDRAIL_WORKERS": "0",
+        "GUARDRAIL_TORCH_THREADS": "1",  # two worker processes on two cores
+        "OMP_WAIT_POLICY": "PASSIVE",
     }
     subprocess.run(
         [sys.executable, "-m", "guardrail", "db", "upgrade"],
