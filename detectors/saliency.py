@@ -9,7 +9,7 @@ import numpy as np
 if TYPE_CHECKING:
     from detectors.types import Attribution
 
-__all__ = ["objective_curve", "region_values"]
+__all__ = ["objective_curve", "region_values", "values_from_curve"]
 
 
 def objective_curve(attribution: Attribution) -> np.ndarray:
@@ -27,10 +27,15 @@ def region_values(attribution: Attribution) -> np.ndarray:
     """`(R,)` float in [0, 1] indexed by region id: value_k = -sum_{j<=k} |F_j - F_{j-1}| along
     the order, min-max normalised (earlier regions are hotter; gaps follow the marginal gains).
     All zeros when F is flat (no region changes anything)."""
-    curve = objective_curve(attribution)
-    values = -np.cumsum(np.abs(np.diff(curve)))
+    return values_from_curve(attribution.order, objective_curve(attribution))
+
+
+def values_from_curve(order: np.ndarray, curve: np.ndarray) -> np.ndarray:
+    """`region_values` from an order and its complete `(N + 1,)` objective curve."""
+    order = np.asarray(order, dtype=np.int64)
+    values = -np.cumsum(np.abs(np.diff(np.asarray(curve, dtype=np.float64))))
     low, high = float(values.min()), float(values.max())
-    out = np.zeros(attribution.n_regions)
+    out = np.zeros(order.size)
     if high - low > 1e-12:
-        out[attribution.order] = (values - low) / (high - low)
+        out[order] = (values - low) / (high - low)
     return out

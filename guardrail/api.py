@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -25,7 +25,7 @@ from guardrail import __version__
 from guardrail.ingest import IngestError, IngestRequest, ingest
 from guardrail.runtime import Runtime
 from storage.engine import UnmigratedDatabaseError, check_migrated
-from storage.models import Job, Sample
+from storage.models import Job, Report, Sample
 from storage.repositories import get_sample, list_audits
 
 __all__ = ["SampleIn", "create_app"]
@@ -213,6 +213,38 @@ def create_app(runtime: Runtime) -> FastAPI:
             }
 
     add_proxy_routes(app, runtime)
+
+    @app.get("/v1/reports", dependencies=auth)
+    def list_reports(limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
+        """Stored audit reports, newest first."""
+        with runtime.sessions() as session:
+            rows = session.execute(
+                select(Report).order_by(Report.period_end.desc()).limit(limit)
+            ).scalars()
+            return {
+                "reports": [
+                    {
+                        "id": r.id,
+                        "kind": r.kind,
+                        "since": r.period_start.isoformat(),
+                        "until": r.period_end.isoformat(),
+                        "created_at": r.created_at.isoformat(),
+                        "url": f"/reports/{r.id}",
+                        "hallucination_rate": r.data.get("hallucination_rate"),
+                        "audited_words": r.data.get("audited_words"),
+                    }
+                    for r in rows
+                ]
+            }
+
+    @app.get("/reports/{report_id}", dependencies=auth, response_class=HTMLResponse)
+    def show_report(report_id: str) -> HTMLResponse:
+        """One report as a self-contained HTML page."""
+        with runtime.sessions() as session:
+            report = session.get(Report, report_id)
+            if report is None:
+                raise HTTPException(404, f"no report {report_id!r}")
+            return HTMLResponse(report.html)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

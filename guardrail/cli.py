@@ -42,11 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     from guardrail.explain_command import register as register_explain
     from guardrail.export_command import register as register_export
     from guardrail.reference.commands import register as register_reference
+    from guardrail.report_command import register as register_report
     from guardrail.serve_command import register as register_serve
 
     register_explain(commands)
     register_db(commands)
     register_serve(commands)
+    register_report(commands)
     register_export(commands)
     register_reference(commands)
     return parser

@@ -1,0 +1,171 @@
+"""Gathering an audit report's data from the database (rendering lives in `dashboards`)."""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from detectors.saliency import values_from_curve
+from storage.models import FlaggedToken, Report, Sample
+from storage.repositories import label_map
+
+__all__ = ["HALLUCINATED", "gather_report", "store_report"]
+
+HALLUCINATED = ("language_prior", "borrowed_evidence")
+
+
+def _aware(value: datetime, like: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=like.tzinfo)
+
+
+def _heatmap_png(token: FlaggedToken, sample: Sample) -> str | None:
+    """The word's saliency over the image (when stored) or over a neutral canvas of the same
+    regions, as a base64 PNG."""
+    from detectors.heatmap import colorize
+    from guardrail.images import decode_image, encode_png
+
+    a = token.attribution
+    if a is None:
+        return None
+    labels = label_map(a)
+    ins = np.array([np.nan if v is None else v for v in a.insertion], dtype=np.float64)
+    dele = np.array([np.nan if v is None else v for v in a.deletion], dtype=np.float64)
+    curve = ins + (1.0 - dele)
+    known = ~np.isnan(curve)
+    if not known.any():
+        return None
+    steps = np.arange(curve.size)
+    curve = np.interp(steps, steps[known], curve[known])
+    values = values_from_curve(np.asarray(a.order), curve)[labels]
+    if sample.image_data is not None:
+        base = decode_image(sample.image_data).astype(np.float64)
+        if base.shape[:2] != labels.shape:
+            base = np.full((*labels.shape, 3), 128.0)
+    else:
+        base = np.full((*labels.shape, 3), 128.0)
+    weight = 0.6 * (0.25 + 0.75 * values)[..., None]
+    out = (1 - weight) * base + weight * colorize(values).astype(np.float64)
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:-1] |= labels[:-1] != labels[1:]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    out[edge] = 0.6 * out[edge] + 0.4 * 255
+    picture = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    scale = max(1, 192 // max(picture.shape[:2]))
+    picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
+    return base64.b64encode(encode_png(picture)).decode()
+
+
+def gather_report(
+    session: Session, since: datetime, until: datetime, *, examples: int = 6
+) -> dict[str, Any]:
+    """Everything the report shows for [since, until), as JSON-able data."""
+    query = (
+        select(Sample)
+        .where(Sample.received_at >= since, Sample.received_at < until)
+        .options(
+            selectinload(Sample.tokens).selectinload(FlaggedToken.verdict),
+            selectinload(Sample.tokens).selectinload(FlaggedToken.attribution),
+        )
+        .order_by(Sample.received_at)
+    )
+    samples = list(session.execute(query).scalars())
+    span = (until - since).total_seconds()
+    bucket = timedelta(hours=1) if span <= 3 * 86400 else timedelta(days=1)
+    series: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    verdicts: Counter[str] = Counter()
+    prior_objects: Counter[str] = Counter()
+    borrowed_objects: Counter[str] = Counter()
+    passes: list[int] = []
+    seconds: list[float] = []
+    exhausted = 0
+    worst: list[tuple[float, FlaggedToken, Sample]] = []
+    status: Counter[str] = Counter()
+    for sample in samples:
+        status[sample.status.value] += 1
+        received = _aware(sample.received_at, since)
+        slot = since + bucket * int((received - since) / bucket)
+        for token in sample.tokens:
+            v, a = token.verdict, token.attribution
+            if v is None:
+                continue
+            cell = series[sample.model][slot.isoformat()]
+            cell[0] += 1
+            cell[1] += v.label in HALLUCINATED
+            verdicts[v.label] += 1
+            if v.label == "language_prior":
+                prior_objects[token.category] += 1
+            if v.label == "borrowed_evidence":
+                borrowed_objects[token.category] += 1
+            if a is not None:
+                passes.append(a.forward_passes)
+                seconds.append(a.seconds)
+                exhausted += a.stopped_by in ("forward_budget", "time_budget")
+            if v.label in HALLUCINATED:
+                worst.append((v.hallucination_score, token, sample))
+    worst.sort(key=lambda w: -w[0])
+    audited = sum(verdicts.values())
+    return {
+        "period": {"since": since.isoformat(), "until": until.isoformat()},
+        "samples": len(samples),
+        "sample_status": dict(status),
+        "audited_words": audited,
+        "hallucination_rate": (sum(verdicts[k] for k in HALLUCINATED) / audited)
+        if audited
+        else 0.0,
+        "verdicts": dict(verdicts),
+        "rate_over_time": {
+            model: [
+                {"start": start, "audited": n, "hallucinated": h, "rate": h / n if n else 0.0}
+                for start, (n, h) in sorted(cells.items())
+            ]
+            for model, cells in series.items()
+        },
+        "top_language_prior_objects": prior_objects.most_common(10),
+        "top_borrowed_evidence_objects": borrowed_objects.most_common(10),
+        "budget": {
+            "forward_passes_mean": float(np.mean(passes)) if passes else 0.0,
+            "forward_passes_p95": float(np.percentile(passes, 95)) if passes else 0.0,
+            "seconds_mean": float(np.mean(seconds)) if seconds else 0.0,
+            "budget_exhausted": exhausted,
+        },
+        "worst_examples": [
+            {
+                "sample_id": sample.id,
+                "model": sample.model,
+                "received_at": sample.received_at.isoformat(),
+                "output": sample.generated_text,
+                "word": token.word,
+                "verdict": token.verdict.label if token.verdict else None,
+                "hallucination_score": score,
+                "reason": token.verdict.reason if token.verdict else "",
+                "raw_image": sample.image_data is not None,
+                "heatmap_png": _heatmap_png(token, sample),
+            }
+            for score, token, sample in worst[:examples]
+        ],
+    }
+
+
+def store_report(
+    session: Session, kind: str, since: datetime, until: datetime, html: str, data: dict[str, Any]
+) -> Report:
+    """Store (or replace) the report of `kind` for this period: one per period."""
+    existing = session.execute(
+        select(Report).where(
+            Report.kind == kind, Report.period_start == since, Report.period_end == until
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        existing.html, existing.data = html, data
+        session.flush()
+        return existing
+    report = Report(kind=kind, period_start=since, period_end=until, html=html, data=data)
+    session.add(report)
+    session.flush()
+    return report

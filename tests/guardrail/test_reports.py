@@ -1,0 +1,104 @@
+"""Audit reports from a database filled by real audits of the reference model."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from detectors.reference import CAPTION_PROMPT
+from guardrail.api import create_app
+from guardrail.cli import main
+from guardrail.config import load_settings
+from guardrail.ingest import IngestRequest, ingest
+from guardrail.report_command import make_report
+from guardrail.runtime import Runtime, build_runtime
+from guardrail.worker import Worker
+from storage.engine import upgrade
+from storage.models import Report
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SAID = {"knife_trap": "fork knife car clock .", "cup_trap": "car ball cup spoon tree ."}
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
+    tmp = tmp_path_factory.mktemp("reports")
+    runtime = build_runtime(
+        load_settings(environ={}, database_url=f"sqlite:///{tmp / 'g.db'}", store_raw=True)
+    )
+    upgrade(runtime.engine)
+    for name, output in SAID.items():
+        ingest(
+            runtime,
+            IngestRequest(
+                model="reference",
+                prompt=CAPTION_PROMPT,
+                image_bytes=(EXAMPLES / f"{name}.png").read_bytes(),
+                output=output,
+                request_id=name,
+            ),
+        )
+    worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics)
+    while worker.run_once():
+        pass
+    return runtime
+
+
+def _period() -> tuple[datetime, datetime]:
+    now = datetime.now(UTC)
+    return now - timedelta(hours=1), now + timedelta(minutes=1)
+
+
+def test_a_report_shows_the_figures_and_the_worst_examples(audited: Runtime) -> None:
+    since, until = _period()
+    report_id, data = make_report(audited, since, until, "on_demand")
+    assert data["samples"] == 2 and data["audited_words"] == 9
+    assert data["verdicts"]["language_prior"] >= 1 and data["verdicts"]["borrowed_evidence"] >= 1
+    assert ["spoon", 1] in [list(t) for t in data["top_language_prior_objects"]]
+    words = {ex["word"] for ex in data["worst_examples"]}
+    assert {"fork", "spoon"} <= words
+    assert all(ex["heatmap_png"] and ex["raw_image"] for ex in data["worst_examples"])
+    again, _ = make_report(audited, since, until, "on_demand")
+    assert again == report_id  # one report per kind and period
+    client = TestClient(create_app(audited))
+    listed = client.get("/v1/reports").json()["reports"]
+    assert [r["id"] for r in listed] == [report_id]
+    page = client.get(f"/reports/{report_id}")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    for figure in ("fig-rate", "fig-verdicts", "fig-objects"):
+        assert f'id="{figure}"' in html
+    assert html.count("data:image/png;base64,") >= 3 + len(data["worst_examples"])
+    assert client.get("/reports/nope").status_code == 404
+
+
+def test_guardrail_report_writes_html_and_json(
+    audited: Runtime,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = audited.settings.database_url.get_secret_value()
+    monkeypatch.setenv("GUARDRAIL_DATABASE_URL", url)
+    since, until = _period()
+    code = main(
+        [
+            "report",
+            "--since",
+            since.isoformat(),
+            "--until",
+            until.isoformat(),
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0 and "audited words" in capsys.readouterr().out
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["audited_words"] == 9 and (tmp_path / "report.html").stat().st_size > 10_000
+    with audited.sessions() as session:
+        assert session.query(Report).count() >= 1
+    assert main(["report", "--since", until.isoformat(), "--until", since.isoformat()]) == 2
