@@ -84,6 +84,18 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     max_image_bytes: int = Field(default=20 * 2**20, ge=1024)
+    scheduler: bool = Field(default=True, description="run reports, spike checks, retention")
+    public_url: str = Field(default="http://127.0.0.1:8700", description="for links in alerts")
+    webhook_url: str | None = Field(default=None, description="spike alerts are POSTed here")
+    report_daily_cron: str = "0 6 * * *"
+    report_weekly_cron: str = "0 6 * * mon"
+    spike_window_minutes: float = Field(default=10.0, gt=0)
+    spike_baseline_hours: float = Field(default=6.0, gt=0)
+    spike_min_tokens: int = Field(default=30, ge=1)
+    spike_ratio: float = Field(default=2.0, gt=1.0)
+    spike_floor: float = Field(default=0.15, ge=0.0, le=1.0)
+    spike_resolve_fraction: float = Field(default=0.7, gt=0.0, lt=1.0)
+    retention_days: float = Field(default=30.0, gt=0)
     config_file: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")

@@ -90,11 +90,19 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.api_tokens:
         log.warning("no api_tokens configured: the API accepts unauthenticated requests")
     workers = _start_workers(runtime, settings.workers) if settings.workers else []
+    scheduler = None
+    if settings.scheduler:
+        from guardrail.scheduler import Scheduler
+
+        scheduler = Scheduler(runtime)
+        scheduler.start()
     try:
         uvicorn.run(create_app(runtime), host=settings.host, port=settings.port, log_level="info")
     finally:
         for worker in workers:
             worker.stop.set()
+        if scheduler is not None:
+            scheduler.stop()
     return 0
 
 

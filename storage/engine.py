@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD = "0002"
+HEAD = "0003"
 
 
 class UnmigratedDatabaseError(RuntimeError):

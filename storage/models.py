@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
+    "Alert",
     "AttributionRecord",
     "Base",
     "FlaggedToken",
@@ -205,3 +206,22 @@ class Report(Base):
     __table_args__ = (
         UniqueConstraint("kind", "period_start", "period_end", name="uq_report_period"),
     )
+
+
+class Alert(Base):
+    """A hallucination-spike alert for one model: firing until resolved, delivered once."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # firing, resolved
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rate: Mapped[float] = mapped_column(Float)
+    baseline: Mapped[float] = mapped_column(Float)
+    tokens: Mapped[int] = mapped_column(Integer)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    delivery_error: Mapped[str | None] = mapped_column(Text)

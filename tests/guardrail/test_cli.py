@@ -60,5 +60,5 @@ def test_db_upgrade_and_current(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["db", "current", "--url", url]) == 1
     assert "needs `guardrail db upgrade`" in capsys.readouterr().out
     assert main(["db", "upgrade", "--url", url]) == 0
-    assert "schema at revision 0002" in capsys.readouterr().out
+    assert "schema at revision 0003" in capsys.readouterr().out
     assert main(["db", "current", "--url", url]) == 0

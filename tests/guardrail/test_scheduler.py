@@ -1,0 +1,188 @@
+"""Spike alerts (once per episode, hysteresis, webhook with retries), retention, the lease
+reaper and leader election."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+
+from guardrail.background_server import BackgroundServer, free_port
+from guardrail.config import load_settings
+from guardrail.runtime import Runtime, build_runtime
+from guardrail.scheduler import LeaderElection, check_spikes, reap_leases, retain
+from storage import queue
+from storage.engine import upgrade
+from storage.models import Alert, FlaggedToken, Job, JobStatus, Report, Sample, VerdictRecord
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def _runtime(tmp_path: Path, **overrides: Any) -> Runtime:
+    runtime = build_runtime(
+        load_settings(environ={}, database_url=f"sqlite:///{tmp_path / 'g.db'}", **overrides)
+    )
+    upgrade(runtime.engine)
+    return runtime
+
+
+def _audited(runtime: Runtime, when: datetime, labels: list[str], word: str = "spoon") -> None:
+    """A sample audited at `when` whose words got `labels` (no model needed)."""
+    with runtime.sessions.begin() as session:
+        sample = Sample(
+            model="reference",
+            received_at=when,
+            image_sha256="0" * 64,
+            image_width=96,
+            image_height=96,
+            generated_text=" ".join([word] * len(labels)),
+            token_ids=[],
+            extra={},
+        )
+        for i, label in enumerate(labels):
+            token = FlaggedToken(position=i, token_id=i, word=word, category=word)
+            token.verdict = VerdictRecord(
+                label=label, prior_score=0.0, hallucination_score=0.0, reason="", numbers={}
+            )
+            sample.tokens.append(token)
+        session.add(sample)
+
+
+def _baseline(runtime: Runtime) -> None:
+    for minute in range(30, 360, 10):  # 6 hours at 5%: 19 grounded, 1 hallucinated
+        _audited(runtime, NOW - timedelta(minutes=minute), ["grounded"] * 19 + ["language_prior"])
+
+
+def _receiver() -> tuple[FastAPI, list[dict[str, Any]]]:
+    received: list[dict[str, Any]] = []
+    app = FastAPI()
+
+    @app.post("/hook")
+    async def hook(request: Request) -> dict[str, str]:
+        received.append(await request.json())
+        return {"ok": "yes"}
+
+    return app, received
+
+
+def test_a_spike_fires_once_is_delivered_and_resolves_with_hysteresis(tmp_path: Path) -> None:
+    app, received = _receiver()
+    with BackgroundServer(app) as url:
+        runtime = _runtime(tmp_path, webhook_url=f"{url}/hook")
+        _baseline(runtime)
+        assert check_spikes(runtime, NOW) == []  # the baseline alone is quiet
+        for minute in (2, 4, 6, 8):  # 40 words at 50% in the last 10 minutes
+            _audited(
+                runtime, NOW - timedelta(minutes=minute), ["grounded"] * 5 + ["language_prior"] * 5
+            )
+        fired = check_spikes(runtime, NOW)
+        assert [a.state for a in fired] == ["firing"]
+        assert check_spikes(runtime, NOW + timedelta(minutes=1)) == []  # once per episode
+        assert len(received) == 1
+        body = received[0]
+        assert body["model"] == "reference" and body["rate"] == pytest.approx(0.5)
+        assert body["baseline"] < 0.2 and body["top_objects"][0][0] == "spoon"
+        assert "/reports/" in body["report"]
+        with runtime.sessions() as session:
+            alert = session.query(Alert).one()
+            assert alert.delivered_at is not None and alert.delivery_attempts == 1
+            assert session.query(Report).filter_by(kind="spike").count() == 1
+        # 20% is under the 0.15 floor x2 threshold but above 70% of it: still firing
+        later = NOW + timedelta(minutes=20)
+        for minute in (2, 5, 8):
+            _audited(
+                runtime,
+                later - timedelta(minutes=minute),
+                ["grounded"] * 8 + ["language_prior"] * 2,
+            )
+        assert check_spikes(runtime, later) == []
+        calm = NOW + timedelta(minutes=40)
+        for minute in (2, 5, 8):
+            _audited(runtime, calm - timedelta(minutes=minute), ["grounded"] * 10)
+        resolved = check_spikes(runtime, calm)
+        assert [a.state for a in resolved] == ["resolved"]
+        assert len(received) == 1
+
+
+def test_low_traffic_never_pages_and_a_failing_webhook_is_recorded(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path, webhook_url=f"http://127.0.0.1:{free_port()}/nobody")
+    _audited(runtime, NOW - timedelta(minutes=3), ["language_prior"] * 10)
+    assert check_spikes(runtime, NOW) == []  # 10 words < spike_min_tokens
+    _audited(runtime, NOW - timedelta(minutes=2), ["language_prior"] * 30)
+    import guardrail.scheduler as scheduler
+
+    original = scheduler.deliver_alert
+    scheduler.deliver_alert = lambda rt, i: original(rt, i, backoff=0.01)  # type: ignore[assignment]
+    try:
+        fired = check_spikes(runtime, NOW)
+    finally:
+        scheduler.deliver_alert = original
+    assert len(fired) == 1
+    with runtime.sessions() as session:
+        alert = session.query(Alert).one()
+        assert alert.delivered_at is None and alert.delivery_attempts == 3
+        assert "ConnectError" in (alert.delivery_error or "")
+
+
+def test_retention_deletes_old_samples_in_batches_and_the_reaper_returns_leases(
+    tmp_path: Path,
+) -> None:
+    runtime = _runtime(tmp_path, retention_days=7)
+    for day in (1, 10, 20):
+        _audited(runtime, NOW - timedelta(days=day), ["grounded"])
+    with runtime.sessions.begin() as session:
+        old = session.query(Sample).filter(Sample.received_at < NOW - timedelta(days=15)).one()
+        queue.enqueue(session, old.id)
+    assert retain(runtime, NOW, batch=1) == 2
+    with runtime.sessions() as session:
+        assert session.query(Sample).count() == 1
+        assert session.query(FlaggedToken).count() == 1 and session.query(Job).count() == 0
+        keep = session.query(Sample).one().id
+    with runtime.sessions.begin() as session:
+        queue.enqueue(session, keep)
+        assert queue.claim(session, "dead", lease_seconds=1) is not None
+    assert reap_leases(runtime, datetime.now(UTC) + timedelta(seconds=5)) == 1
+    with runtime.sessions() as session:
+        assert session.query(Job).one().status is JobStatus.QUEUED
+
+
+def test_one_leader_on_postgresql_and_another_takes_over() -> None:
+    from sqlalchemy import text
+
+    from storage.engine import make_engine
+
+    url = os.environ.get(
+        "GUARDRAIL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    )
+    try:
+        with make_engine(url, connect_args={"connect_timeout": 3}).connect() as c:
+            c.execute(text("select 1"))
+    except Exception as exc:
+        if os.environ.get("GUARDRAIL_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required but not reachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    key = int.from_bytes(os.urandom(4), "big")
+    first = LeaderElection(build_runtime(load_settings(environ={}, database_url=url)), key=key)
+    second = LeaderElection(build_runtime(load_settings(environ={}, database_url=url)), key=key)
+    assert first.try_lead() and first.try_lead()
+    assert not second.try_lead()
+    first.release()  # the leader dies: its connection (and lock) goes away
+    assert second.try_lead()
+    assert not first.try_lead()
+    second.release()
+
+
+def test_the_scheduler_starts_with_every_job_and_stops(tmp_path: Path) -> None:
+    from guardrail.scheduler import Scheduler
+
+    scheduler = Scheduler(_runtime(tmp_path), election_seconds=0.1)
+    scheduler.start()
+    try:
+        ids = {job.id for job in scheduler.scheduler.get_jobs()}
+        assert ids == {"report_daily", "report_weekly", "spike_check", "retention", "lease_reaper"}
+    finally:
+        scheduler.stop()
