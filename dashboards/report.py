@@ -32,10 +32,11 @@ def figures(data: dict[str, Any]) -> dict[str, str]:
 
     out: dict[str, str] = {}
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 4.6), sharex=True)
+    width = 0.8 * float(data.get("bucket_seconds", 3600)) / 86400  # matplotlib dates are days
     for model, points in data["rate_over_time"].items():
         times = [datetime.fromisoformat(p["start"]) for p in points]
         ax1.plot(times, [p["rate"] for p in points], marker="o", label=model)
-        ax2.bar(times, [p["audited"] for p in points], width=0.03, label=model, alpha=0.7)
+        ax2.bar(times, [p["audited"] for p in points], width=width, label=model, alpha=0.7)
     ax1.set_ylabel("hallucination rate")
     ax1.set_ylim(0, 1)
     ax1.grid(alpha=0.3)

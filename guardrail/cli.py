@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     case.set_defaults(handler=_explain_case)
 
     from guardrail.db_command import register as register_db
+    from guardrail.demo import register as register_demo
     from guardrail.explain_command import register as register_explain
     from guardrail.export_command import register as register_export
     from guardrail.reference.commands import register as register_reference
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_db(commands)
     register_serve(commands)
     register_report(commands)
+    register_demo(commands)
     register_export(commands)
     register_reference(commands)
     return parser

@@ -76,7 +76,12 @@ def gather_report(
     )
     samples = list(session.execute(query).scalars())
     span = (until - since).total_seconds()
-    bucket = timedelta(hours=1) if span <= 3 * 86400 else timedelta(days=1)
+    if span <= 3 * 3600:
+        bucket = timedelta(minutes=1)
+    elif span <= 3 * 86400:
+        bucket = timedelta(hours=1)
+    else:
+        bucket = timedelta(days=1)
     series: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     verdicts: Counter[str] = Counter()
     prior_objects: Counter[str] = Counter()
@@ -112,6 +117,7 @@ def gather_report(
     audited = sum(verdicts.values())
     return {
         "period": {"since": since.isoformat(), "until": until.isoformat()},
+        "bucket_seconds": bucket.total_seconds(),
         "samples": len(samples),
         "sample_status": dict(status),
         "audited_words": audited,
