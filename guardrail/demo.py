@@ -24,8 +24,8 @@ from fastapi import FastAPI, Request
 
 __all__ = ["register", "run_demo"]
 
-_KINDS_CALM = ("clean",) * 5 + ("control",) + ("clean",) * 5 + ("cooccurrence_trap",)
-_KINDS_CALM = _KINDS_CALM + _KINDS_CALM[:-1] + ("prior_trap",)  # 1 trap scene in 12
+_CYCLE: tuple[str, ...] = ("clean",) * 5 + ("control",) + ("clean",) * 5
+_KINDS_CALM = (*_CYCLE, "cooccurrence_trap", *_CYCLE, "prior_trap")  # 1 trap scene in 12
 _KINDS_SPIKE = ("cooccurrence_trap", "prior_trap")
 
 

@@ -102,3 +102,46 @@ def test_guardrail_report_writes_html_and_json(
     with audited.sessions() as session:
         assert session.query(Report).count() >= 1
     assert main(["report", "--since", until.isoformat(), "--until", since.isoformat()]) == 2
+
+
+def test_the_report_renders_in_headless_chromium(audited: Runtime, tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("GUARDRAIL_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is required (apt-get install chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    since, until = _period()
+    report_id, _ = make_report(audited, since, until, "on_demand")
+    with audited.sessions() as session:
+        report = session.get(Report, report_id)
+        assert report is not None
+        page = tmp_path / "report.html"
+        page.write_text(report.html)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    shot = tmp_path / "report.png"
+    run = subprocess.run(
+        [
+            chromium,
+            *flags,
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--screenshot={shot}",
+            "--window-size=1000,1600",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shot.is_file() and shot.stat().st_size > 20_000, run.stderr[-2000:]
+    assert "CONSOLE" not in run.stderr, run.stderr[-2000:]  # no console errors
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    for figure in ("fig-rate", "fig-verdicts", "fig-objects"):
+        assert f'id="{figure}"' in dom
+    assert dom.count('class="heatmap"') >= 2
