@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     webhook_url: str | None = Field(default=None, description="spike alerts are POSTed here")
     report_daily_cron: str = "0 6 * * *"
     report_weekly_cron: str = "0 6 * * mon"
+    spike_check_seconds: float = Field(default=60.0, gt=0, description="spike check period")
     spike_window_minutes: float = Field(default=10.0, gt=0)
     spike_baseline_hours: float = Field(default=6.0, gt=0)
     spike_min_tokens: int = Field(default=30, ge=1)

@@ -66,7 +66,6 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
     from guardrail.reference.upstream import create_upstream_app
     from guardrail.report_command import make_report
     from guardrail.runtime import build_runtime
-    from guardrail.scheduler import check_spikes
     from guardrail.worker import Worker
     from storage.engine import upgrade
     from storage.models import Alert, Sample
@@ -98,6 +97,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
             workers=1,
             store_raw=True,
             spike_window_minutes=0.5,
+            spike_check_seconds=3.0,
+            spike_floor=0.2,
             spike_min_tokens=10,
         )
         runtime = build_runtime(settings)
@@ -105,6 +106,10 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
         with BackgroundServer(create_app(runtime)) as sidecar:
             public = sidecar
             runtime.settings.public_url = public
+            from guardrail.scheduler import Scheduler
+
+            scheduler = Scheduler(runtime, election_seconds=5.0)
+            scheduler.start()  # reports, spike checks (every 3 s here), retention, reaper
             worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics, poll_seconds=0.1)
             runtime.auditors["reference"].load()
             runtime.workers = [worker]
@@ -156,13 +161,15 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
             print(f"phase 2: the model starts hallucinating ({spike} requests, all trap scenes)")
             for j in range(spike):
                 send(calm + j, _KINDS_SPIKE[j % 2])
+                if received and not fired_at:
+                    fired_at.append(len(sent))
                 if j % 6 == 5:
-                    _drain(runtime, len(sent), timeout=30)
-                    if check_spikes(runtime) and not fired_at:
-                        fired_at.append(len(sent))
                     progress("spike")
             _drain(runtime, len(sent))
-            if check_spikes(runtime) and not fired_at:
+            deadline = time.time() + 4 * settings.spike_check_seconds
+            while not received and time.time() < deadline:  # the scheduler's next check
+                time.sleep(0.2)
+            if received and not fired_at:
                 fired_at.append(len(sent))
             progress("spike")
             now = datetime.now(UTC)
@@ -193,6 +200,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
 
             (out / "metrics.txt").write_bytes(generate_latest(runtime.metrics.registry))
             worker.stop.set()
+            scheduler.stop()
     print()
     if received:
         alert = received[0]

@@ -305,8 +305,8 @@ class Scheduler:
             self.scheduler.add_job(
                 self._guarded(fn), trigger, id=name, max_instances=1, coalesce=True
             )
-        periodic: tuple[tuple[str, Any, int], ...] = (
-            ("spike_check", check_spikes, 60),
+        periodic: tuple[tuple[str, Any, float], ...] = (
+            ("spike_check", check_spikes, s.spike_check_seconds),
             ("retention", retain, 3600),
             ("lease_reaper", reap_leases, 60),
         )
