@@ -99,6 +99,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
             spike_window_minutes=0.5,
             spike_check_seconds=3.0,
             spike_floor=0.2,
+            spike_ratio=1.5,
             spike_min_tokens=10,
         )
         runtime = build_runtime(settings)
