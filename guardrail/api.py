@@ -237,6 +237,20 @@ def create_app(runtime: Runtime) -> FastAPI:
                 ]
             }
 
+    @app.get("/v1/reports/{report_id}", dependencies=auth)
+    def report_data(report_id: str) -> dict[str, Any]:
+        """One report's figures as JSON (report.json; heatmap images left out)."""
+        with runtime.sessions() as session:
+            report = session.get(Report, report_id)
+            if report is None:
+                raise HTTPException(404, f"no report {report_id!r}")
+            data = dict(report.data)
+            data["worst_examples"] = [
+                {k: v for k, v in ex.items() if k != "heatmap_png"}
+                for ex in data.get("worst_examples", [])
+            ]
+            return {"id": report.id, "kind": report.kind, **data}
+
     @app.get("/reports/{report_id}", dependencies=auth, response_class=HTMLResponse)
     def show_report(report_id: str) -> HTMLResponse:
         """One report as a self-contained HTML page."""

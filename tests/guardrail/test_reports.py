@@ -74,6 +74,8 @@ def test_a_report_shows_the_figures_and_the_worst_examples(audited: Runtime) -> 
         assert f'id="{figure}"' in html
     assert html.count("data:image/png;base64,") >= 3 + len(data["worst_examples"])
     assert client.get("/reports/nope").status_code == 404
+    as_json = client.get(f"/v1/reports/{report_id}").json()
+    assert as_json["audited_words"] == 9 and "heatmap_png" not in as_json["worst_examples"][0]
 
 
 def test_guardrail_report_writes_html_and_json(
