@@ -20,7 +20,7 @@ import numpy as np
 from detectors.errors import ImageTokenError, InvalidTargetError
 from detectors.types import Target
 
-__all__ = ["PrefixCachedLM", "Timings", "check_targets", "image_span"]
+__all__ = ["PrefixCachedLM", "TensorMaskedScorer", "Timings", "check_targets", "image_span"]
 
 
 @dataclass
@@ -218,3 +218,80 @@ def run_timed(timings: Timings, stage: str, fn: Any, *args: Any) -> Any:
 
 def to_numpy(probs: Any) -> np.ndarray:
     return np.asarray(probs.detach().to("cpu").double().numpy(), dtype=np.float64)
+
+
+class TensorMaskedScorer:
+    """What the fast scorers share: masked variants built in tensor space from the sample's
+    preprocessed image and fill image, and the chunked scoring loop.
+
+    A subclass sets `image`, `generated_ids`, `chunk_size`, `device`, `geometry`, `lm` (a
+    `PrefixCachedLM`) and `timings`, and implements `_preprocess` (an image as the model's
+    `(1, C, H, W)` input) and `_encode` (a chunk of such inputs -> image features).
+    """
+
+    image: np.ndarray
+    generated_ids: list[int]
+    chunk_size: int
+    device: Any
+    geometry: Any
+    lm: PrefixCachedLM
+    timings: Timings
+
+    def _preprocess(self, image: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def _encode(self, images: Any) -> Any:
+        raise NotImplementedError
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.chunk_size
+
+    def _mask_state(self) -> dict[str, Any]:
+        state: dict[str, Any] | None = getattr(self, "_masks", None)
+        if state is None:
+            state = {"base": self._preprocess(self.image), "fills": {}, "partition": None}
+            self._masks = state
+        return state
+
+    def masked_inputs(self, batch: Any) -> Any:
+        """`(B, C, H, W)` preprocessed masked images, built in tensor space."""
+        import torch
+
+        from detectors.errors import InvalidImageError
+        from detectors.scorers.masked import fill_image
+        from detectors.scorers.tensor_masks import soft_region_masks
+
+        if batch.image.shape != self.image.shape:
+            raise InvalidImageError(
+                f"the batch's image has shape {batch.image.shape}; this scorer was built for "
+                f"{self.image.shape}"
+            )
+        state = self._mask_state()
+        if batch.partition is not state["partition"]:
+            soft = soft_region_masks(batch.partition, self.geometry)
+            state["soft"] = torch.from_numpy(soft.reshape(soft.shape[0], -1)).to(self.device)
+            state["partition"] = batch.partition
+        if batch.fill not in state["fills"]:
+            state["fills"][batch.fill] = self._preprocess(fill_image(self.image, batch.fill))
+        base, fill = state["base"], state["fills"][batch.fill]
+        keep = torch.from_numpy(batch.keep.astype(np.float32)).to(self.device)
+        share = (keep @ state["soft"]).view(batch.size, 1, *base.shape[-2:])
+        return fill + share * (base - fill)
+
+    def score(self, batch: Any, targets: Sequence[Target]) -> np.ndarray:
+        import torch
+
+        started = time.perf_counter()
+        check_targets(targets, self.generated_ids)
+        t = self.timings
+        images = run_timed(t, "masking", self.masked_inputs, batch)
+        out = []
+        for i in range(0, batch.size, self.chunk_size):
+            features = run_timed(t, "vision", self._encode, images[i : i + self.chunk_size])
+            out.append(run_timed(t, "language_model", self.lm.probs, features, targets))
+        probs = to_numpy(torch.cat(out))
+        t.calls += 1
+        t.rows += batch.size
+        t.total += time.perf_counter() - started
+        return probs

@@ -6,26 +6,16 @@ language model in torch with the text before the image cached (see `detectors.sc
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from detectors.errors import InvalidImageError
-from detectors.regions import RegionPartition
-from detectors.scorers.fast import (
-    PrefixCachedLM,
-    Timings,
-    check_targets,
-    image_span,
-    run_timed,
-    to_numpy,
-)
+from detectors.scorers.fast import PrefixCachedLM, TensorMaskedScorer, Timings, image_span
 from detectors.scorers.llava import LlavaModel
-from detectors.scorers.masked import MaskedBatch, fill_image
-from detectors.scorers.tensor_masks import InputGeometry, soft_region_masks
+from detectors.scorers.masked import MaskedBatch
+from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
     OnnxVision,
     TorchVision,
@@ -33,7 +23,6 @@ from detectors.scorers.vision import (
     llava_vision_fingerprint,
     llava_vision_module,
 )
-from detectors.types import Fill, Target
 
 __all__ = ["FastLlavaScorer", "llava_geometry", "llava_image_tokens", "llava_onnx_vision"]
 
@@ -87,7 +76,7 @@ def llava_onnx_vision(
     )
 
 
-class FastLlavaScorer:
+class FastLlavaScorer(TensorMaskedScorer):
     """P(target | masked image, prompt, generated tokens before it) for a LLaVA checkpoint.
 
     Args:
@@ -108,7 +97,6 @@ class FastLlavaScorer:
         vision: VisionRunner | None = None,
         chunk_size: int = 16,
     ) -> None:
-        import torch
 
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -134,58 +122,19 @@ class FastLlavaScorer:
             timings=self.timings,
         )
         self.geometry = llava_geometry(llava, self.image.shape[:2])
-        self._base = llava.pixel_values([self.image]).to(self.device, torch.float32)
-        self._fills: dict[Fill, Any] = {}
-        self._partition: RegionPartition | None = None
-        self._soft: Any = None
 
     @property
     def name(self) -> str:
         return f"llava-fast({self.llava.name}; {self.vision.name}; lm=torch:{self.device.type})"
 
-    @property
-    def max_batch_size(self) -> int:
-        return self.chunk_size
-
-    def _fill_pixels(self, fill: Fill) -> Any:
+    def _preprocess(self, image: np.ndarray) -> Any:
         import torch
 
-        if fill not in self._fills:
-            filled = fill_image(self.image, fill)
-            self._fills[fill] = self.llava.pixel_values([filled]).to(self.device, torch.float32)
-        return self._fills[fill]
+        return self.llava.pixel_values([image]).to(self.device, torch.float32)
+
+    def _encode(self, pixels: Any) -> Any:
+        return self.vision(pixels)
 
     def masked_pixels(self, batch: MaskedBatch) -> Any:
         """`(B, 3, H, W)` preprocessed masked images, built in tensor space."""
-        import torch
-
-        if batch.image.shape != self.image.shape:
-            raise InvalidImageError(
-                f"the batch's image has shape {batch.image.shape}; this scorer was built for "
-                f"{self.image.shape}"
-            )
-        if batch.partition is not self._partition:
-            soft = soft_region_masks(batch.partition, self.geometry)
-            self._soft = torch.from_numpy(soft.reshape(soft.shape[0], -1)).to(self.device)
-            self._partition = batch.partition
-        fill = self._fill_pixels(batch.fill)
-        keep = torch.from_numpy(batch.keep.astype(np.float32)).to(self.device)
-        share = (keep @ self._soft).view(batch.size, 1, *self._base.shape[-2:])
-        return fill + share * (self._base - fill)
-
-    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
-        started = time.perf_counter()
-        check_targets(targets, self.generated_ids)
-        t = self.timings
-        pixels = run_timed(t, "masking", self.masked_pixels, batch)
-        out = []
-        for i in range(0, batch.size, self.chunk_size):
-            features = run_timed(t, "vision", self.vision, pixels[i : i + self.chunk_size])
-            out.append(run_timed(t, "language_model", self.lm.probs, features, targets))
-        import torch
-
-        probs = to_numpy(torch.cat(out))
-        t.calls += 1
-        t.rows += batch.size
-        t.total += time.perf_counter() - started
-        return probs
+        return self.masked_inputs(batch)

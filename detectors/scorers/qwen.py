@@ -9,7 +9,6 @@ batch of masked variants is the concatenation of their patches with `image_grid_
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,20 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from detectors.errors import ImageTokenError, InvalidImageError, MissingDependencyError
-from detectors.regions import RegionPartition
+from detectors.errors import ImageTokenError, MissingDependencyError
 from detectors.scorers.fast import (
     PrefixCachedLM,
+    TensorMaskedScorer,
     Timings,
     check_targets,
     image_span,
-    run_timed,
     to_numpy,
 )
 from detectors.scorers.loading import model_family
-from detectors.scorers.masked import MaskedBatch, fill_image
-from detectors.scorers.tensor_masks import InputGeometry, soft_region_masks
-from detectors.types import Fill, Target
+from detectors.scorers.masked import MaskedBatch
+from detectors.scorers.tensor_masks import InputGeometry
+from detectors.types import Target
 
 __all__ = ["FastQwenScorer", "QwenModel", "QwenScorer", "load_qwen", "patchify", "unpatchify"]
 
@@ -181,7 +179,7 @@ class QwenScorer:
         return to_numpy(probs)
 
 
-class FastQwenScorer:
+class FastQwenScorer(TensorMaskedScorer):
     """Tensor-space masks, the vision tower on concatenated patches, and the language model
     with the text before the image cached and 3-D rope positions computed once."""
 
@@ -229,10 +227,8 @@ class FastQwenScorer:
         )
         hw = (self.grid_hw[0] * self.patch, self.grid_hw[1] * self.patch)
         self.geometry = InputGeometry.resize_to(hw)
-        self._base = self._unpatch(pixels)
-        self._fills: dict[Fill, Any] = {}
-        self._partition: RegionPartition | None = None
-        self._soft: Any = None
+        # the processed image doubles as the tensor-masking base (no second preprocessing)
+        self._masks = {"base": self._unpatch(pixels), "fills": {}, "partition": None}
 
     def _unpatch(self, pixels: Any) -> Any:
         import torch
@@ -244,31 +240,16 @@ class FastQwenScorer:
     def name(self) -> str:
         return f"qwen2.5-vl-fast({self.qwen.name}; vision=torch; lm=torch:{self.device.type})"
 
-    @property
-    def max_batch_size(self) -> int:
-        return self.chunk_size
+    def _preprocess(self, image: np.ndarray) -> Any:
+        pixels, _ = self.qwen.pixel_inputs([image])
+        return self._unpatch(pixels)
+
+    def _encode(self, images: Any) -> Any:
+        return self._features(patchify(images, self.patch, self.qwen.merge, self.temporal))
 
     def masked_patches(self, batch: MaskedBatch) -> Any:
         """The masked variants' patches, concatenated, built in tensor space."""
-        import torch
-
-        if batch.image.shape != self.image.shape:
-            raise InvalidImageError(
-                f"the batch's image has shape {batch.image.shape}; this scorer was built for "
-                f"{self.image.shape}"
-            )
-        if batch.partition is not self._partition:
-            soft = soft_region_masks(batch.partition, self.geometry)
-            self._soft = torch.from_numpy(soft.reshape(soft.shape[0], -1)).to(self.device)
-            self._partition = batch.partition
-        if batch.fill not in self._fills:
-            pixels, _ = self.qwen.pixel_inputs([fill_image(self.image, batch.fill)])
-            self._fills[batch.fill] = self._unpatch(pixels)
-        fill = self._fills[batch.fill]
-        keep = torch.from_numpy(batch.keep.astype(np.float32)).to(self.device)
-        share = (keep @ self._soft).view(batch.size, 1, *self._base.shape[-2:])
-        images = fill + share * (self._base - fill)
-        return patchify(images, self.patch, self.qwen.merge, self.temporal)
+        return patchify(self.masked_inputs(batch), self.patch, self.qwen.merge, self.temporal)
 
     def _features(self, patches: Any) -> Any:
         import torch
@@ -277,22 +258,3 @@ class FastQwenScorer:
         with torch.inference_mode():
             out = self.qwen.model.model.visual(patches, grid_thw=self.grid.repeat(b, 1))
         return out.pooler_output.reshape(b, -1, out.pooler_output.shape[-1])
-
-    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
-        import torch
-
-        started = time.perf_counter()
-        check_targets(targets, self.generated_ids)
-        t = self.timings
-        patches = run_timed(t, "masking", self.masked_patches, batch)
-        per_image = self.grid_hw[0] * self.grid_hw[1]
-        out = []
-        for i in range(0, batch.size, self.chunk_size):
-            chunk = patches[i * per_image : (i + self.chunk_size) * per_image]
-            features = run_timed(t, "vision", self._features, chunk)
-            out.append(run_timed(t, "language_model", self.lm.probs, features, targets))
-        probs = to_numpy(torch.cat(out))
-        t.calls += 1
-        t.rows += batch.size
-        t.total += time.perf_counter() - started
-        return probs
