@@ -151,20 +151,10 @@ def test_retention_deletes_old_samples_in_batches_and_the_reaper_returns_leases(
 
 
 def test_one_leader_on_postgresql_and_another_takes_over() -> None:
-    from sqlalchemy import text
+    from tests.postgres import POSTGRES_URL, require_postgres
 
-    from storage.engine import make_engine
-
-    url = os.environ.get(
-        "GUARDRAIL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    )
-    try:
-        with make_engine(url, connect_args={"connect_timeout": 3}).connect() as c:
-            c.execute(text("select 1"))
-    except Exception as exc:
-        if os.environ.get("GUARDRAIL_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL is required but not reachable: {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    require_postgres()
+    url = POSTGRES_URL
     key = int.from_bytes(os.urandom(4), "big")
     first = LeaderElection(build_runtime(load_settings(environ={}, database_url=url)), key=key)
     second = LeaderElection(build_runtime(load_settings(environ={}, database_url=url)), key=key)

@@ -9,12 +9,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from guardrail.config import load_settings
@@ -22,13 +20,11 @@ from guardrail.images import encode_png
 from guardrail.ingest import IngestRequest, ingest
 from guardrail.runtime import Runtime, build_runtime
 from guardrail.worker import Worker
-from storage.engine import make_engine, upgrade
+from storage.engine import upgrade
 from storage.models import FlaggedToken, Job, JobStatus, Sample
+from tests.postgres import schema_url
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "knife_trap.png"
-POSTGRES_URL = os.environ.get(
-    "GUARDRAIL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 
 
 def _ingest(runtime: Runtime, image_png: bytes, output: str, request_id: str) -> str:
@@ -98,22 +94,8 @@ def test_a_worker_killed_mid_audit_loses_nothing(tmp_path: Path) -> None:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    try:
-        engine = make_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as connection:
-            connection.execute(text("select 1"))
-    except Exception as exc:
-        if os.environ.get("GUARDRAIL_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL is required but not reachable: {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    schema = f"gr_test_{uuid.uuid4().hex[:12]}"
-    with engine.begin() as connection:
-        connection.execute(text(f"create schema {schema}"))
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
-    with engine.begin() as connection:
-        connection.execute(text(f"drop schema {schema} cascade"))
-    engine.dispose()
+    with schema_url() as url:
+        yield url
 
 
 def test_racing_workers_on_postgresql_audit_each_sample_once(postgres_url: str) -> None:
