@@ -64,3 +64,19 @@ def chat_input(body: dict[str, Any], placeholder: str, template: str | None = No
         text = " ".join(p for p in pieces if p and p != placeholder)
         return ChatInput(images[0], template.replace("{prompt}", text))
     return ChatInput(images[0], "USER: " + " ".join(p for p in pieces if p) + " ASSISTANT:")
+
+
+def image_messages(
+    image_png: bytes, text: str, *, media_type: str = "image/png"
+) -> list[dict[str, Any]]:
+    """One user turn with an image (as a data URL) followed by `text`, as OpenAI clients send."""
+    url = f"data:{media_type};base64," + base64.b64encode(image_png).decode()
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": text},
+            ],
+        }
+    ]

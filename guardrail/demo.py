@@ -10,7 +10,6 @@ and stops with it.
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -61,6 +60,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
     from detectors.reference import generate_scene
     from guardrail.api import create_app
     from guardrail.background_server import BackgroundServer
+    from guardrail.chat import image_messages
     from guardrail.config import load_settings
     from guardrail.images import encode_png
     from guardrail.reference.upstream import create_upstream_app
@@ -121,19 +121,10 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
 
             def send(i: int, kind: str) -> None:
                 scene = generate_scene(seed + i, kind)
-                url = "data:image/png;base64," + base64.b64encode(encode_png(scene.image)).decode()
                 rid = f"demo-{seed}-{i}"
                 answer = client.chat.completions.create(
                     model="reference",
-                    messages=[
-                        {
-                            "role": "user",
-                            "content": [
-                                {"type": "image_url", "image_url": {"url": url}},
-                                {"type": "text", "text": "Describe the image."},
-                            ],
-                        }
-                    ],
+                    messages=image_messages(encode_png(scene.image), "Describe the image."),  # type: ignore[arg-type]
                     extra_headers={"X-Request-Id": rid},
                 )
                 sent[rid] = _Sent(rid, kind, scene.names, answer.choices[0].message.content or "")

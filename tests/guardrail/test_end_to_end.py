@@ -4,7 +4,6 @@ driven through the proxy with the official `openai` client."""
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from openai import OpenAI
 
 from guardrail.background_server import free_port
+from guardrail.chat import image_messages
 from storage.engine import make_engine, session_factory
 from storage.models import Job, JobStatus, Sample
 from tests.postgres import schema_url
@@ -51,18 +51,9 @@ def _spawn(args: list[str], env: dict[str, str], probe: str | None) -> subproces
 
 
 def _ask(client: OpenAI, image: Path, request_id: str) -> str:
-    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
     answer = client.chat.completions.create(
         model="reference",
-        messages=[
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": "Describe the image."},
-                ],
-            }
-        ],
+        messages=image_messages(image.read_bytes(), "Describe the image."),  # type: ignore[arg-type]
         extra_headers={"X-Request-Id": request_id},
     )
     return str(answer.choices[0].message.content)

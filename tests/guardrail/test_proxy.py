@@ -3,7 +3,6 @@ the official `openai` client; streaming and not; fail-open when ingest breaks.""
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from openai import OpenAI
 from detectors.reference import MODEL_DIR
 from guardrail.api import create_app
 from guardrail.background_server import BackgroundServer
+from guardrail.chat import image_messages
 from guardrail.config import load_settings
 from guardrail.reference.upstream import create_upstream_app
 from guardrail.runtime import Runtime, build_runtime
@@ -42,16 +42,7 @@ def _sidecar(tmp_path: Path, upstream: str) -> Runtime:
 
 
 def _messages() -> list[dict[str, Any]]:
-    url = "data:image/png;base64," + base64.b64encode(EXAMPLE.read_bytes()).decode()
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": "Describe the image."},
-            ],
-        }
-    ]
+    return image_messages(EXAMPLE.read_bytes(), "Describe the image.")
 
 
 def _wait_for_samples(runtime: Runtime, n: int) -> None:
