@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     max_image_bytes: int = Field(default=20 * 2**20, ge=1024)
+    proxy_max_pending: int = Field(
+        default=1000, ge=0, description="teed responses waiting for ingest before drops"
+    )
     scheduler: bool = Field(default=True, description="run reports, spike checks, retention")
     public_url: str = Field(default="http://127.0.0.1:8700", description="for links in alerts")
     webhook_url: str | None = Field(default=None, description="spike alerts are POSTed here")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -113,11 +114,24 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
             log.warning("proxy: could not tee a sample to ingest: %s", str(exc).splitlines()[0])
             drop("ingest_error")
 
-    async def submit(fn: Any, *args: Any) -> None:
-        """Run the tee on the ingest executor without holding up the event loop."""
+    pending = threading.BoundedSemaphore(settings.proxy_max_pending or 1)
+
+    def release_after(fn: Any, *args: Any) -> None:
         try:
-            runtime.ingest_executor.submit(fn, *args)
+            fn(*args)
+        finally:
+            pending.release()
+
+    async def submit(fn: Any, *args: Any) -> None:
+        """Run the tee on the ingest executor without holding up the event loop; when too
+        many are waiting (the database is slow), drop it and count it (memory stays bounded)."""
+        if settings.proxy_max_pending == 0 or not pending.acquire(blocking=False):
+            drop("backlog")
+            return
+        try:
+            runtime.ingest_executor.submit(release_after, fn, *args)
         except RuntimeError:  # the executor is shutting down
+            pending.release()
             drop("shutting_down")
 
     @app.post("/v1/chat/completions", response_model=None)

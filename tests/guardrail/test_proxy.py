@@ -97,3 +97,24 @@ def test_the_proxy_fails_open_when_ingest_breaks(upstream: str, tmp_path: Path) 
             raise AssertionError("the drop was not counted")
         bad = httpx.post(f"{sidecar}/v1/chat/completions", json={"model": "reference"})
         assert bad.status_code == 400  # the upstream's own answer, passed through
+
+
+def test_the_tee_backlog_is_bounded(upstream: str, tmp_path: Path) -> None:
+    settings = load_settings(
+        environ={},
+        database_url=f"sqlite:///{tmp_path / 'g.db'}",
+        upstream_url=upstream,
+        proxy_max_pending=0,  # nothing may wait: every tee is dropped and counted
+    )
+    runtime = build_runtime(settings)
+    upgrade(runtime.engine)
+    with BackgroundServer(create_app(runtime)) as sidecar:
+        proxied = OpenAI(base_url=f"{sidecar}/v1", api_key="none")
+        got = proxied.chat.completions.create(model="reference", messages=_messages())
+        assert got.choices[0].message.content == "fork knife car clock ."
+        deadline = time.time() + 10
+        while 'drops_total{reason="backlog"} 1.0' not in httpx.get(f"{sidecar}/metrics").text:
+            assert time.time() < deadline, "the dropped tee was not counted"
+            time.sleep(0.05)
+    with runtime.sessions() as session:
+        assert session.query(Sample).count() == 0
