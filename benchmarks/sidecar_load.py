@@ -118,24 +118,6 @@ async def _ingest(sidecar: str, image_b64: str, n: int, concurrency: int) -> dic
     }
 
 
-def _spawn(args: list[str], env: dict[str, str], probe: str) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "guardrail", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(probe, timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"guardrail {' '.join(args)} did not come up")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="proxy requests")
@@ -161,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        from guardrail.background_server import free_port
+        from guardrail.background_server import free_port, spawn_guardrail
 
         up_port, side_port = free_port(), free_port()
         up, sidecar = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{side_port}"
@@ -177,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             capture_output=True,
         )
         processes = [
-            _spawn(["reference", "serve", "--port", str(up_port)], env, f"{up}/v1/models"),
-            _spawn(["serve", "--port", str(side_port)], env, f"{sidecar}/healthz"),
+            spawn_guardrail(["reference", "serve", "--port", str(up_port)], env, f"{up}/v1/models"),
+            spawn_guardrail(["serve", "--port", str(side_port)], env, f"{sidecar}/healthz"),
         ]
         try:
             report["proxy"] = proxy_overhead(up, sidecar, body, args.requests, args.rate)

@@ -1,15 +1,20 @@
-"""An ASGI app served by uvicorn in a background thread (tests, benchmarks, the demo)."""
+"""Servers for tests, benchmarks and the demo: an ASGI app served by uvicorn in a background
+thread, or a `guardrail` command in its own process."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
 
+import httpx
 import uvicorn
 
-__all__ = ["BackgroundServer", "free_port"]
+__all__ = ["BackgroundServer", "free_port", "spawn_guardrail"]
 
 
 def free_port() -> int:
@@ -39,3 +44,25 @@ class BackgroundServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def spawn_guardrail(
+    args: list[str], env: dict[str, str], probe: str, *, timeout: float = 60.0
+) -> subprocess.Popen[bytes]:
+    """Start `guardrail ARGS` as its own process (with `env` over the current environment) and
+    return once `probe` answers 200; the caller terminates it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "guardrail", *args],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(probe, timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"guardrail {' '.join(args)} did not come up")

@@ -237,6 +237,15 @@ class TensorMaskedScorer:
     lm: PrefixCachedLM
     timings: Timings
 
+    def _setup(self, image: np.ndarray, generated_ids: Sequence[int], chunk_size: int) -> None:
+        """What every fast scorer's constructor does first."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.image = np.asarray(image)
+        self.generated_ids = [int(i) for i in generated_ids]
+        self.chunk_size = chunk_size
+        self.timings = Timings()
+
     def _preprocess(self, image: np.ndarray) -> Any:
         raise NotImplementedError
 

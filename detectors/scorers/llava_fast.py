@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from detectors.scorers.fast import PrefixCachedLM, TensorMaskedScorer, Timings, image_span
+from detectors.scorers.fast import PrefixCachedLM, TensorMaskedScorer, image_span
 from detectors.scorers.llava import LlavaModel
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
@@ -98,19 +98,14 @@ class FastLlavaScorer(TensorMaskedScorer):
         chunk_size: int = 16,
     ) -> None:
 
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self._setup(image, generated_ids, chunk_size)
         self.llava = llava
-        self.image = np.asarray(image)
-        self.generated_ids = [int(i) for i in generated_ids]
-        self.chunk_size = chunk_size
         self.vision: VisionRunner = vision or TorchVision(llava_vision_module(llava.model))
         model = llava.model
         self.device = next(model.parameters()).device
         _, tokens, _ = llava_image_tokens(llava)
         prompt_ids = llava.prompt_ids(prompt, self.image)
         start, count = image_span(prompt_ids, int(model.config.image_token_id), tokens)
-        self.timings = Timings()
         self.lm = PrefixCachedLM(
             decoder=model.model.language_model,
             embed=model.get_input_embeddings(),

@@ -20,7 +20,6 @@ from detectors.errors import ImageTokenError, MissingDependencyError
 from detectors.scorers.fast import (
     PrefixCachedLM,
     TensorMaskedScorer,
-    Timings,
     check_targets,
     image_span,
     to_numpy,
@@ -194,12 +193,8 @@ class FastQwenScorer(TensorMaskedScorer):
     ) -> None:
         import torch
 
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self._setup(image, generated_ids, chunk_size)
         self.qwen = qwen
-        self.image = np.asarray(image)
-        self.generated_ids = [int(i) for i in generated_ids]
-        self.chunk_size = chunk_size
         model = qwen.model
         self.device = next(model.parameters()).device
         vision = model.config.vision_config
@@ -213,7 +208,6 @@ class FastQwenScorer(TensorMaskedScorer):
         positions, _ = model.model.get_rope_index(
             full, mm_token_type_ids=(full == qwen.image_token_id).int(), image_grid_thw=self.grid
         )
-        self.timings = Timings()
         self.lm = PrefixCachedLM(
             decoder=model.model.language_model,
             embed=model.get_input_embeddings(),

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from guardrail.background_server import free_port
+from guardrail.background_server import free_port, spawn_guardrail
 from guardrail.chat import image_messages
 from storage.engine import make_engine, session_factory
 from storage.models import Job, JobStatus, Sample
@@ -28,26 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def database_url() -> Iterator[str]:
     with schema_url("gr_e2e") as url:
         yield url
-
-
-def _spawn(args: list[str], env: dict[str, str], probe: str | None) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "guardrail", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 60
-    while probe is not None and time.time() < deadline:
-        try:
-            if httpx.get(probe, timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    if probe is not None:
-        process.kill()
-        raise AssertionError(f"guardrail {' '.join(args)} did not come up")
-    return process
 
 
 def _ask(client: OpenAI, image: Path, request_id: str) -> str:
@@ -87,15 +67,19 @@ def test_proxy_and_two_worker_processes_on_postgresql(database_url: str, tmp_pat
         capture_output=True,
     )
     processes = [
-        _spawn(
+        spawn_guardrail(
             ["reference", "serve", "--port", str(up_port)],
             env,
             f"http://127.0.0.1:{up_port}/v1/models",
         ),
-        _spawn(["serve", "--port", str(side_port)], env, f"http://127.0.0.1:{side_port}/readyz"),
+        spawn_guardrail(
+            ["serve", "--port", str(side_port)], env, f"http://127.0.0.1:{side_port}/readyz"
+        ),
     ]
     processes += [
-        _spawn(["worker", "--metrics-port", str(port)], env, f"http://127.0.0.1:{port}/metrics")
+        spawn_guardrail(
+            ["worker", "--metrics-port", str(port)], env, f"http://127.0.0.1:{port}/metrics"
+        )
         for port in metric_ports
     ]
     try:
