@@ -16,15 +16,19 @@
    pool is re-measured at this S if at most half of the remaining budget pays for it.  Once one
    side has reached its goal (say the deletion image already lost 90% of what it can lose), only
    the other side is measured (half the passes); the chosen region's other image is scored once.
-   Step 1 is free: its masks were scored by the screening and come from the cache.  When the
-   chosen regions suffice but necessity is short of its goal and the surrogate predicts no
-   region that brings it closer
-   (redundant evidence: the token survives the loss of any one region), the whole pool is
-   measured once in the current context, budget permitting.
+   Step 1 is free: its masks were scored by the screening and come from the cache.  When one
+   side has reached its goal, the other is short of it, and the surrogate predicts no region
+   that brings it closer, the whole pool is measured once in the current context, budget
+   permitting: on the deletion side the evidence is redundant (the token survives the loss of
+   any one region), on the insertion side it is conjunctive (only a pair of regions carries it).
 5. Stop when the compact set explains the token (insight >= coverage * p_full and necessity >=
-   coverage * (1 - p_blank); unless `stop_when_converged` is off, for a finer ordering of the
-   rest), when `max_regions` are chosen, or when the budget runs out.  The
-   regions left are ordered by continuing the greedy search on the surrogate (free).
+   coverage * (1 - p_blank)), when `max_regions` are chosen, or when the budget runs out.
+6. With `stop_when_converged` off, the rest of the budget orders the other end: the tail is
+   built from the back by the same lazy greedy search with the insertion and deletion images
+   swapped (the region placed last leaves the most with all others visible and the least on
+   its own: counter-evidence, such as the object that argues against a prior-driven word).
+   The regions left in the middle are ordered by continuing the greedy search on the
+   surrogate (free).
 """
 
 from __future__ import annotations
@@ -97,6 +101,12 @@ class LogitSurrogate:
         self.d[region] = self.del_logit - _logit(dele)
         self.d_at[region] = self.n - 1 - self.k
 
+    def copy(self) -> LogitSurrogate:
+        twin = LogitSurrogate.__new__(LogitSurrogate)
+        for name, value in vars(self).items():
+            setattr(twin, name, value.copy() if isinstance(value, np.ndarray) else value)
+        return twin
+
     def advance(self, ins: np.ndarray, dele: np.ndarray) -> None:
         """S grew by one region whose S + {v} scores were `ins`, `dele`."""
         self.ins_logit = _logit(ins)
@@ -121,10 +131,6 @@ def budgeted_greedy(
     as surprised and the whole pool is re-measured (when the budget allows)."""
     n = evaluator.n_regions
     trace = SearchTrace(n_regions=n, columns=columns)
-
-    def f_of(ins: np.ndarray, dele: np.ndarray) -> np.ndarray:
-        return objective(ins, dele, weights)
-
     anchors = evaluator.evaluate(np.stack([np.ones(n, np.bool_), np.zeros(n, np.bool_)]))
     if anchors.shape[0] < 2:
         # Only a time budget can stop the search before its first two passes.
@@ -134,89 +140,257 @@ def budgeted_greedy(
     full, blank = anchors
     trace.record_anchors(full, blank)
     surrogate = _screen(evaluator, n, full[columns], blank[columns], columns)
+    search = _Search(evaluator, trace, surrogate, weights, coverage, candidates, refresh_tolerance)
+    converged = search.front(budget.max_regions, stop_when_converged)
+    if converged and not stop_when_converged:
+        search.both_ends()
+    return trace, search.order()
 
-    chosen = np.zeros(n, dtype=np.bool_)
-    pool = list(range(n))
-    ins_goal = coverage * float(full[columns].mean())
-    nec_goal = coverage * float(1.0 - blank[columns].mean())
-    current_ins, current_del = blank, full
-    blind_probe_done = False
 
-    while pool:
-        if evaluator.stop_reason is not None:
-            trace.stopped_by = evaluator.stop_reason
-            break
-        if budget.max_regions is not None and len(trace.selected) >= budget.max_regions:
-            trace.stopped_by = StopReason.MAX_REGIONS
-            break
+class _Search:
+    """The state of one budgeted search: the chosen front, the tail built from the back (only
+    with `stop_when_converged` off), the pool in between and both surrogates."""
+
+    def __init__(
+        self,
+        evaluator: MaskEvaluator,
+        trace: SearchTrace,
+        surrogate: LogitSurrogate,
+        weights: tuple[float, float],
+        coverage: float,
+        candidates: int,
+        refresh_tolerance: float,
+    ) -> None:
+        n = evaluator.n_regions
+        self.evaluator, self.trace, self.columns = evaluator, trace, trace.columns
+        self.weights, self.candidates, self.refresh_tolerance = (
+            weights,
+            candidates,
+            refresh_tolerance,
+        )
+        full, blank = trace.insertion[n], trace.insertion[0]  # the anchors
+        self.ins_goal = coverage * float(full[self.columns].mean())
+        self.nec_goal = coverage * float(1.0 - blank[self.columns].mean())
+        self.pool = list(range(n))
+        self.surrogate, self.tail_surrogate = surrogate, surrogate.copy()
+        self.chosen = np.zeros(n, dtype=np.bool_)
+        self.behind = np.zeros(n, dtype=np.bool_)
+        self.tail: list[int] = []
+        self.current_ins, self.current_del = blank, full
+        self.probed: set[str] = set()
+        self.refresh_front = False
+        # |change of F| at the latest step of each end: where the curve still moves
+        self.front_move, self.tail_move = np.inf, np.inf
+        self.tail_f = self._f(full[None], blank[None])
+
+    def _f(self, ins: np.ndarray, dele: np.ndarray) -> float:
+        return float(objective(ins[:, self.columns], dele[:, self.columns], self.weights)[0])
+
+    def f_of(self, ins: np.ndarray, dele: np.ndarray) -> np.ndarray:
+        return objective(ins, dele, self.weights)
+
+    def f_tail(self, ins: np.ndarray, dele: np.ndarray) -> np.ndarray:
+        # the tail's "insertion" image holds only the tail, its "deletion" image all the rest
+        return objective(dele, ins, self.weights)
+
+    def converged(self) -> bool:
+        cols = self.columns
+        return (
+            float(self.current_ins[cols].mean()) >= self.ins_goal
+            and float(1.0 - self.current_del[cols].mean()) >= self.nec_goal
+        )
+
+    def front(self, max_regions: int | None, stop_when_converged: bool) -> bool:
+        """Greedy steps at the front until the compact set explains the token (returns True),
+        `max_regions` are chosen, the pool is empty or the budget runs out."""
+        trace = self.trace
+        while self.pool:
+            if self.evaluator.stop_reason is not None:
+                trace.stopped_by = self.evaluator.stop_reason
+                return False
+            if max_regions is not None and len(trace.selected) >= max_regions:
+                trace.stopped_by = StopReason.MAX_REGIONS
+                return False
+            if not self.front_step():
+                trace.stopped_by = self.evaluator.stop_reason or StopReason.FORWARD_BUDGET
+                return False
+            if self.converged():
+                if stop_when_converged:
+                    trace.stopped_by = StopReason.CONVERGED
+                return True
+        trace.stopped_by = StopReason.CONVERGED
+        return True
+
+    def both_ends(self) -> None:
+        """The compact set explains the token: spend the rest of the budget where the curve
+        still moves, at the front (finer ordering after the compact set) or at the back (the
+        region placed last leaves the most with all others visible and the least on its own:
+        the same greedy search with the two images' roles swapped and its own surrogate, whose
+        first step the screening already measured)."""
+        # The surrogate's front increments were extrapolated from single regions on the blank
+        # image; once the object is visible they are stale: the first front step re-measures
+        # the pool in this context, budget permitting.
+        self.refresh_front = True
+        while self.pool:
+            step = self.tail_step if self.tail_move > self.front_move else self.front_step
+            if not step():
+                break
+        self.trace.stopped_by = self.evaluator.stop_reason or StopReason.CONVERGED
+
+    def front_step(self) -> bool:
+        cols = self.columns
         # A side that has reached its goal barely moves F any more: measure only the other one
         # (half the passes) and take the saturated side from the surrogate.
+        # Once both have (a finer ordering after the compact set), measure the one with more
+        # room left.
+        ins, dele = float(self.current_ins[cols].mean()), float(self.current_del[cols].mean())
         side = "both"
-        if float(1.0 - current_del[columns].mean()) >= nec_goal:
+        if self.converged():
+            side = "insertion" if 1.0 - ins >= dele else "deletion"
+        elif 1.0 - dele >= self.nec_goal:
             side = "insertion"
-        elif float(current_ins[columns].mean()) >= ins_goal:
+        elif ins >= self.ins_goal:
             side = "deletion"
-        step = _Step(evaluator, surrogate, chosen, columns, f_of, side)
-        pool_arr = np.asarray(pool)
-        predicted = f_of(*surrogate.predict(pool_arr))
-        ranked = [pool[i] for i in np.lexsort((pool_arr, -predicted))]
-        predicted_of = dict(zip(pool, predicted, strict=True))
-        start, width = 0, candidates
-        if side == "deletion" and not blind_probe_done:
-            # The chosen regions suffice, necessity is short of its goal, and the surrogate
-            # sees no region that brings it closer: the evidence is redundant (the token
-            # survives the loss of any one region), which an additive surrogate cannot see.
-            # Measure the whole pool once in this context, if at most half of the remaining
-            # budget pays for it.
-            need = nec_goal - float(1.0 - current_del[columns].mean())
-            _, predicted_del = surrogate.predict(pool_arr)
-            best_drop = float((current_del[columns].mean() - predicted_del.mean(axis=1)).max())
-            cost = len(ranked) * (2 if side == "both" else 1)
-            remaining = evaluator.remaining_passes
-            if (
-                len(trace.selected) > 0
-                and need > 0
-                and best_drop < 0.1 * need
-                and (remaining is None or 2 * cost <= remaining)
-            ):
-                width = len(ranked)
-                blind_probe_done = True
-        while start < len(ranked):
-            group = ranked[start : start + width]
-            start += len(group)
-            surprise, complete = step.measure(group)
-            if not complete or start >= len(ranked):
-                break
-            # The surrogate misjudged this context (interactions): re-measure the whole pool
-            # when at most half of what is left of the budget pays for it.
-            left = len(ranked) - start
-            remaining = evaluator.remaining_passes
-            cost = left * (2 if side == "both" else 1)
-            if surprise > refresh_tolerance and (remaining is None or 2 * cost <= remaining):
-                width = left
-                continue
-            if step.best_gain() >= predicted_of[ranked[start]]:
-                break
-        selection = step.select()
-        if selection is None:
-            trace.stopped_by = evaluator.stop_reason or StopReason.FORWARD_BUDGET
-            break
-        region, current_ins, current_del = selection
-        trace.select(region, current_ins, current_del)
-        surrogate.advance(current_ins[columns], current_del[columns])
-        chosen[region] = True
-        pool.remove(region)
+        probe = False
         if (
-            stop_when_converged
-            and float(current_ins[columns].mean()) >= ins_goal
-            and float(1.0 - current_del[columns].mean()) >= nec_goal
+            side != "both"
+            and side not in self.probed
+            and self.trace.selected
+            and not self.converged()
         ):
-            trace.stopped_by = StopReason.CONVERGED
-            break
-    else:
-        trace.stopped_by = StopReason.CONVERGED
+            probe = _blind(
+                self.evaluator,
+                self.surrogate,
+                self.pool,
+                cols,
+                side,
+                self.current_ins,
+                self.current_del,
+                self.ins_goal,
+                self.nec_goal,
+            )
+            if probe:
+                self.probed.add(side)
+        if self.refresh_front:
+            self.refresh_front = False
+            remaining = self.evaluator.remaining_passes
+            cost = len(self.pool) * (2 if side == "both" else 1)
+            probe = probe or remaining is None or 2 * cost <= remaining
+        before = self._f(self.current_ins[None], self.current_del[None])
+        selection = self._choose(self.surrogate, self.chosen, self.f_of, side, probe)
+        if selection is None:
+            return False
+        region, self.current_ins, self.current_del = selection
+        self.trace.select(region, self.current_ins, self.current_del)
+        self.surrogate.advance(self.current_ins[cols], self.current_del[cols])
+        self.chosen[region] = True
+        self.pool.remove(region)
+        self.front_move = abs(self._f(self.current_ins[None], self.current_del[None]) - before)
+        return True
 
-    return trace, [*trace.selected, *_surrogate_greedy(surrogate, pool, f_of)]
+    def tail_step(self) -> bool:
+        selection = self._choose(self.tail_surrogate, self.behind, self.f_tail, "both", False)
+        if selection is None:
+            return False
+        region, only_tail, without_tail = selection
+        self.tail.append(region)
+        n = self.behind.size
+        self.trace.record(n - len(self.tail), without_tail, only_tail)
+        self.tail_surrogate.advance(only_tail[self.columns], without_tail[self.columns])
+        self.behind[region] = True
+        self.pool.remove(region)
+        f = self._f(without_tail[None], only_tail[None])
+        self.tail_move, self.tail_f = abs(f - self.tail_f), f
+        return True
+
+    def _choose(
+        self, surrogate: LogitSurrogate, chosen: np.ndarray, f: Objective, side: str, probe: bool
+    ) -> tuple[int, np.ndarray, np.ndarray] | None:
+        return _choose(
+            self.evaluator,
+            surrogate,
+            chosen,
+            self.pool,
+            self.columns,
+            f,
+            side,
+            self.candidates,
+            self.refresh_tolerance,
+            probe,
+        )
+
+    def order(self) -> list[int]:
+        """Front, the middle ordered on the surrogate (free), tail."""
+        middle = _surrogate_greedy(self.surrogate, self.pool, self.f_of)
+        return [*self.trace.selected, *middle, *reversed(self.tail)]
+
+
+def _blind(
+    evaluator: MaskEvaluator,
+    surrogate: LogitSurrogate,
+    pool: list[int],
+    columns: np.ndarray,
+    side: str,
+    current_ins: np.ndarray,
+    current_del: np.ndarray,
+    ins_goal: float,
+    nec_goal: float,
+) -> bool:
+    """Whether to measure the whole pool on `side` once: one side has reached its goal, the
+    other is short of it, and the surrogate sees no region that brings it closer.
+
+    On the deletion side the evidence is redundant (the token survives the loss of any one
+    region); on the insertion side it is conjunctive (no single region adds much on top of the
+    chosen ones, but a pair does).  Either way an additive surrogate cannot see it.  Only when
+    at most half of the remaining budget pays for it."""
+    predicted_ins, predicted_del = surrogate.predict(np.asarray(pool))
+    if side == "deletion":
+        need = nec_goal - float(1.0 - current_del[columns].mean())
+        best = float((current_del[columns].mean() - predicted_del.mean(axis=1)).max())
+    else:
+        need = ins_goal - float(current_ins[columns].mean())
+        best = float((predicted_ins.mean(axis=1) - current_ins[columns].mean()).max())
+    remaining = evaluator.remaining_passes
+    return need > 0 and best < 0.1 * need and (remaining is None or 2 * len(pool) <= remaining)
+
+
+def _choose(
+    evaluator: MaskEvaluator,
+    surrogate: LogitSurrogate,
+    chosen: np.ndarray,
+    pool: list[int],
+    columns: np.ndarray,
+    f_of: Objective,
+    side: str,
+    candidates: int,
+    refresh_tolerance: float,
+    probe: bool,
+) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """One lazy greedy step: the region of `pool` that maximises `f_of` added to `chosen`, with
+    the score rows of its two images; None if the budget allowed no measurement."""
+    step = _Step(evaluator, surrogate, chosen, columns, f_of, side)
+    pool_arr = np.asarray(pool)
+    predicted = f_of(*surrogate.predict(pool_arr))
+    ranked = [pool[i] for i in np.lexsort((pool_arr, -predicted))]
+    predicted_of = dict(zip(pool, predicted, strict=True))
+    start, width = 0, len(ranked) if probe else candidates
+    while start < len(ranked):
+        group = ranked[start : start + width]
+        start += len(group)
+        surprise, complete = step.measure(group)
+        if not complete or start >= len(ranked):
+            break
+        # The surrogate misjudged this context (interactions): re-measure the whole pool when
+        # at most half of what is left of the budget pays for it.
+        left = len(ranked) - start
+        remaining = evaluator.remaining_passes
+        cost = left * (2 if side == "both" else 1)
+        if surprise > refresh_tolerance and (remaining is None or 2 * cost <= remaining):
+            width = left
+            continue
+        if step.best_gain() >= predicted_of[ranked[start]]:
+            break
+    return step.select()
 
 
 class _Step:

@@ -33,8 +33,12 @@ class SearchTrace:
 
     def select(self, region: int, insertion: np.ndarray, deletion: np.ndarray) -> None:
         self.selected.append(region)
-        self.insertion[len(self.selected)] = insertion
-        self.deletion[len(self.selected)] = deletion
+        self.record(len(self.selected), insertion, deletion)
+
+    def record(self, prefix: int, insertion: np.ndarray, deletion: np.ndarray) -> None:
+        """Scores of the first `prefix` regions of the order visible / removed."""
+        self.insertion[prefix] = insertion
+        self.deletion[prefix] = deletion
 
 
 def compact_prefix(
