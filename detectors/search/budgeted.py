@@ -228,9 +228,14 @@ class _Search:
         the same greedy search with the two images' roles swapped and its own surrogate, whose
         first step the screening already measured)."""
         # The surrogate's front increments were extrapolated from single regions on the blank
-        # image; once the object is visible they are stale: the first front step re-measures
-        # the pool in this context, budget permitting.
+        # image; once the object is visible they are stale: the next front step re-measures
+        # the pool in this context, budget permitting, which also shows how much the front
+        # can still gain.  The tail's first step is free (screening).
         self.refresh_front = True
+        if not self.front_step():
+            self.trace.stopped_by = self.evaluator.stop_reason or StopReason.CONVERGED
+            return
+        self.tail_move = np.inf
         while self.pool:
             step = self.tail_step if self.tail_move > self.front_move else self.front_step
             if not step():
@@ -463,21 +468,57 @@ class _Step:
     def best_gain(self) -> float:
         return max(self.gain.values())
 
-    def select(self) -> tuple[int, np.ndarray, np.ndarray] | None:
-        """The best measured region with both of its score rows, or None if none was measured
-        (or its other side could not be scored within the budget)."""
+    def _measured_term(self, region: int) -> float:
+        ins_row, del_row = self.rows[region]
+        cols = self.columns
+        if ins_row is not None and del_row is not None:
+            return self.gain[region]
+        if ins_row is not None:
+            return float(ins_row[cols].mean())
+        assert del_row is not None
+        return float(1.0 - del_row[cols].mean())
+
+    def select(self, max_checks: int = 4) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """The best region with both of its score rows measured, or None if none was measured
+        (or its other side could not be scored within the budget).
+
+        With one side measured, a candidate's gain leans on the surrogate for the other; the
+        leader's other side is scored, and if it falls behind, the next leader's (lazily, at
+        most `max_checks` times; then the best fully measured one wins)."""
         if not self.gain:
             return None
-        region = min(self.gain, key=lambda v: (-self.gain[v], v))
-        ins_row, del_row = self.rows[region]
-        if ins_row is None or del_row is None:
+        # The candidate that is best on the measured side alone is checked first: a surrogate
+        # that misjudges its other side would otherwise hide it.
+        measured = {v: self._measured_term(v) for v in self.gain}
+        first: int | None = min(measured, key=lambda v: (-measured[v], v))
+        for _ in range(max_checks):
+            region = (
+                first if first is not None else min(self.gain, key=lambda v: (-self.gain[v], v))
+            )
+            first = None
+            ins_row, del_row = self.rows[region]
+            if ins_row is not None and del_row is not None:
+                if region == min(self.gain, key=lambda v: (-self.gain[v], v)):
+                    return region, ins_row, del_row
+                continue
             keep = self.chosen.copy()
             keep[region] = True
             other = self.evaluator.evaluate((keep if ins_row is None else ~keep)[None])
             if other.shape[0] == 0:
-                return None
+                break
             ins_row = other[0] if ins_row is None else ins_row
             del_row = other[0] if del_row is None else del_row
+            ins, dele = ins_row[self.columns], del_row[self.columns]
+            self.surrogate.observe(region, ins, dele)
+            self.gain[region] = float(self.f_of(ins[None], dele[None])[0])
+            self.rows[region] = (ins_row, del_row)
+        complete = [v for v, (i, d) in self.rows.items() if i is not None and d is not None]
+        # (the leader may still lean on the surrogate: the best fully measured one wins)
+        if not complete:
+            return None
+        region = min(complete, key=lambda v: (-self.gain[v], v))
+        ins_row, del_row = self.rows[region]
+        assert ins_row is not None and del_row is not None
         return region, ins_row, del_row
 
 
