@@ -15,7 +15,9 @@
    prediction by more than `refresh_tolerance` logits (interactions between regions), the whole
    pool is re-measured at this S if at most half of the remaining budget pays for it.  Once one
    side has reached its goal (say the deletion image already lost 90% of what it can lose), only
-   the other side is measured (half the passes); the chosen region's other image is scored once.
+   the other side is measured (half the passes); the leader's other image is then scored, and
+   if the measurement drops it behind, the next leader's (lazily), starting with the region that
+   is best on the measured side alone, so that a misjudged other side cannot hide it.
    Step 1 is free: its masks were scored by the screening and come from the cache.  When one
    side has reached its goal, the other is short of it, and the surrogate predicts no region
    that brings it closer, the whole pool is measured once in the current context, budget
@@ -23,12 +25,15 @@
    any one region), on the insertion side it is conjunctive (only a pair of regions carries it).
 5. Stop when the compact set explains the token (insight >= coverage * p_full and necessity >=
    coverage * (1 - p_blank)), when `max_regions` are chosen, or when the budget runs out.
-6. With `stop_when_converged` off, the rest of the budget orders the other end: the tail is
-   built from the back by the same lazy greedy search with the insertion and deletion images
-   swapped (the region placed last leaves the most with all others visible and the least on
-   its own: counter-evidence, such as the object that argues against a prior-driven word).
-   The regions left in the middle are ordered by continuing the greedy search on the
-   surrogate (free).
+6. With `stop_when_converged` off, the rest of the budget refines both ends of the ordering.
+   The front's next step re-measures the pool in the current context (the increments
+   extrapolated from the screening are stale once the object is visible); then each step goes
+   to the end whose curve moved more at its latest step.  The tail is built from the back by
+   the same lazy greedy search with the insertion and deletion images swapped (the region
+   placed last leaves the most with all others visible and the least on its own:
+   counter-evidence, such as the object that argues against a prior-driven word).  The
+   regions left in the middle are ordered by continuing the greedy search on the surrogate
+   (free).
 """
 
 from __future__ import annotations
