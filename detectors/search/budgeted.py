@@ -32,8 +32,8 @@
    the same lazy greedy search with the insertion and deletion images swapped (the region
    placed last leaves the most with all others visible and the least on its own:
    counter-evidence, such as the object that argues against a prior-driven word).  The
-   regions left in the middle are ordered by continuing the greedy search on the surrogate
-   (free).
+   regions left in the middle are ordered for free by continuing both greedy searches on their
+   surrogates, from the front and from the back in turn (without a tail: from the front).
 """
 
 from __future__ import annotations
@@ -330,9 +330,26 @@ class _Search:
         )
 
     def order(self) -> list[int]:
-        """Front, the middle ordered on the surrogate (free), tail."""
-        middle = _surrogate_greedy(self.surrogate, self.pool, self.f_of)
-        return [*self.trace.selected, *middle, *reversed(self.tail)]
+        """Front, the middle ordered on the surrogates (free), tail."""
+        if not self.tail:
+            middle = _surrogate_greedy(self.surrogate, self.pool, self.f_of)
+            return [*self.trace.selected, *middle, *reversed(self.tail)]
+        # both ends were refined: fill the middle from both sides, each on its own surrogate
+        rest = list(self.pool)
+        front: list[int] = []
+        back: list[int] = []
+        while rest:
+            for surrogate, f, out in (
+                (self.surrogate, self.f_of, front),
+                (self.tail_surrogate, self.f_tail, back),
+            ):
+                if rest:
+                    arr = np.asarray(rest)
+                    ins, dele = surrogate.predict(arr)
+                    best = int(np.lexsort((arr, -f(ins, dele)))[0])
+                    out.append(rest.pop(best))
+                    surrogate.advance(ins[best], dele[best])
+        return [*self.trace.selected, *front, *reversed(back), *reversed(self.tail)]
 
 
 def _blind(
