@@ -1,12 +1,14 @@
 """Seconds per masked-image evaluation: the reference implementation's way against ours.
 
-For the shipped reference model (36 image tokens) and a tiny random LLaVA with 256 image tokens
-(built from a config, no download), on the same sample and the same masks:
+For the shipped reference model (36 image tokens), a tiny random LLaVA with 256 image tokens and
+a tiny random Qwen2.5-VL with 64 (built from configs, no download), on the same sample and the
+same masks:
 
   (a) reference way: pixel-space mask, image processor and one full forward per masked image
   (b) batched torch: the same, `--chunk` images per forward
   (c) ours: tensor-space masks, ONNX Runtime vision encoder, the text before the image cached,
-      logits only at the target rows, `--chunk` variants per pass
+      logits only at the target rows, `--chunk` variants per pass (Qwen2.5-VL: its vision
+      tower in torch, it has no ONNX export)
 
 It prints the seconds per masked image, the speed-ups, the largest probability difference
 between (a) and (c), where (c)'s time goes (vision, language model, masking and Python
@@ -36,11 +38,18 @@ from detectors import Fill, Target
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from detectors.regions import slic_partition
 from detectors.scorers import MaskedBatch
-from detectors.scorers.fast import Timings
+from detectors.scorers.fast import TensorMaskedScorer, Timings
 from detectors.scorers.llava import LlavaModel, LlavaScorer, load_llava
 from detectors.scorers.llava_fast import FastLlavaScorer, llava_onnx_vision
 from detectors.scorers.onnx_export import export_vision
-from guardrail.reference.tiny_models import LLAVA_PROMPT, save_tiny_llava
+from detectors.scorers.protocol import Scorer
+from detectors.scorers.qwen import FastQwenScorer, QwenModel, QwenScorer, load_qwen
+from guardrail.reference.tiny_models import (
+    LLAVA_PROMPT,
+    QWEN_PROMPT,
+    save_tiny_llava,
+    save_tiny_qwen,
+)
 
 
 def _seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -74,6 +83,48 @@ def bench_model(
     name: str, llava: LlavaModel, onnx_path: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     image, prompt, ids, targets = _sample(name, llava)
+    vision = llava_onnx_vision(llava, onnx_path, device=args.device)
+    return _bench(
+        name,
+        image,
+        targets,
+        plain=LlavaScorer(llava, image, prompt, ids, max_batch_size=1),
+        batched=LlavaScorer(llava, image, prompt, ids, max_batch_size=args.chunk),
+        ours=lambda chunk: FastLlavaScorer(
+            llava, image, prompt, ids, vision=vision, chunk_size=chunk
+        ),
+        args=args,
+    )
+
+
+def bench_qwen(name: str, qwen: QwenModel, args: argparse.Namespace) -> dict[str, Any]:
+    """A tiny random Qwen2.5-VL: its vision tower runs in torch in (c) too (no ONNX export)."""
+    image = np.random.default_rng(3).integers(0, 255, (224, 224, 3), dtype=np.uint8)
+    words = ["a", "dog", "on", "a", "table", "."]
+    ids = [int(qwen.tokenizer.convert_tokens_to_ids(w)) for w in words]
+    targets = [Target(position=i, token_id=ids[i], text=words[i]) for i in (1, 4)]
+    return _bench(
+        name,
+        image,
+        targets,
+        plain=QwenScorer(qwen, image, QWEN_PROMPT, ids, max_batch_size=1),
+        batched=QwenScorer(qwen, image, QWEN_PROMPT, ids, max_batch_size=args.chunk),
+        ours=lambda chunk: FastQwenScorer(qwen, image, QWEN_PROMPT, ids, chunk_size=chunk),
+        args=args,
+    )
+
+
+def _bench(
+    name: str,
+    image: np.ndarray,
+    targets: list[Target],
+    *,
+    plain: Scorer,
+    batched: Scorer,
+    ours: Callable[[int], TensorMaskedScorer],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """(a) `plain` one image per call, (b) `batched` `args.chunk` per call, (c) `ours`."""
     partition = slic_partition(image, 48)
     rng = np.random.default_rng(0)
     keep = rng.random((args.variants, partition.n_regions)) < 0.5
@@ -82,9 +133,6 @@ def bench_model(
         MaskedBatch(image=image, partition=partition, keep=keep[i : i + 1], fill=Fill.MEAN)
         for i in range(args.variants)
     ]
-    plain = LlavaScorer(llava, image, prompt, ids, max_batch_size=1)
-    batched = LlavaScorer(llava, image, prompt, ids, max_batch_size=args.chunk)
-    vision = llava_onnx_vision(llava, onnx_path, device=args.device)
 
     def run_a() -> np.ndarray:
         return np.concatenate([plain.score(r, targets) for r in rows])
@@ -104,9 +152,6 @@ def bench_model(
                 for i in range(0, args.variants, args.chunk)
             ]
         )
-
-    def ours(chunk: int) -> FastLlavaScorer:
-        return FastLlavaScorer(llava, image, prompt, ids, vision=vision, chunk_size=chunk)
 
     fast = ours(args.chunk)
     diff = float(np.abs(run_a() - fast.score(batch, targets)).max())
@@ -179,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             export_vision(llava, onnx_path)  # exported and verified on CPU
             llava.model.to(args.device)
             results.append(bench_model(name, llava, onnx_path, args))
+        qwen = load_qwen(save_tiny_qwen(Path(tmp) / "qwen", image_size=224))
+        qwen.model.to(args.device)
+        results.append(bench_qwen("tiny-qwen2.5-vl", qwen, args))
     report = {
         "machine": {
             "platform": platform.platform(),
