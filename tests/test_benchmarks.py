@@ -52,7 +52,8 @@ def test_scorer_speed_benchmark_prints_json() -> None:
     assert float(report["max_abs_prob_diff"]) <= 1e-5  # type: ignore[arg-type]
     results = report["results"]
     assert isinstance(results, list)
-    assert [r["image_tokens"] for r in results] == [36, 256]
+    assert [r["image_tokens"] for r in results] == [36, 256, 64]
+    assert [r["model"] for r in results][-1] == "tiny-qwen2.5-vl"
 
 
 def test_explain_speed_benchmark_prints_json() -> None:
