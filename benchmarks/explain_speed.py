@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 
 from detectors import EagleSearch, Fill, SearchBudget, Target
+from detectors.evaluation import objective_area as evaluation_area
+from detectors.evaluation import order_curves
 from detectors.objects import flag_objects
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from detectors.regions import RegionPartition, slic_partition
-from detectors.scorers import MaskedBatch
 from detectors.scorers.llava import LlavaModel, LlavaScorer, load_llava
 from detectors.scorers.llava_fast import FastLlavaScorer, llava_onnx_vision
 from detectors.scorers.onnx_export import export_vision
@@ -50,17 +51,8 @@ def objective_area(
     target: Target,
     order: np.ndarray,
 ) -> float:
-    n = order.size
-    prefix = np.zeros((n + 1, n), dtype=np.bool_)
-    for r in range(1, n + 1):
-        prefix[r] = prefix[r - 1]
-        prefix[r, order[r - 1]] = True
-    keep = np.concatenate([prefix, ~prefix])
-    probs = scorer.score(
-        MaskedBatch(image=image, partition=partition, keep=keep, fill=Fill.MEAN), [target]
-    )[:, 0]
-    curve = probs[: n + 1] + 1.0 - probs[n + 1 :]
-    return float(np.trapezoid(curve, np.linspace(0.0, 1.0, n + 1)))
+    curves = order_curves(scorer, image, partition, order, [target], fill=Fill.MEAN)
+    return evaluation_area(*curves)
 
 
 def explain_token(

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from detectors import EagleSearch, SearchBudget, Target, exact_search_passes, grid_partition
+from detectors.evaluation import objective_area as evaluation_area
+from detectors.evaluation import order_curves
 from detectors.scorers import AnalyticScorer
 
 GRIDS = {16: (4, 4), 32: (4, 8), 64: (8, 8)}
@@ -32,23 +34,17 @@ FRACTIONS = (0.05, 0.10, 0.20)
 TARGET = Target(position=0, token_id=0, text="object")
 
 
-def objective_area(scorer: AnalyticScorer, order: np.ndarray) -> float:
-    """Area under F(first k regions of `order`), k = 0..N, over k / N."""
-    n = order.size
-    prefix = np.zeros((n + 1, n), dtype=np.bool_)
-    for r in range(1, n + 1):
-        prefix[r] = prefix[r - 1]
-        prefix[r, order[r - 1]] = True
-    ins = scorer.probabilities(prefix, [TARGET])[:, 0]
-    dele = scorer.probabilities(~prefix, [TARGET])[:, 0]
-    return float(np.trapezoid(ins + 1.0 - dele, np.linspace(0.0, 1.0, n + 1)))
-
-
 def run_case(n: int, kind: str, seed: int) -> list[dict[str, object]]:
     interactions = 0 if kind == "additive" else max(2, n // 4)
     scorer = AnalyticScorer.random(n, seed, interactions=interactions)
     image = np.zeros((64, 64, 3), dtype=np.uint8)
     partition = grid_partition(image, *GRIDS[n])
+
+    def objective_area(scorer: AnalyticScorer, order: np.ndarray) -> float:
+        """Area under F(first k regions of `order`), k = 0..N, over k / N (closed form)."""
+        curves = order_curves(scorer, image, partition, order, [TARGET], batch_size=1024)
+        return evaluation_area(*curves)
+
     rng = np.random.default_rng(10_000 + seed)
     random_area = float(np.mean([objective_area(scorer, rng.permutation(n)) for _ in range(8)]))
     rows: list[dict[str, object]] = []

@@ -25,6 +25,7 @@ __all__ = [
     "deletion_auc",
     "insertion_auc",
     "minimal_correction_region",
+    "objective_area",
     "order_curves",
     "order_from_saliency",
     "pointing_game",
@@ -68,6 +69,18 @@ def order_curves(
     ]
     scores = np.concatenate(rows)
     return scores[: n + 1], scores[n + 1 :]
+
+
+def objective_area(
+    insertion: np.ndarray, deletion: np.ndarray, weights: tuple[float, float] = (1.0, 1.0)
+) -> float:
+    """Area under the search objective F = l1 * insight + l2 * necessity along an ordering
+    (mean over targets), x = r / N: what the searches are compared on (attainment).
+    `insertion` and `deletion` are `(N + 1, T)`, as from `order_curves`."""
+    n = insertion.shape[0] - 1
+    l1, l2 = weights
+    curve = l1 * insertion.mean(axis=1) + l2 * (1.0 - deletion.mean(axis=1))
+    return float(np.trapezoid(curve, np.linspace(0.0, 1.0, n + 1)))
 
 
 def insertion_auc(fractions: np.ndarray, insertion: np.ndarray) -> float:

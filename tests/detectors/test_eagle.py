@@ -16,6 +16,7 @@ from detectors import (
     grid_partition,
 )
 from detectors.errors import InvalidTargetError, ScorerContractError
+from detectors.evaluation import objective_area, order_curves
 from detectors.scorers import AnalyticScorer, MaskedBatch, analytic_case
 from detectors.scorers.analytic import TokenResponse
 
@@ -208,14 +209,8 @@ def test_budgeted_search_finds_evidence_that_only_a_pair_of_regions_carries() ->
 
 
 def _objective_area(scorer: AnalyticScorer, order: np.ndarray) -> float:
-    n = order.size
-    prefix = np.zeros((n + 1, n), dtype=np.bool_)
-    for r in range(1, n + 1):
-        prefix[r] = prefix[r - 1]
-        prefix[r, order[r - 1]] = True
-    ins = scorer.probabilities(prefix, [TARGET])[:, 0]
-    dele = scorer.probabilities(~prefix, [TARGET])[:, 0]
-    return float(np.trapezoid(ins + 1.0 - dele, np.linspace(0.0, 1.0, n + 1)))
+    image, partition = _setup(order.size)
+    return objective_area(*order_curves(scorer, image, partition, order, [TARGET]))
 
 
 def test_budgeted_full_ordering_matches_the_exact_search_at_a_tenth_of_its_cost() -> None:
