@@ -20,11 +20,18 @@ from detectors.scorers.vision import (
     OnnxVision,
     TorchVision,
     VisionRunner,
+    VisionSpec,
     llava_vision_fingerprint,
     llava_vision_module,
 )
 
-__all__ = ["FastLlavaScorer", "llava_geometry", "llava_image_tokens", "llava_onnx_vision"]
+__all__ = [
+    "FastLlavaScorer",
+    "llava_geometry",
+    "llava_image_tokens",
+    "llava_onnx_vision",
+    "llava_vision_spec",
+]
 
 
 def llava_geometry(llava: LlavaModel, image_hw: tuple[int, int]) -> InputGeometry:
@@ -60,20 +67,26 @@ def llava_image_tokens(llava: LlavaModel) -> tuple[tuple[int, int], int, int]:
     return (side, side), tokens, int(config.text_config.hidden_size)
 
 
+def llava_vision_spec(llava: LlavaModel) -> VisionSpec:
+    """LLaVA's vision tower + projector, for `export_vision` and `OnnxVision`."""
+    hw, tokens, dim = llava_image_tokens(llava)
+    return VisionSpec(
+        module=llava_vision_module(llava.model),
+        input_hw=hw,
+        tokens=tokens,
+        dim=dim,
+        fingerprint=llava_vision_fingerprint(llava.model),
+        architecture="LlavaForConditionalGeneration",
+        source=llava.path,
+        pixels=lambda images: llava.pixel_values(list(images)),
+    )
+
+
 def llava_onnx_vision(
     llava: LlavaModel, path: str | Path, *, device: str = "cpu", threads: int = 0
 ) -> OnnxVision:
     """Open an exported vision file for `llava`, refusing one exported from another model."""
-    hw, tokens, dim = llava_image_tokens(llava)
-    return OnnxVision(
-        path,
-        fingerprint=llava_vision_fingerprint(llava.model),
-        input_hw=hw,
-        tokens=tokens,
-        dim=dim,
-        device=device,
-        threads=threads,
-    )
+    return OnnxVision.for_spec(path, llava_vision_spec(llava), device=device, threads=threads)
 
 
 class FastLlavaScorer(TensorMaskedScorer):

@@ -1,5 +1,6 @@
-"""`guardrail export-vision`: the LLaVA vision tower and projector exported to ONNX, verified
-against torch before the file is written."""
+"""`guardrail export-vision`: a model's vision tower and projector (LLaVA) or merger
+(Qwen2.5-VL, at one input size) exported to ONNX, verified against torch before the file is
+written."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import numpy as np
 
 from detectors.errors import DetectorError
 from detectors.scorers.llava import LlavaModel
-from detectors.scorers.vision import FINGERPRINT_KEY, llava_vision_fingerprint, llava_vision_module
+from detectors.scorers.qwen import QwenModel
+from detectors.scorers.vision import FINGERPRINT_KEY, VisionSpec
 
-__all__ = ["ExportMismatchError", "ExportReport", "export_vision"]
+__all__ = ["ExportMismatchError", "ExportReport", "export_vision", "vision_spec"]
 
 TOLERANCE = 1e-4
 
@@ -47,15 +49,39 @@ def _max_diff(session: Any, module: Any, pixels: Any) -> float:
     return float(np.abs(got - want).max())
 
 
+def vision_spec(
+    model: LlavaModel | QwenModel | VisionSpec,
+    *,
+    input_hw: tuple[int, int] | None = None,
+    real_images: Sequence[np.ndarray] = (),
+) -> VisionSpec:
+    """The vision encoder to export for `model`.  A Qwen2.5-VL graph serves one input size:
+    `input_hw` (pixels after the image processor), or the size the first real image gets."""
+    if isinstance(model, VisionSpec):
+        return model
+    if isinstance(model, LlavaModel):
+        from detectors.scorers.llava_fast import llava_vision_spec
+
+        return llava_vision_spec(model)
+    if input_hw is None:
+        if not real_images:
+            raise ValueError(
+                "a Qwen2.5-VL export needs an input size or a real image to take it from"
+            )
+        input_hw = model.input_hw(real_images[0])
+    return model.vision_spec(input_hw)
+
+
 def export_vision(
-    llava: LlavaModel,
+    model: LlavaModel | QwenModel | VisionSpec,
     out: str | Path,
     *,
     real_images: Sequence[np.ndarray] = (),
+    input_hw: tuple[int, int] | None = None,
     tolerance: float = TOLERANCE,
     seed: int = 0,
 ) -> ExportReport:
-    """Export `llava`'s vision tower + projector to `out` with a dynamic batch axis.
+    """Export `model`'s vision encoder (see `vision_spec`) to `out` with a dynamic batch axis.
 
     The graph is checked against torch on random pixels (batches of 1, 2 and 3) and on
     `real_images` (run through the model's own image processor) before `out` is written.
@@ -67,11 +93,12 @@ def export_vision(
     import onnxruntime as ort
     import torch
 
-    module = llava_vision_module(llava.model)
-    side = int(llava.model.config.vision_config.image_size)
-    fingerprint = llava_vision_fingerprint(llava.model)
+    spec = vision_spec(model, input_hw=input_hw, real_images=real_images)
+    module = spec.module
+    height, width = spec.input_hw
+    fingerprint = spec.fingerprint
     generator = torch.Generator().manual_seed(seed)
-    example = torch.randn(2, 3, side, side, generator=generator)
+    example = torch.randn(2, 3, height, width, generator=generator)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -92,8 +119,8 @@ def export_vision(
         model = onnx.load(str(raw))
         for key, value in (
             (FINGERPRINT_KEY, fingerprint),
-            ("guardrail.source", str(llava.path)),
-            ("guardrail.architecture", "LlavaForConditionalGeneration"),
+            ("guardrail.source", str(spec.source)),
+            ("guardrail.architecture", spec.architecture),
         ):
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
@@ -106,12 +133,12 @@ def export_vision(
             str(staged), sess_options=options, providers=["CPUExecutionProvider"]
         )
         random_diff = max(
-            _max_diff(session, module, torch.randn(b, 3, side, side, generator=generator))
+            _max_diff(session, module, torch.randn(b, 3, height, width, generator=generator))
             for b in (1, 2, 3)
         )
         real_diff = 0.0
         if real_images:
-            real = llava.pixel_values(list(real_images)).to(torch.float32)
+            real = spec.pixels(list(real_images)).to(torch.float32)
             real_diff = _max_diff(session, module, real)
         worst = max(random_diff, real_diff)
         if not worst <= tolerance:

@@ -27,9 +27,26 @@ from detectors.scorers.fast import (
 from detectors.scorers.loading import model_family
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
+from detectors.scorers.vision import (
+    OnnxMismatchError,
+    OnnxVision,
+    TorchVision,
+    VisionRunner,
+    VisionSpec,
+    vision_config_dict,
+    weights_fingerprint,
+)
 from detectors.types import Target
 
-__all__ = ["FastQwenScorer", "QwenModel", "QwenScorer", "load_qwen", "patchify", "unpatchify"]
+__all__ = [
+    "FastQwenScorer",
+    "QwenModel",
+    "QwenScorer",
+    "load_qwen",
+    "patchify",
+    "qwen_onnx_vision",
+    "unpatchify",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -57,6 +74,57 @@ class QwenModel:
         """`(pixel_values (patches, dim), image_grid_thw (n, 3))` from the image processor."""
         out = self.image_processor(images=list(images), return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
+
+    def input_hw(self, image: np.ndarray) -> tuple[int, int]:
+        """The `(H, W)` pixels the image processor resizes `image` to (multiples of 28)."""
+        _, grid = self.pixel_inputs([image])
+        patch = int(self.model.config.vision_config.patch_size)
+        return int(grid[0, 1]) * patch, int(grid[0, 2]) * patch
+
+    def vision_spec(self, input_hw: tuple[int, int]) -> VisionSpec:
+        """The vision tower + merger for images processed to `input_hw`, for `export_vision`
+        and `OnnxVision` (one exported file serves one input geometry)."""
+        from detectors.scorers.qwen_vision import qwen_vision_module
+
+        config = self.model.config
+        vision = config.vision_config
+        patch = int(vision.patch_size)
+        tokens = (input_hw[0] // patch) * (input_hw[1] // patch) // self.merge**2
+        parts = {
+            "vision_config": vision_config_dict(vision),
+            "text_hidden_size": config.text_config.hidden_size,
+        }
+
+        def pixels(images: Sequence[np.ndarray]) -> Any:
+            """Real images resized to `input_hw`, then normalised and patchified by the
+            image processor (its own resize off), as `(B, 3, H, W)`."""
+            import torch
+            from PIL import Image
+
+            h, w = input_hw
+            resized = [
+                np.asarray(Image.fromarray(i).resize((w, h), Image.Resampling.BICUBIC))
+                for i in images
+            ]
+            out = self.image_processor(images=resized, do_resize=False, return_tensors="pt")
+            flat, grid = out["pixel_values"], out["image_grid_thw"]
+            grid_hw = (int(grid[0, 1]), int(grid[0, 2]))
+            per_image = flat.reshape(len(images), -1, flat.shape[-1])
+            temporal = int(vision.temporal_patch_size)
+            return torch.cat(
+                [unpatchify(p, grid_hw, patch, self.merge, temporal) for p in per_image]
+            )
+
+        return VisionSpec(
+            module=qwen_vision_module(self.model, input_hw),
+            input_hw=input_hw,
+            tokens=tokens,
+            dim=int(vision.out_hidden_size),
+            fingerprint=weights_fingerprint(parts, [("visual", self.model.model.visual)]),
+            architecture="Qwen2_5_VLForConditionalGeneration",
+            source=self.path,
+            pixels=pixels,
+        )
 
     def image_tokens(self, grid_thw: Any) -> int:
         return int(grid_thw.prod()) // self.merge**2
@@ -101,6 +169,19 @@ def load_qwen(
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return QwenModel(model=model, image_processor=image_processor, tokenizer=tokenizer, path=path)
+
+
+def qwen_onnx_vision(
+    qwen: QwenModel,
+    path: str | Path,
+    input_hw: tuple[int, int],
+    *,
+    device: str = "cpu",
+    threads: int = 0,
+) -> OnnxVision:
+    """Open a vision file exported for `qwen` at `input_hw`, refusing one exported from another
+    model or for another input size."""
+    return OnnxVision.for_spec(path, qwen.vision_spec(input_hw), device=device, threads=threads)
 
 
 def patchify(images: Any, patch: int, merge: int, temporal: int) -> Any:
@@ -179,8 +260,17 @@ class QwenScorer:
 
 
 class FastQwenScorer(TensorMaskedScorer):
-    """Tensor-space masks, the vision tower on concatenated patches, and the language model
-    with the text before the image cached and 3-D rope positions computed once."""
+    """Tensor-space masks, the vision tower batched at this sample's geometry (ONNX Runtime or
+    torch, see `detectors.scorers.qwen_vision`), and the language model with the text before
+    the image cached and 3-D rope positions computed once.
+
+    Args:
+        vision: an `OnnxVision` exported for this image's input size (see `qwen_onnx_vision`
+            and `QwenModel.input_hw`), or None for the torch tower.
+
+    Raises:
+        OnnxMismatchError: `vision` was exported for another input size.
+    """
 
     def __init__(
         self,
@@ -189,6 +279,7 @@ class FastQwenScorer(TensorMaskedScorer):
         prompt: str,
         generated_ids: Sequence[int],
         *,
+        vision: VisionRunner | None = None,
         chunk_size: int = 16,
     ) -> None:
         import torch
@@ -197,8 +288,8 @@ class FastQwenScorer(TensorMaskedScorer):
         self.qwen = qwen
         model = qwen.model
         self.device = next(model.parameters()).device
-        vision = model.config.vision_config
-        self.patch, self.temporal = int(vision.patch_size), int(vision.temporal_patch_size)
+        config = model.config.vision_config
+        self.patch, self.temporal = int(config.patch_size), int(config.temporal_patch_size)
         pixels, grid = qwen.pixel_inputs([self.image])
         self.grid = grid.to(self.device)
         self.grid_hw = (int(grid[0, 1]), int(grid[0, 2]))
@@ -221,6 +312,13 @@ class FastQwenScorer(TensorMaskedScorer):
         )
         hw = (self.grid_hw[0] * self.patch, self.grid_hw[1] * self.patch)
         self.geometry = InputGeometry.resize_to(hw)
+        exported_hw = getattr(vision, "input_hw", hw)
+        if tuple(exported_hw) != hw:
+            raise OnnxMismatchError(
+                f"the vision file was exported for {exported_hw[0]}x{exported_hw[1]} inputs; "
+                f"this image is processed to {hw[0]}x{hw[1]}"
+            )
+        self.vision: VisionRunner = vision or TorchVision(qwen.vision_spec(hw).module)
         # the processed image doubles as the tensor-masking base (no second preprocessing)
         self._masks = {"base": self._unpatch(pixels), "fills": {}, "partition": None}
 
@@ -232,23 +330,12 @@ class FastQwenScorer(TensorMaskedScorer):
 
     @property
     def name(self) -> str:
-        return f"qwen2.5-vl-fast({self.qwen.name}; vision=torch; lm=torch:{self.device.type})"
+        lm = f"lm=torch:{self.device.type}"
+        return f"qwen2.5-vl-fast({self.qwen.name}; {self.vision.name}; {lm})"
 
     def _preprocess(self, image: np.ndarray) -> Any:
         pixels, _ = self.qwen.pixel_inputs([image])
         return self._unpatch(pixels)
 
     def _encode(self, images: Any) -> Any:
-        return self._features(patchify(images, self.patch, self.qwen.merge, self.temporal))
-
-    def masked_patches(self, batch: MaskedBatch) -> Any:
-        """The masked variants' patches, concatenated, built in tensor space."""
-        return patchify(self.masked_inputs(batch), self.patch, self.qwen.merge, self.temporal)
-
-    def _features(self, patches: Any) -> Any:
-        import torch
-
-        b = patches.shape[0] // (self.grid_hw[0] * self.grid_hw[1])
-        with torch.inference_mode():
-            out = self.qwen.model.model.visual(patches, grid_thw=self.grid.repeat(b, 1))
-        return out.pooler_output.reshape(b, -1, out.pooler_output.shape[-1])
+        return self.vision(images)

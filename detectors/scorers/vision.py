@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,9 +24,12 @@ __all__ = [
     "OnnxVision",
     "TorchVision",
     "VisionRunner",
+    "VisionSpec",
     "llava_vision_fingerprint",
     "llava_vision_module",
     "ort_providers",
+    "vision_config_dict",
+    "weights_fingerprint",
 ]
 
 FINGERPRINT_KEY = "guardrail.vision_fingerprint"
@@ -66,27 +71,14 @@ def llava_vision_module(model: Any) -> Any:
     return LlavaVision().eval()
 
 
-def llava_vision_fingerprint(model: Any) -> str:
-    """SHA-256 of what determines the vision features: the vision and projector config and a
-    cheap signature of every vision/projector weight (shape, sum, sum of squares)."""
+def weights_fingerprint(parts: dict[str, Any], modules: Sequence[tuple[str, Any]]) -> str:
+    """SHA-256 of `parts` (the config that shapes the features) and a cheap signature of every
+    weight of `modules` (shape, sum, sum of squares)."""
     import torch
 
-    config = model.config
-    parts: dict[str, Any] = {
-        "vision_config": config.vision_config.to_dict(),
-        "vision_feature_layer": config.vision_feature_layer,
-        "vision_feature_select_strategy": config.vision_feature_select_strategy,
-        "projector_hidden_act": getattr(config, "projector_hidden_act", None),
-        "text_hidden_size": config.text_config.hidden_size,
-    }
-    for key in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
-        parts["vision_config"].pop(key, None)
     weights = []
     with torch.no_grad():
-        for prefix, module in (
-            ("tower", model.model.vision_tower),
-            ("projector", model.model.multi_modal_projector),
-        ):
+        for prefix, module in modules:
             for name, tensor in sorted(module.state_dict().items()):
                 t = tensor.detach().double()
                 weights.append(
@@ -97,9 +89,50 @@ def llava_vision_fingerprint(model: Any) -> str:
                         f"{float((t * t).sum()):.6e}",
                     ]
                 )
-    parts["weights"] = weights
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    blob = json.dumps({**parts, "weights": weights}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def vision_config_dict(config: Any) -> dict[str, Any]:
+    """A vision config as a dict, without the keys that do not change the features."""
+    out: dict[str, Any] = config.to_dict()
+    for key in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        out.pop(key, None)
+    return out
+
+
+def llava_vision_fingerprint(model: Any) -> str:
+    """What determines LLaVA's vision features: the vision and projector config, the weights
+    of the vision tower and projector."""
+    config = model.config
+    parts: dict[str, Any] = {
+        "vision_config": vision_config_dict(config.vision_config),
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "projector_hidden_act": getattr(config, "projector_hidden_act", None),
+        "text_hidden_size": config.text_config.hidden_size,
+    }
+    return weights_fingerprint(
+        parts,
+        [("tower", model.model.vision_tower), ("projector", model.model.multi_modal_projector)],
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class VisionSpec:
+    """What exporting and serving a vision encoder needs to know about one model.
+
+    `module` maps `(B, 3, *input_hw)` preprocessed pixels to `(B, tokens, dim)` features;
+    `pixels` preprocesses real images to such a batch (for the export's check)."""
+
+    module: Any
+    input_hw: tuple[int, int]
+    tokens: int
+    dim: int
+    fingerprint: str
+    architecture: str
+    source: Path
+    pixels: Callable[[Sequence[np.ndarray]], Any]
 
 
 class TorchVision:
@@ -134,8 +167,8 @@ class OnnxVision:
 
     Args:
         path: the `.onnx` file written by `export_vision`.
-        fingerprint: the serving model's `llava_vision_fingerprint`; a file exported from
-            another model is refused.
+        fingerprint: the serving model's vision fingerprint (`VisionSpec.fingerprint`); a file
+            exported from another model is refused.
         input_hw: the model's input grid `(H, W)`; tokens, dim: its image tokens and text width.
         device: "cpu" or "cuda[:i]"; what actually runs is read back from the session.
         threads: ONNX Runtime intra-op threads (0 = its default).
@@ -172,6 +205,7 @@ class OnnxVision:
                 f"{str(self.path)!r} is not a loadable ONNX model: {exc}"
             ) from exc
         self._check(fingerprint, input_hw, tokens, dim)
+        self.input_hw = input_hw
         self.provider = str(self.session.get_providers()[0])
         self.input_name = self.session.get_inputs()[0].name
         self.on_cuda = self.provider == "CUDAExecutionProvider"
@@ -202,6 +236,21 @@ class OnnxVision:
                 f"{(found or 'missing')[:12]}, this model {fingerprint[:12]}): run "
                 "`guardrail export-vision MODEL_DIR --out FILE.onnx` again"
             )
+
+    @classmethod
+    def for_spec(
+        cls, path: str | Path, spec: VisionSpec, *, device: str = "cpu", threads: int = 0
+    ) -> OnnxVision:
+        """Open `path` to serve the model `spec` describes (refused if exported from another)."""
+        return cls(
+            path,
+            fingerprint=spec.fingerprint,
+            input_hw=spec.input_hw,
+            tokens=spec.tokens,
+            dim=spec.dim,
+            device=device,
+            threads=threads,
+        )
 
     @property
     def name(self) -> str:

@@ -23,8 +23,10 @@ from detectors.scorers.qwen import (
     QwenScorer,
     load_qwen,
     patchify,
+    qwen_onnx_vision,
     unpatchify,
 )
+from detectors.scorers.qwen_vision import qwen_vision_module
 from detectors.scorers.vision import OnnxMismatchError, TorchVision, llava_vision_module
 from guardrail.reference.tiny_models import (
     LLAVA_PROMPT,
@@ -214,6 +216,62 @@ def test_qwen_fast_path_equals_a_full_forward_per_image(tiny_qwen: QwenModel) ->
     want = _plain(plain, batch, targets)
     assert np.abs(fast.score(batch, targets) - want).max() <= PARITY
     assert np.ptp(want[:, 0]) > 0
+
+
+def test_qwen_batched_vision_equals_the_transformers_tower(tiny_qwen: QwenModel) -> None:
+    """At 252x224 the 18x16 patch grid leaves partial windows (4x4 patches each): the batched,
+    fixed-geometry tower gives what transformers gives on the concatenated patches."""
+    import torch
+
+    module = qwen_vision_module(tiny_qwen.model, (252, 224))
+    pixels = torch.randn(3, 3, 252, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = module(pixels)
+        grid = torch.tensor([[1, 18, 16]] * 3)
+        want = tiny_qwen.model.model.visual(patchify(pixels, 14, 2, 2), grid_thw=grid)
+    assert got.shape == (3, 72, 64)
+    assert float((got - want.pooler_output.reshape(3, 72, 64)).abs().max()) <= 1e-5
+    with pytest.raises(ImageTokenError, match="multiple of patch x merge"):
+        qwen_vision_module(tiny_qwen.model, (250, 224))
+
+
+def test_qwen_onnx_vision_matches_torch_and_keeps_parity(
+    tiny_qwen: QwenModel, tmp_path: Path
+) -> None:
+    image = np.random.default_rng(1).integers(0, 255, (56, 56, 3), dtype=np.uint8)
+    report = export_vision(tiny_qwen, tmp_path / "qwen.onnx", real_images=[image])
+    assert report.max_abs_diff_random <= 1e-4 and report.max_abs_diff_real <= 1e-4
+    assert report.input_shape[1:] == (3, 56, 56) and report.output_shape[1:] == (4, 64)
+    vision = qwen_onnx_vision(tiny_qwen, report.path, tiny_qwen.input_hw(image))
+    ids = [tiny_qwen.tokenizer.convert_tokens_to_ids(w) for w in ["a", "cat", "on", "the", "table"]]
+    targets = [
+        Target(position=1, token_id=ids[1], text="cat"),
+        Target(position=4, token_id=ids[4], text="table"),
+    ]
+    fast = FastQwenScorer(tiny_qwen, image, QWEN_PROMPT, ids, vision=vision, chunk_size=4)
+    assert "vision=onnx:CPUExecutionProvider" in fast.name
+    batch = _batch(image, 16, 9, Fill.MEAN)
+    want = _plain(QwenScorer(tiny_qwen, image, QWEN_PROMPT, ids), batch, targets)
+    assert np.abs(fast.score(batch, targets) - want).max() <= PARITY
+
+
+def test_qwen_onnx_file_for_another_size_or_model_is_refused(
+    tiny_qwen: QwenModel, tiny_llava: LlavaModel, tmp_path: Path
+) -> None:
+    path = export_vision(tiny_qwen, tmp_path / "q.onnx", input_hw=(56, 56)).path
+    with pytest.raises(OnnxMismatchError, match="takes pixels of shape"):
+        qwen_onnx_vision(tiny_qwen, path, (84, 56))
+    with pytest.raises(OnnxMismatchError, match="takes pixels of shape"):
+        llava_onnx_vision(tiny_llava, path)
+    other = load_qwen(save_tiny_qwen(tmp_path / "other", image_size=56, seed=1))
+    with pytest.raises(OnnxMismatchError, match="exported from another model"):
+        qwen_onnx_vision(other, path, (56, 56))
+    # a file for one input size is refused by a sample the processor sizes differently
+    small = export_vision(tiny_qwen, tmp_path / "small.onnx", input_hw=(28, 28)).path
+    vision = qwen_onnx_vision(tiny_qwen, small, (28, 28))
+    image = np.zeros((56, 56, 3), dtype=np.uint8)
+    with pytest.raises(OnnxMismatchError, match="exported for 28x28"):
+        FastQwenScorer(tiny_qwen, image, QWEN_PROMPT, [3], vision=vision)
 
 
 def test_misuse_fails_clearly(reference: LlavaModel, tiny_qwen: QwenModel, tmp_path: Path) -> None:
