@@ -3,6 +3,7 @@ run the budgeted EAGLE search on every object word and judge it."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ __all__ = ["AuditInputError", "AuditResult", "ModelAuditor", "image_placeholder"
 class AuditInputError(ValueError):
     """The sample cannot be audited as sent (retrying will not help)."""
 
+
+_log = logging.getLogger(__name__)
 
 _PLACEHOLDERS = {"llava": "<image>", "qwen2_5_vl": "<|image_pad|>"}
 
@@ -79,10 +82,11 @@ class ModelAuditor:
             tokenizer = llava.tokenizer
             model: Any = llava
         else:
-            from detectors.scorers.qwen import load_qwen
+            from detectors.scorers.qwen import load_qwen, qwen_onnx_vision
 
             model = load_qwen(s.path, device=s.device, threads=self.threads)
-            vision = None
+            # one exported file serves one input size; other sizes run the torch tower
+            vision = qwen_onnx_vision(model, s.onnx, device=s.device) if s.onnx else None
             tokenizer = model.tokenizer
         return {
             "model": model,
@@ -101,7 +105,18 @@ class ModelAuditor:
             )
         from detectors.scorers.qwen import FastQwenScorer
 
-        return FastQwenScorer(loaded["model"], image, self.prompt_for(prompt), token_ids)
+        vision = loaded["vision"]
+        if vision is not None and loaded["model"].input_hw(image) != vision.input_hw:
+            _log.info(
+                "model %s: image processed to another size than %s was exported for; "
+                "scoring with the torch vision tower",
+                self.settings.name,
+                self.settings.onnx,
+            )
+            vision = None
+        return FastQwenScorer(
+            loaded["model"], image, self.prompt_for(prompt), token_ids, vision=vision
+        )
 
     def tokenize(self, text: str) -> list[int]:
         tokenizer = self.load()["tokenizer"]

@@ -43,6 +43,7 @@ __all__ = [
     "QwenModel",
     "QwenScorer",
     "load_qwen",
+    "onnx_input_hw",
     "patchify",
     "qwen_onnx_vision",
     "unpatchify",
@@ -174,14 +175,37 @@ def load_qwen(
 def qwen_onnx_vision(
     qwen: QwenModel,
     path: str | Path,
-    input_hw: tuple[int, int],
+    input_hw: tuple[int, int] | None = None,
     *,
     device: str = "cpu",
     threads: int = 0,
 ) -> OnnxVision:
-    """Open a vision file exported for `qwen` at `input_hw`, refusing one exported from another
-    model or for another input size."""
+    """Open a vision file exported for `qwen` at `input_hw` (default: the size the file was
+    exported for), refusing one exported from another model or for another input size."""
+    if input_hw is None:
+        input_hw = onnx_input_hw(path)
     return OnnxVision.for_spec(path, qwen.vision_spec(input_hw), device=device, threads=threads)
+
+
+def onnx_input_hw(path: str | Path) -> tuple[int, int]:
+    """The `(H, W)` a vision file exported by `export_vision` takes.
+
+    Raises:
+        OnnxMismatchError: no such file, not ONNX, or not a `(batch, 3, H, W)` input.
+    """
+    import onnx
+
+    where = str(path)
+    if not Path(path).is_file():
+        raise OnnxMismatchError(f"ONNX vision file {where!r} does not exist")
+    try:
+        graph = onnx.load(where, load_external_data=False).graph
+    except Exception as exc:  # onnx raises its own untyped errors
+        raise OnnxMismatchError(f"{where!r} is not a loadable ONNX model: {exc}") from exc
+    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] if graph.input else []
+    if len(dims) != 4 or dims[1] != 3 or not dims[2] or not dims[3]:
+        raise OnnxMismatchError(f"{where!r} does not take (batch, 3, H, W) pixels")
+    return int(dims[2]), int(dims[3])
 
 
 def patchify(images: Any, patch: int, merge: int, temporal: int) -> Any:

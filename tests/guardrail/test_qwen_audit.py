@@ -1,0 +1,56 @@
+"""Auditing a Qwen2.5-VL model end to end, with its vision tower exported to ONNX."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guardrail.auditor import ModelAuditor
+from guardrail.cli import main
+from guardrail.config import ModelSettings
+from guardrail.reference.tiny_models import QWEN_PROMPT, save_tiny_qwen
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_qwen(tmp_path_factory.mktemp("qwen"), image_size=56)
+
+
+def test_export_vision_cli_exports_a_qwen_model_for_one_input_size(
+    qwen_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "q.onnx"
+    assert main(["export-vision", str(qwen_dir), "--out", str(out), "--input-size", "56x56"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == "qwen2_5_vl" and out.is_file()
+    assert report["input_shape"][1:] == [3, 56, 56] and report["output_shape"][1:] == [4, 64]
+    assert report["max_abs_diff_real"] <= 1e-4
+    bad = tmp_path / "bad.onnx"
+    assert main(["export-vision", str(qwen_dir), "--out", str(bad), "--input-size", "50x56"]) == 2
+    assert "multiple of patch x merge" in capsys.readouterr().err and not bad.exists()
+    with pytest.raises(SystemExit):
+        main(["export-vision", str(qwen_dir), "--out", str(bad), "--input-size", "big"])
+
+
+def test_qwen_auditor_scores_with_onnx_and_falls_back_to_torch_for_other_sizes(
+    qwen_dir: Path, tmp_path: Path
+) -> None:
+    onnx = tmp_path / "q.onnx"
+    assert main(["export-vision", str(qwen_dir), "--out", str(onnx), "--input-size", "56x56"]) == 0
+    auditor = ModelAuditor(
+        ModelSettings(name="qwen", path=qwen_dir, family="qwen2_5_vl", onnx=onnx, n_regions=8)
+    )
+    rng = np.random.default_rng(0)
+    square = rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)
+    result = auditor.audit(square, QWEN_PROMPT, None, "a cat on the table")
+    assert [w[2] for w in result.words] == ["cat", "table"]
+    assert result.attributions and result.forward_passes > 0
+    assert all("vision=onnx:CPUExecutionProvider" in a.scorer_name for a in result.attributions)
+    # the processor keeps a 28x112 image at 28x112: not what the file was exported for
+    wide = rng.integers(0, 255, (28, 112, 3), dtype=np.uint8)
+    result = auditor.audit(wide, QWEN_PROMPT, None, "a cat on the table")
+    assert result.attributions
+    assert all("vision=torch" in a.scorer_name for a in result.attributions)
