@@ -8,7 +8,7 @@ same masks:
   (b) batched torch: the same, `--chunk` images per forward
   (c) ours: tensor-space masks, ONNX Runtime vision encoder, the text before the image cached,
       logits only at the target rows, `--chunk` variants per pass (Qwen2.5-VL: its vision
-      tower in torch, it has no ONNX export)
+      tower exported for the sample's input size, see `detectors.scorers.qwen_vision`)
 
 It prints the seconds per masked image, the speed-ups, the largest probability difference
 between (a) and (c), where (c)'s time goes (vision, language model, masking and Python
@@ -43,7 +43,13 @@ from detectors.scorers.llava import LlavaModel, LlavaScorer, load_llava
 from detectors.scorers.llava_fast import FastLlavaScorer, llava_onnx_vision
 from detectors.scorers.onnx_export import export_vision
 from detectors.scorers.protocol import Scorer
-from detectors.scorers.qwen import FastQwenScorer, QwenModel, QwenScorer, load_qwen
+from detectors.scorers.qwen import (
+    FastQwenScorer,
+    QwenModel,
+    QwenScorer,
+    load_qwen,
+    qwen_onnx_vision,
+)
 from guardrail.reference.tiny_models import (
     LLAVA_PROMPT,
     QWEN_PROMPT,
@@ -97,19 +103,23 @@ def bench_model(
     )
 
 
-def bench_qwen(name: str, qwen: QwenModel, args: argparse.Namespace) -> dict[str, Any]:
-    """A tiny random Qwen2.5-VL: its vision tower runs in torch in (c) too (no ONNX export)."""
-    image = np.random.default_rng(3).integers(0, 255, (224, 224, 3), dtype=np.uint8)
+def bench_qwen(
+    name: str, qwen: QwenModel, image: np.ndarray, onnx_path: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """A tiny random Qwen2.5-VL, its vision tower exported for `image`'s input size."""
     words = ["a", "dog", "on", "a", "table", "."]
     ids = [int(qwen.tokenizer.convert_tokens_to_ids(w)) for w in words]
     targets = [Target(position=i, token_id=ids[i], text=words[i]) for i in (1, 4)]
+    vision = qwen_onnx_vision(qwen, onnx_path, qwen.input_hw(image), device=args.device)
     return _bench(
         name,
         image,
         targets,
         plain=QwenScorer(qwen, image, QWEN_PROMPT, ids, max_batch_size=1),
         batched=QwenScorer(qwen, image, QWEN_PROMPT, ids, max_batch_size=args.chunk),
-        ours=lambda chunk: FastQwenScorer(qwen, image, QWEN_PROMPT, ids, chunk_size=chunk),
+        ours=lambda chunk: FastQwenScorer(
+            qwen, image, QWEN_PROMPT, ids, vision=vision, chunk_size=chunk
+        ),
         args=args,
     )
 
@@ -225,8 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             llava.model.to(args.device)
             results.append(bench_model(name, llava, onnx_path, args))
         qwen = load_qwen(save_tiny_qwen(Path(tmp) / "qwen", image_size=224))
+        image = np.random.default_rng(3).integers(0, 255, (224, 224, 3), dtype=np.uint8)
+        onnx_path = Path(tmp) / "qwen.onnx"
+        export_vision(qwen, onnx_path, real_images=[image])
         qwen.model.to(args.device)
-        results.append(bench_qwen("tiny-qwen2.5-vl", qwen, args))
+        results.append(bench_qwen("tiny-qwen2.5-vl", qwen, image, onnx_path, args))
     report = {
         "machine": {
             "platform": platform.platform(),

@@ -33,7 +33,6 @@ def qwen_vision_module(model: Any, input_hw: tuple[int, int]) -> Any:
     visual = model.model.visual
     config = visual.config
     patch, merge = int(config.patch_size), int(config.spatial_merge_size)
-    temporal = int(config.temporal_patch_size)
     h, w = input_hw
     if h % (patch * merge) or w % (patch * merge):
         raise ImageTokenError(
@@ -56,11 +55,14 @@ def qwen_vision_module(model: Any, input_hw: tuple[int, int]) -> Any:
     window_id = torch.zeros(seq, dtype=torch.long)
     for i, (a, b) in enumerate(zip(cu_windows[:-1].tolist(), cu_windows[1:].tolist(), strict=True)):
         window_id[a:b] = i
+    # additive mask: 0 within a window, -inf across (every row keeps its own window)
     same_window = window_id[:, None] == window_id[None, :]  # (S, S)
+    window_bias = torch.zeros(seq, seq).masked_fill(~same_window, float("-inf"))
     full_layers = {int(i) for i in config.fullatt_block_indexes}
     restore = torch.argsort(window_index)
 
     class QwenVision(torch.nn.Module):
+        kernel: torch.Tensor
         cos: torch.Tensor
         sin: torch.Tensor
         window_mask: torch.Tensor
@@ -70,9 +72,13 @@ def qwen_vision_module(model: Any, input_hw: tuple[int, int]) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.visual = visual
+            # the processor repeats a still image `temporal` times: the Conv3d over identical
+            # frames is a Conv2d with the kernel summed over time (half the work, no 8-D copy)
+            kernel = visual.patch_embed.proj.weight.detach().sum(dim=2)
+            self.register_buffer("kernel", kernel, persistent=False)
             self.register_buffer("cos", cos[None, None], persistent=False)  # (1, 1, S, hd)
             self.register_buffer("sin", sin[None, None], persistent=False)
-            self.register_buffer("window_mask", same_window, persistent=False)
+            self.register_buffer("window_mask", window_bias, persistent=False)
             self.register_buffer("window_index", window_index, persistent=False)
             self.register_buffer("restore", restore, persistent=False)
 
@@ -95,13 +101,11 @@ def qwen_vision_module(model: Any, input_hw: tuple[int, int]) -> Any:
 
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             b = pixel_values.shape[0]
-            # the image processor's patch order: merged units row-major, patches within a unit
-            x = pixel_values.reshape(b, 3, gh // merge, merge, patch, gw // merge, merge, patch)
-            x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, gh/m, gw/m, m, m, C, P, P)
-            x = x.unsqueeze(6).expand(*x.shape[:6], temporal, patch, patch)
-            x = x.reshape(b * seq, 3 * temporal * patch * patch)
-            x = self.visual.patch_embed(x).reshape(b, seq // unit, unit, -1)
-            x = x[:, self.window_index].reshape(b, seq, -1)
+            x = torch.nn.functional.conv2d(pixel_values, self.kernel, stride=patch)
+            # to the processor's token order (merged units row-major, patches within a unit),
+            # then to the window order
+            x = x.reshape(b, -1, gh // merge, merge, gw // merge, merge).permute(0, 2, 4, 3, 5, 1)
+            x = x.reshape(b, seq // unit, unit, -1)[:, self.window_index].reshape(b, seq, -1)
             for i, block in enumerate(self.visual.blocks):
                 x = x + self._attention(block, block.norm1(x), i not in full_layers)
                 x = x + block.mlp(block.norm2(x))
