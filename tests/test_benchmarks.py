@@ -54,6 +54,7 @@ def test_scorer_speed_benchmark_prints_json() -> None:
     assert isinstance(results, list)
     assert [r["image_tokens"] for r in results] == [36, 256, 64]
     assert [r["model"] for r in results][-1] == "tiny-qwen2.5-vl"
+    assert "vision=onnx:CPUExecutionProvider" in results[-1]["scorer"]
 
 
 def test_explain_speed_benchmark_prints_json() -> None:

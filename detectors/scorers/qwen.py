@@ -342,7 +342,11 @@ class FastQwenScorer(TensorMaskedScorer):
                 f"the vision file was exported for {exported_hw[0]}x{exported_hw[1]} inputs; "
                 f"this image is processed to {hw[0]}x{hw[1]}"
             )
-        self.vision: VisionRunner = vision or TorchVision(qwen.vision_spec(hw).module)
+        if vision is None:
+            from detectors.scorers.qwen_vision import qwen_vision_module
+
+            vision = TorchVision(qwen_vision_module(model, hw))
+        self.vision: VisionRunner = vision
         # the processed image doubles as the tensor-masking base (no second preprocessing)
         self._masks = {"base": self._unpatch(pixels), "fills": {}, "partition": None}
 

@@ -113,4 +113,4 @@ def qwen_vision_module(model: Any, input_hw: tuple[int, int]) -> Any:
             y: torch.Tensor = merger.mlp(merger.ln_q(x).reshape(b, seq // unit, -1))
             return y[:, self.restore]
 
-    return QwenVision().eval()
+    return QwenVision().to(visual.patch_embed.proj.weight.device).eval()
