@@ -87,9 +87,59 @@ def main() -> int:
             "fast_torch_vs_plain_same_device": float(np.abs(got_torch - gpu_plain).max()),
             "plain_gpu_vs_plain_cpu": float(np.abs(gpu_plain - cpu_plain).max()),
         }
-    report["parity_ok"] = all(v <= 1e-5 for k, v in report["max_abs_diff"].items() if "same" in k)
+        report["qwen"] = qwen_check(Path(tmp), device)
+    same = [v for k, v in report["max_abs_diff"].items() if "same" in k]
+    same += [v for k, v in report["qwen"]["max_abs_diff"].items() if "same" in k]
+    report["parity_ok"] = all(v <= 1e-5 for v in same)
     print(json.dumps(report, indent=2))
     return 0 if report["parity_ok"] else 1
+
+
+def qwen_check(tmp: Path, device: str) -> dict[str, Any]:
+    """A tiny random Qwen2.5-VL (224 px): its exported tower on the GPU provider and its
+    batched torch tower on the GPU, each against a plain full forward per image."""
+    from detectors import Fill, Target
+    from detectors.regions import slic_partition
+    from detectors.scorers import MaskedBatch
+    from detectors.scorers.onnx_export import export_vision
+    from detectors.scorers.qwen import FastQwenScorer, QwenScorer, load_qwen, qwen_onnx_vision
+    from guardrail.reference.tiny_models import QWEN_PROMPT, save_tiny_qwen
+
+    qwen = load_qwen(save_tiny_qwen(tmp / "qwen", image_size=224))
+    image = np.random.default_rng(3).integers(0, 255, (224, 224, 3), dtype=np.uint8)
+    words = ["a", "dog", "on", "a", "table", "."]
+    ids = [int(qwen.tokenizer.convert_tokens_to_ids(w)) for w in words]
+    targets = [Target(position=i, token_id=ids[i], text=words[i]) for i in (1, 4)]
+    partition = slic_partition(image, 48)
+    keep = np.random.default_rng(0).random((32, partition.n_regions)) < 0.5
+    onnx = export_vision(qwen, tmp / "qwen.onnx", real_images=[image]).path
+    qwen.model.to(device)
+    vision = qwen_onnx_vision(qwen, onnx, device=device)
+    plain = QwenScorer(qwen, image, QWEN_PROMPT, ids)
+    want = np.concatenate(
+        [
+            plain.score(
+                MaskedBatch(image=image, partition=partition, keep=keep[i : i + 1], fill=Fill.MEAN),
+                targets,
+            )
+            for i in range(keep.shape[0])
+        ]
+    )
+    batch = MaskedBatch(image=image, partition=partition, keep=keep, fill=Fill.MEAN)
+    fast_onnx = FastQwenScorer(qwen, image, QWEN_PROMPT, ids, vision=vision)
+    fast_torch = FastQwenScorer(qwen, image, QWEN_PROMPT, ids)
+    return {
+        "ort_provider_running": vision.provider,
+        "scorer_name": fast_onnx.name,
+        "max_abs_diff": {
+            "fast_onnx_vs_plain_same_device": float(
+                np.abs(fast_onnx.score(batch, targets) - want).max()
+            ),
+            "fast_torch_vs_plain_same_device": float(
+                np.abs(fast_torch.score(batch, targets) - want).max()
+            ),
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -122,7 +122,9 @@ class ModelAuditor:
         tokenizer = self.load()["tokenizer"]
         return [int(t) for t in tokenizer(text, add_special_tokens=False).input_ids]
 
-    def _check_tokens(self, loaded: dict[str, Any], prompt: str, ids: Sequence[int]) -> None:
+    def _check_tokens(
+        self, loaded: dict[str, Any], image: np.ndarray, prompt: str, ids: Sequence[int]
+    ) -> None:
         model = loaded["model"].model
         text_config = model.config.get_text_config()
         vocab = int(text_config.vocab_size)
@@ -133,14 +135,8 @@ class ModelAuditor:
             )
         limit = getattr(text_config, "max_position_embeddings", None)
         if limit is not None:
-            if self.settings.family == "llava":
-                from detectors.scorers.llava import LlavaModel
-
-                llava: LlavaModel = loaded["model"]
-                image = np.zeros((32, 32, 3), dtype=np.uint8)
-                n_prompt = len(llava.prompt_ids(self.prompt_for(prompt), image))
-            else:
-                n_prompt = len(loaded["tokenizer"](self.prompt_for(prompt)).input_ids)
+            # the prompt with its image placeholder expanded to the image's tokens
+            n_prompt = len(loaded["model"].prompt_ids(self.prompt_for(prompt), image))
             if n_prompt + len(ids) > int(limit):
                 raise AuditInputError(
                     f"the prompt and output are {n_prompt + len(ids)} tokens, over the "
@@ -158,7 +154,7 @@ class ModelAuditor:
         loaded = self.load()
         ids = list(token_ids) if token_ids else self.tokenize(text)
         tokenizer = loaded["tokenizer"]
-        self._check_tokens(loaded, prompt, ids)
+        self._check_tokens(loaded, image, prompt, ids)
 
         def decode(pieces: Sequence[int]) -> str:
             return str(tokenizer.decode(list(pieces), skip_special_tokens=True))

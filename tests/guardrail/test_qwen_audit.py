@@ -54,3 +54,19 @@ def test_qwen_auditor_scores_with_onnx_and_falls_back_to_torch_for_other_sizes(
     result = auditor.audit(wide, QWEN_PROMPT, None, "a cat on the table")
     assert result.attributions
     assert all("vision=torch" in a.scorer_name for a in result.attributions)
+
+
+def test_qwen_auditor_counts_the_image_tokens_against_the_context(tmp_path: Path) -> None:
+    """At 224 x 224 the one placeholder stands for 64 image tokens: an output that fits beside
+    the bare prompt text but not beside the expanded image is refused before any scoring."""
+    from guardrail.auditor import AuditInputError
+
+    model_dir = save_tiny_qwen(tmp_path / "q224", image_size=224)
+    auditor = ModelAuditor(ModelSettings(name="q", path=model_dir, family="qwen2_5_vl"))
+    tokenizer = auditor.load()["tokenizer"]
+    bare = len(tokenizer(QWEN_PROMPT).input_ids)
+    ids = auditor.tokenize("a cat on the table")
+    ids = (ids * 1024)[: 1024 - bare - 10]
+    image = np.zeros((224, 224, 3), dtype=np.uint8)
+    with pytest.raises(AuditInputError, match="over the model's 1024 positions"):
+        auditor.audit(image, QWEN_PROMPT, ids, "")
