@@ -1,4 +1,5 @@
-"""`guardrail explain IMAGE --prompt TEXT`: audit one output of a LLaVA model, with pictures."""
+"""`guardrail explain IMAGE --prompt TEXT`: audit one output of a LLaVA or Qwen2.5-VL model,
+with pictures."""
 
 from __future__ import annotations
 
@@ -12,17 +13,23 @@ __all__ = ["register"]
 
 
 def register(commands: Any) -> None:
-    from detectors.reference import CAPTION_PROMPT, MODEL_DIR
+    from detectors.reference import MODEL_DIR
 
     explain = commands.add_parser(
         "explain", help="flag the object words of an output and explain each with EAGLE"
     )
     explain.add_argument("image", type=Path)
-    explain.add_argument("--prompt", default=CAPTION_PROMPT, help="the prompt, with <image>")
+    explain.add_argument(
+        "--prompt",
+        help="the prompt with its image placeholder (<image> for LLaVA, <|image_pad|> for "
+        "Qwen2.5-VL); default: a caption request in the model's format",
+    )
     explain.add_argument(
         "--output", help="the model's output to audit (teacher-forced); default: generate it"
     )
-    explain.add_argument("--model", type=Path, default=MODEL_DIR, help="a LLaVA checkpoint dir")
+    explain.add_argument(
+        "--model", type=Path, default=MODEL_DIR, help="a LLaVA or Qwen2.5-VL checkpoint dir"
+    )
     explain.add_argument("--out", type=Path, required=True, help="directory for PNGs and JSON")
     explain.add_argument("--regions", type=int, default=48, help="SLICO division number")
     explain.add_argument(
@@ -39,36 +46,42 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from detectors.heatmap import overlay, panel
     from detectors.pipeline import AuditSettings, audit_sample
-    from detectors.scorers.llava import load_llava
-    from detectors.scorers.llava_fast import FastLlavaScorer, llava_onnx_vision
+    from detectors.reference import CAPTION_PROMPT
+    from detectors.scorers.loading import model_family
+    from detectors.scorers.qwen import CAPTION_PROMPT_QWEN
     from detectors.serialization import attribution_to_dict, verdict_to_dict
     from detectors.types import Fill
+    from guardrail.auditor import ModelAuditor
+    from guardrail.config import ModelSettings
     from guardrail.images import read_image, write_image
 
     image = read_image(args.image)
-    llava = load_llava(args.model, device=args.device)
-    vision = llava_onnx_vision(llava, args.onnx, device=args.device) if args.onnx else None
-    tokenizer = llava.tokenizer
+    family = model_family(args.model)
+    # the sidecar's own loading: ONNX vision where it fits the image, the torch tower otherwise
+    model = {"name": "explain", "path": args.model, "family": family, "onnx": args.onnx}
+    auditor = ModelAuditor(ModelSettings.model_validate({**model, "device": args.device}))
+    loaded = auditor.load()
+    tokenizer = loaded["tokenizer"]
+    if args.prompt is None:
+        args.prompt = CAPTION_PROMPT if family == "llava" else CAPTION_PROMPT_QWEN
     if args.output is None:
-        generation = llava.generate(image, args.prompt)
+        generation = loaded["model"].generate(image, args.prompt)
         token_ids = list(generation.token_ids)
     else:
         token_ids = tokenizer(args.output, add_special_tokens=False).input_ids
     decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
     output_text = decode(token_ids)
-    scorer = FastLlavaScorer(llava, image, args.prompt, token_ids, vision=vision)
+    scorer = auditor.scorer(image, args.prompt, token_ids)
     settings = AuditSettings(
         n_regions=args.regions, budget_fraction=args.budget, fill=Fill(args.fill)
     )
-    from guardrail.reference.report import load_thresholds
-
     audit = audit_sample(
         image,
         scorer,
         token_ids,
         decode,
         settings=settings,
-        thresholds=load_thresholds(args.model),
+        thresholds=loaded["thresholds"],
         progress=True,
     )
     args.out.mkdir(parents=True, exist_ok=True)

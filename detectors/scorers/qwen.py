@@ -24,6 +24,7 @@ from detectors.scorers.fast import (
     image_span,
     to_numpy,
 )
+from detectors.scorers.llava import Generation
 from detectors.scorers.loading import model_family
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
@@ -38,7 +39,14 @@ from detectors.scorers.vision import (
 )
 from detectors.types import Target
 
+# a caption request in Qwen2.5-VL's chat format, for `guardrail explain` without --prompt
+CAPTION_PROMPT_QWEN = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image."
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+
 __all__ = [
+    "CAPTION_PROMPT_QWEN",
     "FastQwenScorer",
     "QwenModel",
     "QwenScorer",
@@ -126,6 +134,36 @@ class QwenModel:
             source=self.path,
             pixels=pixels,
         )
+
+    def generate(self, image: np.ndarray, prompt: str, max_new_tokens: int = 12) -> Generation:
+        """Greedy generation for one image and prompt (its one `<|image_pad|>` expanded)."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        pixels, grid = self.pixel_inputs([image])
+        ids = torch.tensor([self.prompt_ids(prompt, image)], device=device)
+        tokenizer = self.tokenizer
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=pixels.to(device),
+                image_grid_thw=grid.to(device),
+                mm_token_type_ids=(ids == self.image_token_id).int(),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        new: list[int] = []
+        for token in out[0, ids.shape[1] :].cpu().tolist():
+            if token == tokenizer.pad_token_id:
+                break
+            new.append(int(token))
+            if token == tokenizer.eos_token_id:
+                break
+        text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        return Generation(text=text, token_ids=tuple(new))
 
     def image_tokens(self, grid_thw: Any) -> int:
         return int(grid_thw.prod()) // self.merge**2
