@@ -29,6 +29,20 @@ class Generation:
     text: str
     token_ids: tuple[int, ...]
 
+    @classmethod
+    def from_row(cls, row: Sequence[int], tokenizer: Any) -> Generation:
+        """The tokens a `generate` call added, up to padding and through the end token."""
+        ids: list[int] = []
+        for token in row:
+            if token == tokenizer.pad_token_id:
+                break
+            ids.append(int(token))
+            if token == tokenizer.eos_token_id:
+                break
+        return cls(
+            text=tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=tuple(ids)
+        )
+
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class LlavaModel:
@@ -88,19 +102,8 @@ class LlavaModel:
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-        results = []
         width = encoded["input_ids"].shape[1]
-        for row in out[:, width:].cpu().tolist():
-            ids: list[int] = []
-            for token in row:
-                if token == tokenizer.pad_token_id:
-                    break
-                ids.append(int(token))
-                if token == tokenizer.eos_token_id:
-                    break
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            results.append(Generation(text=text, token_ids=tuple(ids)))
-        return results
+        return [Generation.from_row(row, tokenizer) for row in out[:, width:].cpu().tolist()]
 
 
 def load_llava(

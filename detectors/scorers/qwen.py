@@ -155,15 +155,7 @@ class QwenModel:
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-        new: list[int] = []
-        for token in out[0, ids.shape[1] :].cpu().tolist():
-            if token == tokenizer.pad_token_id:
-                break
-            new.append(int(token))
-            if token == tokenizer.eos_token_id:
-                break
-        text = tokenizer.decode(new, skip_special_tokens=True).strip()
-        return Generation(text=text, token_ids=tuple(new))
+        return Generation.from_row(out[0, ids.shape[1] :].cpu().tolist(), tokenizer)
 
     def image_tokens(self, grid_thw: Any) -> int:
         return int(grid_thw.prod()) // self.merge**2
