@@ -85,10 +85,20 @@ class QwenModel:
         return out["pixel_values"], out["image_grid_thw"]
 
     def input_hw(self, image: np.ndarray) -> tuple[int, int]:
-        """The `(H, W)` pixels the image processor resizes `image` to (multiples of 28)."""
-        _, grid = self.pixel_inputs([image])
-        patch = int(self.model.config.vision_config.patch_size)
-        return int(grid[0, 1]) * patch, int(grid[0, 2]) * patch
+        """The `(H, W)` pixels the image processor resizes `image` to (multiples of 28),
+        worked out with the processor's own rule, without preprocessing the pixels."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        proc = self.image_processor
+        height, width = int(image.shape[0]), int(image.shape[1])
+        if not getattr(proc, "do_resize", True):
+            return height, width
+        size = dict(proc.size or {})
+        factor = int(proc.patch_size) * int(proc.merge_size)
+        low = int(size.get("shortest_edge") or proc.min_pixels)
+        high = int(size.get("longest_edge") or proc.max_pixels)
+        h, w = smart_resize(height, width, factor, min_pixels=low, max_pixels=high)
+        return int(h), int(w)
 
     def vision_spec(self, input_hw: tuple[int, int]) -> VisionSpec:
         """The vision tower + merger for images processed to `input_hw`, for `export_vision`
@@ -162,7 +172,9 @@ class QwenModel:
 
     def prompt_ids(self, prompt: str, image: np.ndarray) -> list[int]:
         """Token ids of `prompt` with its one `<|image_pad|>` expanded to the image's tokens."""
-        _, grid = self.pixel_inputs([image])
+        h, w = self.input_hw(image)
+        patch = int(self.model.config.vision_config.patch_size)
+        tokens = (h // patch) * (w // patch) // self.merge**2
         ids = [int(i) for i in self.tokenizer(prompt, add_special_tokens=False).input_ids]
         hits = ids.count(self.image_token_id)
         if hits != 1:
@@ -171,7 +183,7 @@ class QwenModel:
                 f"({self.tokenizer.convert_ids_to_tokens(self.image_token_id)!r}), found {hits}"
             )
         at = ids.index(self.image_token_id)
-        return ids[:at] + [self.image_token_id] * self.image_tokens(grid[0]) + ids[at + 1 :]
+        return ids[:at] + [self.image_token_id] * tokens + ids[at + 1 :]
 
 
 def load_qwen(

@@ -299,3 +299,12 @@ def test_misuse_fails_clearly(reference: LlavaModel, tiny_qwen: QwenModel, tmp_p
     other = _batch(image[:64].copy(), 16, 2, Fill.MEAN)
     with pytest.raises(InvalidImageError, match="built for"):
         fast.score(other, targets)
+
+
+@pytest.mark.parametrize("hw", [(56, 56), (96, 96), (28, 112), (100, 37), (300, 200), (17, 19)])
+def test_qwen_input_size_follows_the_image_processor(
+    tiny_qwen: QwenModel, hw: tuple[int, int]
+) -> None:
+    image = np.zeros((*hw, 3), dtype=np.uint8)
+    _, grid = tiny_qwen.pixel_inputs([image])
+    assert tiny_qwen.input_hw(image) == (int(grid[0, 1]) * 14, int(grid[0, 2]) * 14)
