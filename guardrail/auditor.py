@@ -78,15 +78,16 @@ class ModelAuditor:
             from detectors.scorers.llava_fast import llava_onnx_vision
 
             llava = load_llava(s.path, device=s.device, threads=self.threads)
-            vision = llava_onnx_vision(llava, s.onnx, device=s.device) if s.onnx else None
+            vision: Any = llava_onnx_vision(llava, s.onnx, device=s.device) if s.onnx else None
             tokenizer = llava.tokenizer
             model: Any = llava
         else:
-            from detectors.scorers.qwen import load_qwen, qwen_onnx_vision
+            from detectors.scorers.qwen import load_qwen, qwen_onnx_visions
 
             model = load_qwen(s.path, device=s.device, threads=self.threads)
-            # one exported file serves one input size; other sizes run the torch tower
-            vision = qwen_onnx_vision(model, s.onnx, device=s.device) if s.onnx else None
+            # an exported file serves one input size (`onnx` may be a directory of them);
+            # other sizes run the torch tower
+            vision = qwen_onnx_visions(model, s.onnx, device=s.device) if s.onnx else {}
             tokenizer = model.tokenizer
         return {
             "model": model,
@@ -105,15 +106,16 @@ class ModelAuditor:
             )
         from detectors.scorers.qwen import FastQwenScorer
 
-        vision = loaded["vision"]
-        if vision is not None and loaded["model"].input_hw(image) != vision.input_hw:
+        visions = loaded["vision"]
+        hw = loaded["model"].input_hw(image)
+        vision = visions.get(hw)
+        if visions and vision is None:
             _log.info(
-                "model %s: image processed to another size than %s was exported for; "
-                "scoring with the torch vision tower",
+                "model %s: no vision file in %s for %dx%d inputs; scoring with the torch tower",
                 self.settings.name,
                 self.settings.onnx,
+                *hw,
             )
-            vision = None
         return FastQwenScorer(
             loaded["model"], image, self.prompt_for(prompt), token_ids, vision=vision
         )

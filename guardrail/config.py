@@ -42,7 +42,11 @@ class ModelSettings(BaseModel):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     path: Path = Field(description="local checkpoint directory (never a hub id)")
     family: Literal["llava", "qwen2_5_vl"] = "llava"
-    onnx: Path | None = Field(default=None, description="vision encoder from export-vision")
+    onnx: Path | None = Field(
+        default=None,
+        description="vision encoder from export-vision (Qwen2.5-VL: a file or a directory of "
+        "files, one per input size)",
+    )
     device: str = "cpu"
     sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     max_audits_per_minute: int | None = Field(default=None, ge=1)

@@ -54,6 +54,7 @@ __all__ = [
     "onnx_input_hw",
     "patchify",
     "qwen_onnx_vision",
+    "qwen_onnx_visions",
     "unpatchify",
 ]
 
@@ -227,6 +228,31 @@ def qwen_onnx_vision(
     if input_hw is None:
         input_hw = onnx_input_hw(path)
     return OnnxVision.for_spec(path, qwen.vision_spec(input_hw), device=device, threads=threads)
+
+
+def qwen_onnx_visions(
+    qwen: QwenModel, path: str | Path, *, device: str = "cpu", threads: int = 0
+) -> dict[tuple[int, int], OnnxVision]:
+    """The exported vision files for `qwen` at `path` (one file, or every `*.onnx` in a
+    directory), by the input size each serves.
+
+    Raises:
+        OnnxMismatchError: no file, a file from another model, or two files for one size.
+    """
+    path = Path(path)
+    files = sorted(path.glob("*.onnx")) if path.is_dir() else [path]
+    if not files:
+        raise OnnxMismatchError(f"{str(path)!r} holds no .onnx files")
+    out: dict[tuple[int, int], OnnxVision] = {}
+    for file in files:
+        vision = qwen_onnx_vision(qwen, file, device=device, threads=threads)
+        if vision.input_hw in out:
+            h, w = vision.input_hw
+            raise OnnxMismatchError(
+                f"{str(out[vision.input_hw].path)!r} and {str(file)!r} both serve {h}x{w} inputs"
+            )
+        out[vision.input_hw] = vision
+    return out
 
 
 def onnx_input_hw(path: str | Path) -> tuple[int, int]:

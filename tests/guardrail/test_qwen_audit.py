@@ -56,6 +56,44 @@ def test_qwen_auditor_scores_with_onnx_and_falls_back_to_torch_for_other_sizes(
     assert all("vision=torch" in a.scorer_name for a in result.attributions)
 
 
+def test_qwen_auditor_serves_a_directory_of_vision_files_one_per_size(
+    qwen_dir: Path, tmp_path: Path
+) -> None:
+    from detectors.scorers.vision import OnnxMismatchError
+
+    files = tmp_path / "vision"
+    for size in ("56x56", "28x112"):
+        out = str(files / f"q-{size}.onnx")
+        assert main(["export-vision", str(qwen_dir), "--out", out, "--input-size", size]) == 0
+    auditor = ModelAuditor(
+        ModelSettings(name="qwen", path=qwen_dir, family="qwen2_5_vl", onnx=files, n_regions=8)
+    )
+    assert sorted(auditor.load()["vision"]) == [(28, 112), (56, 56)]
+    rng = np.random.default_rng(0)
+    for shape in ((56, 56, 3), (28, 112, 3)):
+        image = rng.integers(0, 255, shape, dtype=np.uint8)
+        result = auditor.audit(image, QWEN_PROMPT, None, "a cat on the table")
+        assert result.attributions
+        assert all("vision=onnx" in a.scorer_name for a in result.attributions)
+    # two files for one size are refused when the model loads
+    assert (
+        main(
+            [
+                "export-vision",
+                str(qwen_dir),
+                "--out",
+                str(files / "again.onnx"),
+                "--input-size",
+                "56x56",
+            ]
+        )
+        == 0
+    )
+    again = ModelAuditor(ModelSettings(name="qwen", path=qwen_dir, family="qwen2_5_vl", onnx=files))
+    with pytest.raises(OnnxMismatchError, match="both serve 56x56"):
+        again.load()
+
+
 def test_qwen_auditor_counts_the_image_tokens_against_the_context(tmp_path: Path) -> None:
     """At 224 x 224 the one placeholder stands for 64 image tokens: an output that fits beside
     the bare prompt text but not beside the expanded image is refused before any scoring."""
