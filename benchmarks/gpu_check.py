@@ -87,6 +87,13 @@ def main() -> int:
             "fast_torch_vs_plain_same_device": float(np.abs(got_torch - gpu_plain).max()),
             "plain_gpu_vs_plain_cpu": float(np.abs(gpu_plain - cpu_plain).max()),
         }
+        # half precision (a model's `dtype`): how far it moves the probabilities; not parity
+        report["half_precision_max_abs_diff_vs_float32"] = {}
+        for dtype in ("bfloat16", "float16"):
+            half = load_llava(MODEL_DIR, device=device, dtype=dtype)
+            got = FastLlavaScorer(half, scene.image, CAPTION_PROMPT, ids).score(batch, targets)
+            diff = float(np.abs(got - got_torch).max())
+            report["half_precision_max_abs_diff_vs_float32"][dtype] = diff
         report["qwen"] = qwen_check(Path(tmp), device)
     same = [v for k, v in report["max_abs_diff"].items() if "same" in k]
     same += [v for k, v in report["qwen"]["max_abs_diff"].items() if "same" in k]

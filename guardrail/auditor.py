@@ -77,14 +77,14 @@ class ModelAuditor:
             from detectors.scorers.llava import load_llava
             from detectors.scorers.llava_fast import llava_onnx_vision
 
-            llava = load_llava(s.path, device=s.device, threads=self.threads)
+            llava = load_llava(s.path, device=s.device, threads=self.threads, dtype=s.dtype)
             vision: Any = llava_onnx_vision(llava, s.onnx, device=s.device) if s.onnx else None
             tokenizer = llava.tokenizer
             model: Any = llava
         else:
             from detectors.scorers.qwen import load_qwen, qwen_onnx_visions
 
-            model = load_qwen(s.path, device=s.device, threads=self.threads)
+            model = load_qwen(s.path, device=s.device, threads=self.threads, dtype=s.dtype)
             # an exported file serves one input size (`onnx` may be a directory of them);
             # other sizes run the torch tower
             vision = qwen_onnx_visions(model, s.onnx, device=s.device) if s.onnx else {}

@@ -48,6 +48,10 @@ class ModelSettings(BaseModel):
         "files, one per input size)",
     )
     device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="weights dtype; half precision halves GPU memory and loses the 1e-5 parity",
+    )
     sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     max_audits_per_minute: int | None = Field(default=None, ge=1)
     n_regions: int = Field(default=48, ge=2, le=1024)

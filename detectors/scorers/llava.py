@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from detectors.errors import ImageTokenError, InvalidTargetError, MissingDependencyError
-from detectors.scorers.loading import ModelLoadError, model_family
+from detectors.scorers.loading import ModelLoadError, model_family, torch_dtype
 from detectors.scorers.masked import MaskedBatch
 from detectors.types import Target
 
@@ -107,14 +107,23 @@ class LlavaModel:
 
 
 def load_llava(
-    model_dir: str | Path, *, threads: int | None = None, device: str = "cpu"
+    model_dir: str | Path,
+    *,
+    threads: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> LlavaModel:
     """Load a LLaVA checkpoint from a local directory (never from a hub).
+
+    `dtype` is the weights' dtype whatever the checkpoint was saved in: "float32" (keeps the
+    fast path within 1e-5 of a plain forward), or "bfloat16" / "float16" (half the memory, for
+    GPUs; probabilities move by up to about 1e-2).
 
     Raises:
         ModelLoadError: the directory is missing, has no config.json, or holds another
             architecture.
         MissingDependencyError: torch or transformers is not installed.
+        ValueError: an unknown dtype.
     """
     path = Path(model_dir)
     model_family(path, expected="llava")
@@ -127,7 +136,9 @@ def load_llava(
         ) from exc
     if threads:
         torch.set_num_threads(threads)
-    model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, dtype=torch_dtype(dtype)
+    )
     model.to(torch.device(device)).eval()  # type: ignore[arg-type]  # transformers types .to oddly
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return LlavaModel(model=model, processor=processor, path=path)

@@ -8,7 +8,18 @@ from typing import Any
 
 from detectors.errors import DetectorError
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "ModelLoadError", "checkpoint_config", "model_family"]
+__all__ = [
+    "DTYPES",
+    "SUPPORTED_ARCHITECTURES",
+    "ModelLoadError",
+    "checkpoint_config",
+    "model_family",
+    "torch_dtype",
+]
+
+# weights dtypes a scorer loads a model in; float32 by default, whatever the checkpoint was saved
+# in (transformers would otherwise load a float16 checkpoint as float16, on the CPU too)
+DTYPES = ("float32", "bfloat16", "float16")
 
 # architecture in config.json -> family name used by the scorers and the config file
 SUPPORTED_ARCHITECTURES = {
@@ -61,3 +72,16 @@ def model_family(model_dir: str | Path, expected: str | None = None) -> str:
             f"supported: {supported}"
         )
     return wanted[0]
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype called `name` (one of `DTYPES`).
+
+    Raises:
+        ValueError: another name.
+    """
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    import torch
+
+    return getattr(torch, name)

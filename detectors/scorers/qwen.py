@@ -25,7 +25,7 @@ from detectors.scorers.fast import (
     to_numpy,
 )
 from detectors.scorers.llava import Generation
-from detectors.scorers.loading import model_family
+from detectors.scorers.loading import model_family, torch_dtype
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
@@ -188,12 +188,19 @@ class QwenModel:
 
 
 def load_qwen(
-    model_dir: str | Path, *, threads: int | None = None, device: str = "cpu"
+    model_dir: str | Path,
+    *,
+    threads: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> QwenModel:
     """Load a Qwen2.5-VL checkpoint from a local directory (never from a hub).
 
+    `dtype`: the weights' dtype, as for `load_llava` (float32 unless asked otherwise).
+
     Raises:
         ModelLoadError: missing directory, no config.json, or another architecture.
+        ValueError: an unknown dtype.
     """
     path = Path(model_dir)
     model_family(path, expected="qwen2_5_vl")
@@ -208,7 +215,9 @@ def load_qwen(
         raise MissingDependencyError("scoring Qwen2.5-VL needs torch and transformers") from exc
     if threads:
         torch.set_num_threads(threads)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, dtype=torch_dtype(dtype)
+    )
     model.to(torch.device(device)).eval()  # type: ignore[arg-type]  # transformers types .to oddly
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

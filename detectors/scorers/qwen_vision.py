@@ -93,7 +93,11 @@ def qwen_vision_module(model: Any, input_hw: tuple[int, int]) -> Any:
             q, k, v = qkv.unbind(0)  # (B, heads, S, hd)
             q, k = self._rope(q.float()).to(v.dtype), self._rope(k.float()).to(v.dtype)
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=self.window_mask if windowed else None, scale=attn.scaling
+                q,
+                k,
+                v,
+                attn_mask=self.window_mask.to(q.dtype) if windowed else None,
+                scale=attn.scaling,
             )
             out = out.transpose(1, 2).reshape(b, seq, -1)
             result: torch.Tensor = attn.proj(out)
@@ -101,7 +105,9 @@ def qwen_vision_module(model: Any, input_hw: tuple[int, int]) -> Any:
 
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             b = pixel_values.shape[0]
-            x = torch.nn.functional.conv2d(pixel_values, self.kernel, stride=patch)
+            x = torch.nn.functional.conv2d(
+                pixel_values.to(self.kernel.dtype), self.kernel, stride=patch
+            )
             # to the processor's token order (merged units row-major, patches within a unit),
             # then to the window order
             x = x.reshape(b, -1, gh // merge, merge, gw // merge, merge).permute(0, 2, 4, 3, 5, 1)

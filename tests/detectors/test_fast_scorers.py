@@ -308,3 +308,37 @@ def test_qwen_input_size_follows_the_image_processor(
     image = np.zeros((*hw, 3), dtype=np.uint8)
     _, grid = tiny_qwen.pixel_inputs([image])
     assert tiny_qwen.input_hw(image) == (int(grid[0, 1]) * 14, int(grid[0, 2]) * 14)
+
+
+def test_a_float16_checkpoint_loads_in_float32_unless_asked(tmp_path: Path) -> None:
+    """transformers would load a float16 checkpoint (llava-1.5-7b-hf is stored so) as float16,
+    on the CPU too: the loaders default to float32, where the parity holds."""
+    import torch
+
+    path = save_tiny_llava(tmp_path / "half", image_size=64, patch_size=8)
+    load_llava(path).model.to(torch.float16).save_pretrained(path)
+    assert next(load_llava(path).model.parameters()).dtype == torch.float32
+    assert next(load_llava(path, dtype="float16").model.parameters()).dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_llava(path, dtype="int8")
+
+
+@pytest.mark.parametrize(("dtype", "bound"), [("bfloat16", 5e-2), ("float16", 1e-2)])
+def test_half_precision_scores_stay_close_to_float32(
+    reference: LlavaModel, tiny_qwen: QwenModel, dtype: str, bound: float
+) -> None:
+    image, generated, targets = _reference_sample(reference)
+    batch = _batch(image, 48, 8, Fill.MEAN)
+    want = FastLlavaScorer(reference, image, CAPTION_PROMPT, generated).score(batch, targets)
+    half = load_llava(MODEL_DIR, dtype=dtype)
+    got = FastLlavaScorer(half, image, CAPTION_PROMPT, generated).score(batch, targets)
+    assert 0 < np.abs(got - want).max() <= bound
+    # Qwen2.5-VL's batched tower runs in the weights' dtype too
+    qwen_image = np.random.default_rng(1).integers(0, 255, (56, 56, 3), dtype=np.uint8)
+    ids = [tiny_qwen.tokenizer.convert_tokens_to_ids(w) for w in ["a", "cat", "on", "the", "table"]]
+    qwen_targets = [Target(position=1, token_id=ids[1], text="cat")]
+    qwen_batch = _batch(qwen_image, 16, 4, Fill.MEAN)
+    want = FastQwenScorer(tiny_qwen, qwen_image, QWEN_PROMPT, ids).score(qwen_batch, qwen_targets)
+    half_qwen = load_qwen(tiny_qwen.path, dtype=dtype)
+    got = FastQwenScorer(half_qwen, qwen_image, QWEN_PROMPT, ids).score(qwen_batch, qwen_targets)
+    assert np.abs(got - want).max() <= bound
