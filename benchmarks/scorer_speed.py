@@ -12,7 +12,8 @@ same masks:
 
 It prints the seconds per masked image, the speed-ups, the largest probability difference
 between (a) and (c), where (c)'s time goes (vision, language model, masking and Python
-overhead) and (c) at several chunk sizes.
+overhead), (c) at several chunk sizes, and Qwen2.5-VL's vision tower alone three ways
+(transformers' own, our batched fixed-geometry tower in torch and in ONNX Runtime).
 
     python benchmarks/scorer_speed.py            # table
     python benchmarks/scorer_speed.py --json     # one JSON object
@@ -122,6 +123,37 @@ def bench_qwen(
         ),
         args=args,
     )
+
+
+def bench_qwen_tower(
+    qwen: QwenModel, image: np.ndarray, onnx_path: Path, args: argparse.Namespace
+) -> dict[str, float]:
+    """ms per `--chunk` images through Qwen2.5-VL's vision tower: transformers' own (patches
+    concatenated, per-image windows in Python), our batched fixed-geometry one in torch, and
+    that one exported to ONNX Runtime."""
+    import torch
+
+    from detectors.scorers.qwen import patchify
+    from detectors.scorers.qwen_vision import qwen_vision_module
+
+    hw = qwen.input_hw(image)
+    config = qwen.model.config.vision_config
+    patch, merge = int(config.patch_size), int(config.spatial_merge_size)
+    device = next(qwen.model.parameters()).device
+    pixels = torch.randn(args.chunk, 3, *hw, generator=torch.Generator().manual_seed(0))
+    pixels = pixels.to(device)
+    patches = patchify(pixels, patch, merge, int(config.temporal_patch_size))
+    grid = torch.tensor([[1, hw[0] // patch, hw[1] // patch]] * args.chunk, device=device)
+    batched = qwen_vision_module(qwen.model, hw)
+    vision = qwen_onnx_vision(qwen, onnx_path, hw, device=args.device)
+    repeats = max(5, args.repeats)
+    with torch.inference_mode():
+        runs = {
+            "transformers_torch": lambda: qwen.model.model.visual(patches, grid_thw=grid),
+            "batched_torch": lambda: batched(pixels),
+            "batched_onnx": lambda: vision(pixels),
+        }
+        return {name: _seconds(fn, repeats) * 1e3 for name, fn in runs.items()}
 
 
 def _bench(
@@ -240,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         export_vision(qwen, onnx_path, real_images=[image])
         qwen.model.to(args.device)
         results.append(bench_qwen("tiny-qwen2.5-vl", qwen, image, onnx_path, args))
+        results[-1]["vision_tower_ms_per_chunk"] = bench_qwen_tower(qwen, image, onnx_path, args)
     report = {
         "machine": {
             "platform": platform.platform(),
@@ -287,6 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results:
         cells = "  ".join(f"{k}: {v * 1e3:.2f}" for k, v in r["chunk_seconds_per_image"].items())
         print(f"{r['model']:<16}{cells}")
+    tower = results[-1]["vision_tower_ms_per_chunk"]
+    print(
+        f"\nQwen2.5-VL vision tower, ms per {args.chunk} images: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in tower.items())
+    )
     return 0
 
 

@@ -55,6 +55,8 @@ def test_scorer_speed_benchmark_prints_json() -> None:
     assert [r["image_tokens"] for r in results] == [36, 256, 64]
     assert [r["model"] for r in results][-1] == "tiny-qwen2.5-vl"
     assert "vision=onnx:CPUExecutionProvider" in results[-1]["scorer"]
+    tower = results[-1]["vision_tower_ms_per_chunk"]
+    assert set(tower) == {"transformers_torch", "batched_torch", "batched_onnx"}
 
 
 def test_explain_speed_benchmark_prints_json() -> None:
