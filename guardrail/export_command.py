@@ -70,6 +70,7 @@ def _export(args: argparse.Namespace) -> int:
                 "path": str(report.path),
                 "family": family,
                 "bytes": report.bytes,
+                "files": [str(f) for f in report.files],
                 "fingerprint": report.fingerprint,
                 "input_shape": list(report.input_shape),
                 "output_shape": list(report.output_shape),

@@ -36,6 +36,7 @@ class ExportReport:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     bytes: int
+    files: tuple[Path, ...] = ()  # the graph and, for models over 2 GB, its weights file
 
 
 def _max_diff(session: Any, module: Any, pixels: Any) -> float:
@@ -80,21 +81,28 @@ def export_vision(
     input_hw: tuple[int, int] | None = None,
     tolerance: float = TOLERANCE,
     seed: int = 0,
+    external_data: bool | None = None,
 ) -> ExportReport:
     """Export `model`'s vision encoder (see `vision_spec`) to `out` with a dynamic batch axis.
 
     The graph is checked against torch on random pixels (batches of 1, 2 and 3) and on
     `real_images` (run through the model's own image processor) before `out` is written.
+    Weights go to a `<out name>.data` file beside `out` when they pass 2 GB, or when
+    `external_data` is true.
 
     Raises:
         ExportMismatchError: the ONNX features differ from torch by more than `tolerance`.
+        ValueError: the model is not in float32 (load it with the default dtype).
     """
-    import onnx
     import onnxruntime as ort
     import torch
 
     spec = vision_spec(model, input_hw=input_hw, real_images=real_images)
     module = spec.module
+    dtypes = {p.dtype for p in module.parameters()}
+    if dtypes != {torch.float32}:
+        held = ", ".join(sorted(map(str, dtypes)))
+        raise ValueError(f"export the vision encoder from a float32 model (this one holds {held})")
     height, width = spec.input_hw
     fingerprint = spec.fingerprint
     generator = torch.Generator().manual_seed(seed)
@@ -102,7 +110,6 @@ def export_vision(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        raw = Path(tmp) / "vision.onnx"
         batch = torch.export.Dim("batch", min=1, max=4096)
         with torch.inference_mode():
             program = torch.onnx.export(
@@ -115,17 +122,15 @@ def export_vision(
                 verbose=False,
             )
         assert program is not None
-        program.save(str(raw))
-        model = onnx.load(str(raw))
         for key, value in (
             (FINGERPRINT_KEY, fingerprint),
             ("guardrail.source", str(spec.source)),
             ("guardrail.architecture", spec.architecture),
         ):
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
+            program.model.metadata_props[key] = value
+        # over 2 GB (Qwen2.5-VL-7B's tower in float32) the weights go to `<name>.data` beside it
         staged = Path(tmp) / out.name
-        onnx.save(model, str(staged))
+        program.save(str(staged), external_data=external_data)
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
@@ -149,6 +154,10 @@ def export_vision(
         input_shape = tuple(session.get_inputs()[0].shape)
         output_shape = tuple(session.get_outputs()[0].shape)
         del session
+        written = sorted(Path(tmp).iterdir())  # the graph, and its weights file if external
+        for file in written:
+            if file != staged:
+                os.replace(file, out.parent / file.name)
         os.replace(staged, out)
     return ExportReport(
         path=out,
@@ -157,5 +166,6 @@ def export_vision(
         max_abs_diff_real=real_diff,
         input_shape=input_shape,
         output_shape=output_shape,
-        bytes=out.stat().st_size,
+        bytes=sum((out.parent / f.name).stat().st_size for f in written),
+        files=tuple(out.parent / f.name for f in written),
     )

@@ -194,6 +194,34 @@ def test_export_refuses_to_write_a_file_that_disagrees(
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_export_keeps_weights_over_2_gb_in_a_file_beside_the_graph(
+    tiny_qwen: QwenModel, tmp_path: Path
+) -> None:
+    """Qwen2.5-VL-7B's tower is 2.7 GB in float32, over protobuf's 2 GB: its weights go to
+    `<name>.data` beside the graph (forced here on a tiny model); both land together."""
+    out = tmp_path / "models" / "q.onnx"
+    report = export_vision(tiny_qwen, out, input_hw=(56, 56), external_data=True)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx", "q.onnx.data"]
+    assert report.files == (out, out.parent / "q.onnx.data")
+    assert report.bytes == sum(p.stat().st_size for p in report.files)
+    assert out.stat().st_size < report.files[1].stat().st_size  # the weights live beside it
+    vision = qwen_onnx_vision(tiny_qwen, out)
+    assert vision.input_hw == (56, 56)
+    image = np.random.default_rng(1).integers(0, 255, (56, 56, 3), dtype=np.uint8)
+    pixels = tiny_qwen.vision_spec((56, 56)).pixels([image])
+    torch_vision = TorchVision(tiny_qwen.vision_spec((56, 56)).module)
+    assert np.abs(vision(pixels).numpy() - torch_vision(pixels).numpy()).max() <= 1e-4
+
+
+def test_export_refuses_a_half_precision_model(tmp_path: Path) -> None:
+    half = load_llava(
+        save_tiny_llava(tmp_path / "m", image_size=64, patch_size=8), dtype="bfloat16"
+    )
+    with pytest.raises(ValueError, match="from a float32 model"):
+        export_vision(half, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_qwen_patchify_is_the_image_processors_layout(tiny_qwen: QwenModel) -> None:
     image = np.random.default_rng(5).integers(0, 255, (56, 56, 3), dtype=np.uint8)
     pixels, grid = tiny_qwen.pixel_inputs([image])
