@@ -106,14 +106,8 @@ class QwenModel:
         and `OnnxVision` (one exported file serves one input geometry)."""
         from detectors.scorers.qwen_vision import qwen_vision_module
 
-        config = self.model.config
-        vision = config.vision_config
+        vision = self.model.config.vision_config
         patch = int(vision.patch_size)
-        tokens = (input_hw[0] // patch) * (input_hw[1] // patch) // self.merge**2
-        parts = {
-            "vision_config": vision_config_dict(vision),
-            "text_hidden_size": config.text_config.hidden_size,
-        }
 
         def pixels(images: Sequence[np.ndarray]) -> Any:
             """Real images resized to `input_hw`, then normalised and patchified by the
@@ -138,9 +132,9 @@ class QwenModel:
         return VisionSpec(
             module=qwen_vision_module(self.model, input_hw),
             input_hw=input_hw,
-            tokens=tokens,
+            tokens=self.image_tokens(input_hw),
             dim=int(vision.out_hidden_size),
-            fingerprint=weights_fingerprint(parts, [("visual", self.model.model.visual)]),
+            fingerprint=self.vision_fingerprint(),
             architecture="Qwen2_5_VLForConditionalGeneration",
             source=self.path,
             pixels=pixels,
@@ -168,14 +162,24 @@ class QwenModel:
             )
         return Generation.from_row(out[0, ids.shape[1] :].cpu().tolist(), tokenizer)
 
-    def image_tokens(self, grid_thw: Any) -> int:
-        return int(grid_thw.prod()) // self.merge**2
+    def image_tokens(self, input_hw: tuple[int, int]) -> int:
+        """Image tokens for an input of `input_hw` pixels (one per merged patch)."""
+        patch = int(self.model.config.vision_config.patch_size)
+        return (input_hw[0] // patch) * (input_hw[1] // patch) // self.merge**2
+
+    def vision_fingerprint(self) -> str:
+        """What determines the vision features: the vision config, the text width and the
+        weights of the tower and merger (see `weights_fingerprint`)."""
+        config = self.model.config
+        parts = {
+            "vision_config": vision_config_dict(config.vision_config),
+            "text_hidden_size": config.text_config.hidden_size,
+        }
+        return weights_fingerprint(parts, [("visual", self.model.model.visual)])
 
     def prompt_ids(self, prompt: str, image: np.ndarray) -> list[int]:
         """Token ids of `prompt` with its one `<|image_pad|>` expanded to the image's tokens."""
-        h, w = self.input_hw(image)
-        patch = int(self.model.config.vision_config.patch_size)
-        tokens = (h // patch) * (w // patch) // self.merge**2
+        tokens = self.image_tokens(self.input_hw(image))
         ids = [int(i) for i in self.tokenizer(prompt, add_special_tokens=False).input_ids]
         hits = ids.count(self.image_token_id)
         if hits != 1:
@@ -234,9 +238,29 @@ def qwen_onnx_vision(
 ) -> OnnxVision:
     """Open a vision file exported for `qwen` at `input_hw` (default: the size the file was
     exported for), refusing one exported from another model or for another input size."""
-    if input_hw is None:
-        input_hw = onnx_input_hw(path)
-    return OnnxVision.for_spec(path, qwen.vision_spec(input_hw), device=device, threads=threads)
+    fingerprint = qwen.vision_fingerprint()
+    return _open_vision(qwen, path, input_hw, fingerprint, device=device, threads=threads)
+
+
+def _open_vision(
+    qwen: QwenModel,
+    path: str | Path,
+    input_hw: tuple[int, int] | None,
+    fingerprint: str,
+    *,
+    device: str,
+    threads: int,
+) -> OnnxVision:
+    hw = onnx_input_hw(path) if input_hw is None else input_hw
+    return OnnxVision(
+        path,
+        fingerprint=fingerprint,
+        input_hw=hw,
+        tokens=qwen.image_tokens(hw),
+        dim=int(qwen.model.config.vision_config.out_hidden_size),
+        device=device,
+        threads=threads,
+    )
 
 
 def qwen_onnx_visions(
@@ -252,9 +276,10 @@ def qwen_onnx_visions(
     files = sorted(path.glob("*.onnx")) if path.is_dir() else [path]
     if not files:
         raise OnnxMismatchError(f"{str(path)!r} holds no .onnx files")
+    fingerprint = qwen.vision_fingerprint()  # hashes every tower weight: once, not per file
     out: dict[tuple[int, int], OnnxVision] = {}
     for file in files:
-        vision = qwen_onnx_vision(qwen, file, device=device, threads=threads)
+        vision = _open_vision(qwen, file, None, fingerprint, device=device, threads=threads)
         if vision.input_hw in out:
             h, w = vision.input_hw
             raise OnnxMismatchError(
@@ -395,7 +420,8 @@ class FastQwenScorer(TensorMaskedScorer):
         self.grid = grid.to(self.device)
         self.grid_hw = (int(grid[0, 1]), int(grid[0, 2]))
         prompt_ids = qwen.prompt_ids(prompt, self.image)
-        start, count = image_span(prompt_ids, qwen.image_token_id, qwen.image_tokens(grid[0]))
+        hw = (self.grid_hw[0] * self.patch, self.grid_hw[1] * self.patch)
+        start, count = image_span(prompt_ids, qwen.image_token_id, qwen.image_tokens(hw))
         full = torch.tensor([prompt_ids + self.generated_ids], device=self.device)
         positions, _ = model.model.get_rope_index(
             full, mm_token_type_ids=(full == qwen.image_token_id).int(), image_grid_thw=self.grid
@@ -411,7 +437,6 @@ class FastQwenScorer(TensorMaskedScorer):
             position_ids=positions,
             timings=self.timings,
         )
-        hw = (self.grid_hw[0] * self.patch, self.grid_hw[1] * self.patch)
         self.geometry = InputGeometry.resize_to(hw)
         exported_hw = getattr(vision, "input_hw", hw)
         if tuple(exported_hw) != hw:
