@@ -3,6 +3,7 @@
     DetectorError
     ├── InvalidImageError        the image is not an (H, W, 3) uint8 array, or is empty
     ├── PartitionError           no valid region partition (fewer than 2 regions, bad label map)
+    │   └── ImageGeometryError   the image is too small or too thin for the regions asked for
     ├── InvalidTargetError       a target that cannot be explained (bad position, duplicate)
     ├── ScorerContractError      a scorer returned something other than (B, T) probabilities
     ├── ImageTokenError          a prompt's image tokens do not match the image features
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 __all__ = [
     "DetectorError",
+    "ImageGeometryError",
     "ImageTokenError",
     "InvalidImageError",
     "InvalidTargetError",
@@ -35,6 +37,11 @@ class InvalidImageError(DetectorError, ValueError):
 
 class PartitionError(DetectorError, ValueError):
     """A region partition cannot be built or is malformed."""
+
+
+class ImageGeometryError(PartitionError):
+    """The image is too small or too thin to be split into the regions asked for (checked
+    before any native partitioning code runs: OpenCV's SLIC crashes on such images)."""
 
 
 class InvalidTargetError(DetectorError, ValueError):

@@ -7,9 +7,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detectors.errors import InvalidImageError, PartitionError
+from detectors.errors import ImageGeometryError, InvalidImageError, PartitionError
 
-__all__ = ["RegionPartition", "grid_partition", "slic_partition", "validate_image"]
+__all__ = [
+    "RegionPartition",
+    "grid_partition",
+    "slic_partition",
+    "slic_region_side",
+    "validate_image",
+]
 
 
 def validate_image(image: object) -> np.ndarray:
@@ -105,6 +111,41 @@ def _division_side(height: int, width: int, n_regions: int) -> int:
     return math.floor(math.sqrt(height * width / n_regions))
 
 
+def slic_region_side(height: int, width: int, n_regions: int) -> int:
+    """The SLICO region side for an `height` x `width` image split into about `n_regions`
+    regions, once the geometry is known to be safe to hand to OpenCV.
+
+    OpenCV's SLIC crashes the process (SIGSEGV, which Python cannot catch) when the region side
+    reaches twice the image's short side (a 20000x1 or 4x4000 image, say); a side no larger
+    than the short side was run on 3,000 random geometries without a crash.  So the region side
+    must fit in the short side, which also bounds the aspect ratio by about `n_regions`.
+
+    Raises:
+        PartitionError: `n_regions` < 2.
+        ImageGeometryError: fewer pixels than regions, or an image too thin for regions of
+            that side.
+    """
+    if n_regions < 2:
+        raise PartitionError(f"n_regions must be at least 2, got: {n_regions}")
+    if height < 1 or width < 1:
+        raise ImageGeometryError(f"an image of {height}x{width} pixels has no pixels")
+    side = _division_side(height, width, n_regions)
+    if height * width < 2 or side < 1:
+        raise ImageGeometryError(
+            f"an image of {height}x{width} pixels cannot be split into {n_regions} regions "
+            "(need at least one pixel per region)"
+        )
+    short = min(height, width)
+    if side > short:
+        raise ImageGeometryError(
+            f"an image of {height}x{width} pixels is too thin to be split into {n_regions} "
+            f"regions of about {side}x{side} pixels: its short side must be at least the "
+            f"region side (aspect ratio at most about {n_regions}:1, got "
+            f"{max(height, width) / short:.0f}:1)"
+        )
+    return side
+
+
 def slic_partition(
     image: np.ndarray, n_regions: int = 64, *, iterations: int = 10
 ) -> RegionPartition:
@@ -112,22 +153,17 @@ def slic_partition(
 
     Uses OpenCV contrib's `ximgproc` SLICO on the CIELAB image; falls back to scikit-image's
     `slic(slic_zero=True)` when OpenCV contrib is not installed.  The number of regions varies a
-    little around `n_regions`.
+    little around `n_regions`.  The geometry is checked (`slic_region_side`) before any native
+    code runs.
 
     Raises:
         InvalidImageError: not a non-empty `(H, W, 3)` uint8 array.
-        PartitionError: `n_regions` < 2, or the image is too small for 2 regions.
+        PartitionError: `n_regions` < 2.
+        ImageGeometryError: the image is too small or too thin for `n_regions` regions.
     """
     image = validate_image(image)
-    if n_regions < 2:
-        raise PartitionError(f"n_regions must be at least 2, got: {n_regions}")
     height, width = image.shape[:2]
-    side = _division_side(height, width, n_regions)
-    if height * width < 2 or side < 1:
-        raise PartitionError(
-            f"an image of {height}x{width} pixels cannot be split into {n_regions} regions "
-            "(need at least one pixel per region)"
-        )
+    side = slic_region_side(height, width, n_regions)
     try:
         import cv2
 

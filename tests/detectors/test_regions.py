@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -7,7 +11,8 @@ from hypothesis import strategies as st
 from skimage import data
 
 from detectors import RegionPartition, grid_partition, slic_partition
-from detectors.errors import InvalidImageError, PartitionError
+from detectors.errors import ImageGeometryError, InvalidImageError, PartitionError
+from detectors.regions import slic_region_side
 
 
 def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -42,6 +47,11 @@ def test_grid_covers_every_pixel_once(h: int, w: int, rows: int, cols: int) -> N
 @settings(max_examples=25, deadline=None)
 @given(h=st.integers(16, 96), w=st.integers(16, 96), n=st.integers(2, 80), seed=st.integers(0, 99))
 def test_slic_covers_every_pixel_once(h: int, w: int, n: int, seed: int) -> None:
+    side = math.floor(math.sqrt(h * w / n))
+    if side > min(h, w):  # regions wider than the short side: refused, never handed to OpenCV
+        with pytest.raises(ImageGeometryError, match="too thin"):
+            slic_partition(_noise(h, w, seed), n)
+        return
     partition = slic_partition(_noise(h, w, seed), n)
     _covers_once(partition, (h, w))
     assert partition.method.startswith("slico")
@@ -129,3 +139,50 @@ def test_partition_does_not_freeze_the_callers_array() -> None:
     partition = RegionPartition(labels)
     assert labels.flags.writeable
     assert not partition.labels.flags.writeable
+
+
+# Geometries measured to crash OpenCV's SLIC with SIGSEGV (issue 11), as (H, W).
+# Geometries measured to crash OpenCV's SLIC with SIGSEGV at 64 regions (issue 11), as (H, W).
+CRASHING = [(1, 20000), (20000, 1), (1, 5000), (2, 2000), (4, 4000), (20, 2000)]
+
+
+@pytest.mark.parametrize(("h", "w"), CRASHING)
+def test_geometries_that_crash_opencv_are_refused_before_it_runs(h: int, w: int) -> None:
+    with pytest.raises(ImageGeometryError, match=f"{h}x{w} pixels") as caught:
+        slic_partition(_noise(h, w), 64)
+    assert isinstance(caught.value, PartitionError)  # callers that catch PartitionError still do
+
+
+def test_region_side_rule() -> None:
+    assert slic_region_side(96, 96, 48) == 13
+    assert slic_region_side(96, 1920, 48) == 61  # 20:1 at the audit size still partitions
+    with pytest.raises(ImageGeometryError, match="too thin .* 64 regions of about 15x15"):
+        slic_region_side(4, 4000, 64)
+    with pytest.raises(ImageGeometryError, match="one pixel per region"):
+        slic_region_side(4, 4, 64)
+    with pytest.raises(PartitionError, match="at least 2"):
+        slic_region_side(96, 96, 1)
+
+
+def test_degenerate_geometry_never_crashes_the_process() -> None:
+    # In a child process: before the check, these shapes killed the interpreter with SIGSEGV.
+    code = (
+        "import numpy as np\n"
+        "from detectors import slic_partition\n"
+        "from detectors.errors import ImageGeometryError\n"
+        "for h, w in [(20000, 1), (1, 5000), (2, 2000), (4, 4000)]:\n"
+        "    try:\n"
+        "        slic_partition(np.zeros((h, w, 3), np.uint8), 64)\n"
+        "    except ImageGeometryError:\n"
+        "        print('refused', h, w)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:4] == [
+        "refused 20000 1",
+        "refused 1 5000",
+        "refused 2 2000",
+        "refused 4 4000",
+    ]
