@@ -5,21 +5,41 @@ Names follow Prometheus conventions: `guardrail_` prefix, base units (seconds), 
 labels, `category` from the fixed object vocabulary plus `other` (never the raw word), `reason`
 from fixed lists. Histograms are classic histograms with explicit buckets.
 
-Multi-process deployments: each process serves its own registry (`guardrail serve` runs the
-API and its worker threads in one process; each `guardrail worker` process serves its own
-`/metrics` on `--metrics-port`), and Prometheus sums over the targets. No shared
-multiprocess directory is needed.
+Multi-process deployments: `guardrail serve` supervises its audit workers and scheduler as
+child processes; each child sends snapshots of its counters and histograms over a pipe and the
+serve process merges them into its own `/metrics` (`ChildSnapshots`; a restarted child's totals
+are kept, so counters never go back).  Each standalone `guardrail worker` process serves its own
+registry on `--metrics-port`, and Prometheus sums over the targets.
+
+The backlog (queue depth, running jobs, oldest job age, live workers) is global state: it is read
+from the database at scrape time (`BacklogCollector`) by the serve processes only, never by
+workers, so that it is right when no worker runs; with several serve replicas every replica
+exports the same value, so dashboards and rules take `max()` of these gauges, never `sum()`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from detectors.objects import COCO_CATEGORIES, DEFAULT_VOCABULARY
 
-__all__ = ["CATEGORIES", "SKIP_REASONS", "Metrics", "category_label"]
+__all__ = [
+    "CATEGORIES",
+    "SKIP_REASONS",
+    "BacklogCollector",
+    "ChildSnapshots",
+    "Metrics",
+    "category_label",
+    "snapshot",
+]
 
 CATEGORIES: frozenset[str] = frozenset({*COCO_CATEGORIES, *DEFAULT_VOCABULARY.forms.values()})
 SKIP_REASONS = ("rate", "rate_limited", "no_image", "unknown_model", "ingest_error")
@@ -45,11 +65,20 @@ class Metrics:
     audit_duration: Histogram
     audit_forward_passes: Histogram
     budget_exhaustions: Counter
-    queue_depth: Gauge
-    queue_running: Gauge
-    queue_oldest_age: Gauge
+    jobs_failed: Counter
+    worker_restarts: Counter
     proxy_upstream_latency: Histogram
     proxy_fail_open_drops: Counter
+    backlog: BacklogCollector
+    children: ChildSnapshots = field(default_factory=lambda: ChildSnapshots())
+
+    def exposition(self) -> bytes:
+        """This process's metrics merged with its children's, in the text format."""
+        from prometheus_client import generate_latest
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Merged(self.registry, self.children))
+        return generate_latest(registry)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
@@ -109,15 +138,16 @@ class Metrics:
                 ["model"],
                 registry=r,
             ),
-            queue_depth=Gauge(
-                "guardrail_queue_depth", "Audit jobs waiting in the queue", registry=r
+            jobs_failed=Counter(
+                "guardrail_jobs_failed_total",
+                "Audit jobs that ended failed, by reason (invalid_input, error, worker_crashed)",
+                ["model", "reason"],
+                registry=r,
             ),
-            queue_running=Gauge(
-                "guardrail_queue_running", "Audit jobs being worked on", registry=r
-            ),
-            queue_oldest_age=Gauge(
-                "guardrail_queue_oldest_job_age_seconds",
-                "Age of the oldest waiting audit job",
+            worker_restarts=Counter(
+                "guardrail_worker_restarts_total",
+                "Supervised child processes restarted after they died, by kind",
+                ["kind"],
                 registry=r,
             ),
             proxy_upstream_latency=Histogram(
@@ -133,4 +163,154 @@ class Metrics:
                 ["reason"],
                 registry=r,
             ),
+            backlog=BacklogCollector(registry=r),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """The audit queue as the database sees it."""
+
+    queued: int
+    running: int
+    oldest_age_seconds: float
+    live_workers: int
+
+
+class BacklogCollector(Collector):
+    """`guardrail_queue_depth`, `_running`, `_oldest_job_age_seconds`, `guardrail_workers_live`
+    and `guardrail_database_up`, read from the database at scrape time (cached for
+    `cache_seconds`, so that several scrapers cost one query).  Exports nothing until a reader
+    is set (`serve` sets one; workers never do, so the global depth is never double-counted by
+    a worker)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, cache_seconds: float = 2.0):
+        self.reader: Callable[[], Backlog] | None = None
+        self.cache_seconds = cache_seconds
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Backlog | None] | None = None
+        if registry is not None:
+            registry.register(self)
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(Backlog(0, 0, 0.0, 0), up=True))
+
+    def collect(self) -> Iterable[Metric]:
+        if self.reader is None:
+            return []
+        with self._lock:  # one query at a time, whatever the number of scrapers
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] > self.cache_seconds:
+                try:
+                    value: Backlog | None = self.reader()
+                except Exception:  # the database is down: say so, invent no depth
+                    value = None
+                self._cached = (now, value)
+            backlog = self._cached[1]
+        if backlog is None:
+            return [GaugeMetricFamily("guardrail_database_up", _DB_UP_HELP, value=0)]
+        return list(self._families(backlog, up=True))
+
+    @staticmethod
+    def _families(b: Backlog, *, up: bool) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "guardrail_queue_depth", "Audit jobs waiting in the queue", value=b.queued
+        )
+        yield GaugeMetricFamily(
+            "guardrail_queue_running", "Audit jobs being worked on", value=b.running
+        )
+        yield GaugeMetricFamily(
+            "guardrail_queue_oldest_job_age_seconds",
+            "Age of the oldest waiting audit job",
+            value=b.oldest_age_seconds,
+        )
+        yield GaugeMetricFamily(
+            "guardrail_workers_live",
+            "Audit workers with a recent heartbeat in the database",
+            value=b.live_workers,
+        )
+        yield GaugeMetricFamily("guardrail_database_up", _DB_UP_HELP, value=1 if up else 0)
+
+
+_DB_UP_HELP = "Whether the last scrape-time read of the database succeeded"
+
+# A snapshot: family name -> (type, help, {(sample name, sorted labels): value})
+Snapshot = dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]]
+
+
+def snapshot(registry: CollectorRegistry) -> Snapshot:
+    """The counters and histograms of `registry` as plain data (picklable, for a pipe)."""
+    out: Snapshot = {}
+    for family in registry.collect():
+        if family.type not in ("counter", "histogram"):
+            continue
+        values = {
+            (s.name, tuple(sorted(s.labels.items()))): float(s.value)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+        if values:
+            out[family.name] = (family.type, family.documentation, values)
+    return out
+
+
+class ChildSnapshots:
+    """The latest snapshot of every live child process, plus the totals of children that died
+    (so that a restart never makes a counter go back)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[str, Snapshot] = {}
+        self._retired: Snapshot = {}
+
+    def update(self, child: str, values: Snapshot) -> None:
+        with self._lock:
+            self._live[child] = values
+
+    def retire(self, child: str) -> None:
+        with self._lock:
+            _add(self._retired, self._live.pop(child, {}))
+
+    def total(self) -> Snapshot:
+        with self._lock:
+            out: Snapshot = {}
+            _add(out, self._retired)
+            for values in self._live.values():
+                _add(out, values)
+            return out
+
+
+def _add(into: Snapshot, values: Snapshot) -> None:
+    for name, (kind, doc, samples) in values.items():
+        target = into.setdefault(name, (kind, doc, {}))[2]
+        for key, value in samples.items():
+            target[key] = target.get(key, 0.0) + value
+
+
+class _Merged(Collector):
+    """A registry's families with the children's values added sample by sample."""
+
+    def __init__(self, registry: CollectorRegistry, children: ChildSnapshots) -> None:
+        self.registry = registry
+        self.children = children
+
+    def collect(self) -> Iterable[Metric]:
+        extra = self.children.total()
+        for family in self.registry.collect():
+            merged: Any = extra.pop(family.name, None)
+            if merged is None:
+                yield family
+                continue
+            child_values = dict(merged[2])
+            out = Metric(family.name, family.documentation, family.type)
+            for s in family.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                out.add_sample(s.name, s.labels, s.value + child_values.pop(key, 0.0))
+            for (name, labels), value in child_values.items():
+                out.add_sample(name, dict(labels), value)
+            yield out
+        for name, (kind, doc, samples) in extra.items():  # a family this process lacks
+            out = Metric(name, doc, kind)
+            for (sample, labels), value in samples.items():
+                out.add_sample(sample, dict(labels), value)
+            yield out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,9 +25,17 @@ from sqlalchemy import delete, func, select, text, update
 
 from guardrail.reports import HALLUCINATED
 from guardrail.runtime import Runtime
-from storage.models import Alert, FlaggedToken, Job, JobStatus, Sample, VerdictRecord
+from storage.models import Alert, FlaggedToken, Job, JobStatus, Report, Sample, VerdictRecord
 
-__all__ = ["LeaderElection", "Scheduler", "check_spikes", "deliver_alert", "reap_leases", "retain"]
+__all__ = [
+    "LeaderElection",
+    "Retained",
+    "Scheduler",
+    "check_spikes",
+    "deliver_alert",
+    "reap_leases",
+    "retain",
+]
 
 log = logging.getLogger("guardrail.scheduler")
 ADVISORY_LOCK_KEY = 0x6775617264  # "guard"
@@ -187,12 +196,29 @@ def deliver_alert(
     return error is None
 
 
-def retain(runtime: Runtime, now: datetime | None = None, batch: int = 500) -> int:
-    """Delete samples (and their tokens, attributions, verdicts, jobs, raw media) older than
-    `retention_days`, in batches so the API is never locked out; returns how many."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Retained:
+    """What one retention pass deleted (rows)."""
+
+    samples: int
+    reports: int
+    alerts: int
+
+
+def retain(runtime: Runtime, now: datetime | None = None, batch: int = 500) -> Retained:
+    """Delete everything older than `retention_days`, in batches so the API is never locked
+    out: samples (with their tokens, attributions, verdicts, jobs and raw media), reports whose
+    period starts before the cutoff (they embed output texts and heatmaps of those samples) and
+    alerts that started before it (their details name objects and link such reports).
+
+    Raises:
+        ValueError: `batch` is not positive.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be positive, got: {batch}")
     now = now or datetime.now(UTC)
     cutoff = now - timedelta(days=runtime.settings.retention_days)
-    total = 0
+    samples = 0
     while True:
         with runtime.sessions.begin() as session:
             ids = list(
@@ -201,37 +227,62 @@ def retain(runtime: Runtime, now: datetime | None = None, batch: int = 500) -> i
                 ).scalars()
             )
             if not ids:
-                return total
+                break
             session.execute(delete(Job).where(Job.sample_id.in_(ids)))
             for sample in session.execute(select(Sample).where(Sample.id.in_(ids))).scalars():
                 session.delete(sample)
+        samples += len(ids)
+    reports = _delete_in_batches(runtime, Report.id, Report.period_start < cutoff, batch)
+    alerts = _delete_in_batches(runtime, Alert.id, Alert.started_at < cutoff, batch)
+    if samples or reports or alerts:
+        log.info(
+            "retention deleted %d samples, %d reports and %d alerts from before %s",
+            samples,
+            reports,
+            alerts,
+            cutoff.isoformat(timespec="seconds"),
+        )
+    return Retained(samples=samples, reports=reports, alerts=alerts)
+
+
+def _delete_in_batches(runtime: Runtime, key: Any, expired: Any, batch: int) -> int:
+    """Delete the rows of `key`'s table matching `expired`, `batch` per transaction."""
+    total = 0
+    while True:
+        with runtime.sessions.begin() as session:
+            ids = list(session.execute(select(key).where(expired).limit(batch)).scalars())
+            if not ids:
+                return total
+            session.execute(
+                delete(key.class_).where(key.in_(ids)).execution_options(synchronize_session=False)
+            )
         total += len(ids)
 
 
 def reap_leases(runtime: Runtime, now: datetime | None = None) -> int:
-    """Return jobs whose lease expired to the queue (or fail them when out of attempts)."""
+    """Fail the jobs whose worker died on their last attempt (reason `worker_crashed`) and
+    return the other expired ones to the queue; returns how many jobs moved.  Workers do the
+    same before every claim; this keeps the queue honest while no worker runs."""
+    from storage import queue
+
     now = now or datetime.now(UTC)
     with runtime.sessions.begin() as session:
-        expired = (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < now)
-        spent = session.execute(
-            update(Job)
-            .where(expired, Job.attempts >= Job.max_attempts)
-            .values(
-                status=JobStatus.FAILED,
-                finished_at=now,
-                lease_owner=None,
-                last_error="lease expired after the last attempt",
-                image_data=None,
-            )
-            .execution_options(synchronize_session=False)
-        ).rowcount  # type: ignore[attr-defined]
+        failed = queue.fail_abandoned(session, now)
         back = session.execute(
             update(Job)
-            .where(expired)
+            .where(
+                Job.status == JobStatus.RUNNING,
+                Job.lease_expires_at < now,
+                Job.attempts < Job.max_attempts,
+            )
             .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None, run_after=now)
             .execution_options(synchronize_session=False)
         ).rowcount  # type: ignore[attr-defined]
-    return int(spent or 0) + int(back or 0)
+    for job in failed:
+        runtime.metrics.jobs_failed.labels(
+            model=job.model, reason=queue.FailureReason.WORKER_CRASHED
+        ).inc()
+    return len(failed) + int(back or 0)
 
 
 class LeaderElection:
@@ -303,34 +354,49 @@ class Scheduler:
         ]
         for name, fn, trigger in jobs:
             self.scheduler.add_job(
-                self._guarded(fn), trigger, id=name, max_instances=1, coalesce=True
+                self._guarded(name, fn),
+                trigger,
+                id=name,
+                name=name,
+                max_instances=1,
+                coalesce=True,
             )
-        periodic: tuple[tuple[str, Any, float], ...] = (
-            ("spike_check", check_spikes, s.spike_check_seconds),
-            ("retention", retain, 3600),
-            ("lease_reaper", reap_leases, 60),
+        # retention also runs as soon as the scheduler starts: a service restarted more often
+        # than the period would otherwise never run it
+        periodic: tuple[tuple[str, Any, float, bool], ...] = (
+            ("spike_check", check_spikes, s.spike_check_seconds, False),
+            ("retention", retain, 3600, True),
+            ("lease_reaper", reap_leases, 60, False),
         )
-        for name, fn, seconds in periodic:
+        for name, fn, seconds, at_start in periodic:
+            extra = {"next_run_time": datetime.now(UTC)} if at_start else {}
             self.scheduler.add_job(
-                self._guarded(fn),
+                self._guarded(name, fn),
                 "interval",
                 seconds=seconds,
                 id=name,
+                name=name,
                 max_instances=1,
                 coalesce=True,
+                **extra,
             )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._elect, name="scheduler-election", daemon=True)
 
-    def _guarded(self, fn: Any) -> Any:
+    def _guarded(self, name: str, fn: Callable[[Runtime], object]) -> Callable[[], None]:
+        """`fn(runtime)` run only while leading, its failures logged; named `name` (the
+        scheduler's and the log's name for the job)."""
+
         def run() -> None:
             if not self.election.try_lead():
                 return
             try:
                 fn(self.runtime)
             except Exception:  # one failing job never stops the scheduler
-                log.exception("scheduled job %s failed", getattr(fn, "__name__", fn))
+                log.exception("scheduled job %s failed", name)
 
+        # not functools.wraps: APScheduler checks the call against `__wrapped__`'s signature
+        run.__name__ = run.__qualname__ = name
         return run
 
     @staticmethod

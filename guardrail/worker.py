@@ -3,12 +3,17 @@
 The result and the job's completion are committed in one transaction, and only if this worker
 still holds the job's lease (a heartbeat extends it while the audit runs), so a job is audited
 to completion exactly once even when a worker is killed mid-audit: its lease expires and
-another worker takes the job.
+another worker takes the job.  Every claim counts an attempt: a job whose workers keep dying
+fails with reason `worker_crashed` once its attempts are spent (checked before every claim, so
+without the scheduler too).  Each worker records a heartbeat row while it runs (live workers are
+counted from them) and, when stopped, releases its job instead of abandoning it
+(`release_current`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import traceback
@@ -42,35 +47,83 @@ class Worker:
         lease_seconds: float = 120.0,
         poll_seconds: float = 0.5,
         owner: str | None = None,
+        heartbeat_seconds: float = 5.0,
     ) -> None:
         self.sessions = sessions
         self.auditors = auditors
         self.metrics = metrics
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
-        self.owner = owner or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self.heartbeat_seconds = heartbeat_seconds
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stop = threading.Event()
+        self.current_job: int | None = None
+        self.jobs_done = 0  # audits completed, failed or released by this worker
 
     def run(self) -> None:
-        while not self.stop.is_set():
+        """Audit jobs until `stop` is set, recording a heartbeat row meanwhile."""
+        alive = threading.Thread(target=self._alive, name=f"alive-{self.owner}", daemon=True)
+        alive.start()
+        try:
+            while not self.stop.is_set():
+                try:
+                    worked = self.run_once()
+                except Exception:  # the database went away, say: log, wait, retry
+                    log.exception("worker %s: queue error", self.owner)
+                    worked = False
+                if not worked:
+                    self.stop.wait(self.poll_seconds)
+        finally:
+            self.stop.set()
+            alive.join(timeout=5)
             try:
-                worked = self.run_once()
-            except Exception:  # the database went away, say: log, wait, retry
-                log.exception("worker %s: queue error", self.owner)
-                worked = False
-            if not worked:
-                self.stop.wait(self.poll_seconds)
+                with self.sessions.begin() as session:
+                    queue.forget_worker(session, self.owner)
+            except Exception:  # its heartbeat will simply go stale
+                log.warning("worker %s: could not remove its heartbeat row", self.owner)
 
-    def update_queue_gauges(self) -> None:
-        with self.sessions() as session:
-            d = queue.depth(session)
-        self.metrics.queue_depth.set(d.queued)
-        self.metrics.queue_running.set(d.running)
-        self.metrics.queue_oldest_age.set(d.oldest_age_seconds)
+    def release_current(self) -> bool:
+        """Give the job being audited back to the queue without counting the attempt (a clean
+        stop that cannot wait for the audit); its late result will be refused."""
+        job_id = self.current_job
+        if job_id is None:
+            return False
+        with self.sessions.begin() as session:
+            released = queue.release(session, job_id, self.owner)
+        if released:
+            log.info("worker %s: released job %s", self.owner, job_id)
+        return released
+
+    def _alive(self) -> None:
+        while True:
+            try:
+                with self.sessions.begin() as session:
+                    queue.beat(
+                        session,
+                        self.owner,
+                        hostname=socket.gethostname(),
+                        pid=os.getpid(),
+                        job_id=self.current_job,
+                    )
+            except Exception:
+                log.warning("worker %s: could not record its heartbeat", self.owner)
+            if self.stop.wait(self.heartbeat_seconds):
+                return
 
     def run_once(self) -> bool:
         """Claim and audit one job; False when the queue had none."""
         with self.sessions.begin() as session:
+            for failed in queue.fail_abandoned(session):
+                log.warning(
+                    "worker %s: job %s (sample %s) failed: its worker died on each of %d attempts",
+                    self.owner,
+                    failed.job_id,
+                    failed.sample_id,
+                    failed.attempts,
+                )
+                self.metrics.jobs_failed.labels(
+                    model=failed.model, reason=queue.FailureReason.WORKER_CRASHED
+                ).inc()
             job = queue.claim(session, self.owner, lease_seconds=self.lease_seconds)
             if job is None:
                 return False
@@ -80,6 +133,23 @@ class Worker:
             assert sample is not None  # the foreign key guarantees it
             model, text, token_ids = sample.model, sample.generated_text, list(sample.token_ids)
             sample.status = SampleStatus.AUDITING
+        self.current_job = job_id
+        try:
+            return self._audit(job_id, sample_id, model, text, token_ids, image_data, prompt)
+        finally:
+            self.current_job = None
+            self.jobs_done += 1
+
+    def _audit(
+        self,
+        job_id: int,
+        sample_id: str,
+        model: str,
+        text: str,
+        token_ids: list[int],
+        image_data: bytes | None,
+        prompt: str,
+    ) -> bool:
         heartbeat = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job_id, heartbeat), daemon=True)
         beat.start()
@@ -107,6 +177,10 @@ class Worker:
                     failed = session.get(Sample, sample_id)
                     if failed is not None:
                         failed.status = SampleStatus.FAILED
+            if status is not None and status.value == "failed":
+                reasons = queue.FailureReason
+                reason = reasons.INVALID_INPUT if permanent else reasons.ERROR
+                self.metrics.jobs_failed.labels(model=model, reason=reason).inc()
             return True
         heartbeat.set()
         beat.join()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = [
@@ -13,21 +16,83 @@ __all__ = [
     "UnmigratedDatabaseError",
     "check_migrated",
     "current_revision",
+    "failed_database",
     "make_engine",
+    "masked_url",
     "session_factory",
     "upgrade",
 ]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD = "0003"
+HEAD = "0004"
 
 
 class UnmigratedDatabaseError(RuntimeError):
     """The database schema is missing or older than this version of the code."""
 
 
+# query parameters of a database URL that carry credentials (libpq: password, sslpassword)
+_SECRET_QUERY = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
+# `scheme://user:password@` anywhere in a text that SQLAlchemy could not parse as a URL
+_USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*:)[^@\s]*@")
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password (and credential query parameters) replaced by `***`.
+
+    Works on text that is not a valid URL too (the password of `scheme://user:password@`
+    is masked wherever it occurs), so it is safe for error messages about malformed URLs.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return _USERINFO_PASSWORD.sub(r"\g<head>***@", url)
+    if parsed.query:
+        parsed = parsed.update_query_dict(
+            {k: "***" for k in parsed.query if _SECRET_QUERY.search(k)}
+        )
+    # render_as_string percent-encodes the query's mask
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+
+
+def failed_database(exc: BaseException) -> str | None:
+    """The (masked) URL of the database whose driver raised `exc`, when an engine made by
+    `make_engine` saw it: driver messages often name neither the database nor the server."""
+    database = getattr(exc, "guardrail_database", None)
+    return database if isinstance(database, str) else None
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout."""
+    """An engine for `url`; SQLite gets WAL, foreign keys and a busy timeout.
+
+    Raises:
+        sqlalchemy.exc.ArgumentError: `url` is not a database URL, or names a dialect or
+            driver that is not installed (`NoSuchModuleError`); the message shows the URL with
+            its password masked.
+    """
+    try:
+        engine = _create(url, **kwargs)
+    except ArgumentError as exc:
+        error = type(exc)(
+            f"database URL {masked_url(url)!r} is not usable ({exc}); expected "
+            "dialect+driver://user:password@host:port/database, e.g. sqlite:///guardrail.db "
+            "or postgresql+psycopg://guardrail:password@127.0.0.1:5432/guardrail"
+        )
+        error.guardrail_database = masked_url(url)  # type: ignore[attr-defined]
+        raise error from None
+    where = masked_url(url)
+
+    @event.listens_for(engine, "handle_error")
+    def _name_the_database(context: ExceptionContext) -> None:
+        # recorded on the exception so the CLI can say which database failed
+        for raised in (context.sqlalchemy_exception, context.original_exception):
+            if raised is not None:
+                raised.guardrail_database = where  # type: ignore[attr-defined]
+
+    return engine
+
+
+def _create(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
 
@@ -64,10 +129,23 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
+    """The schema revision recorded by Alembic, or None before the first `upgrade`.
 
+    Read directly (every readiness probe calls this): Alembic's `MigrationContext` would log
+    two INFO lines per call.
+    """
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        revisions = list(
+            connection.execute(text("SELECT version_num FROM alembic_version")).scalars()
+        )
+    if len(revisions) > 1:
+        raise UnmigratedDatabaseError(
+            f"database {engine.url.render_as_string(hide_password=True)} records several "
+            f"schema revisions ({', '.join(sorted(revisions))}); expected one: {HEAD}"
+        )
+    return revisions[0] if revisions else None
 
 
 def check_migrated(engine: Engine) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "Sample",
     "SampleStatus",
     "VerdictRecord",
+    "WorkerRecord",
     "utcnow",
 ]
 
@@ -181,6 +182,8 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
+    # why a FAILED job failed: invalid_input, error (attempts spent), worker_crashed
+    failure_reason: Mapped[str | None] = mapped_column(String(32))
     # what the audit needs and the sample may not keep (store_raw off): cleared when done
     image_data: Mapped[bytes | None] = mapped_column(LargeBinary)
     prompt: Mapped[str | None] = mapped_column(Text)
@@ -225,3 +228,17 @@ class Alert(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
     delivery_error: Mapped[str | None] = mapped_column(Text)
+
+
+class WorkerRecord(Base):
+    """A live audit worker: its heartbeat says it is alive (live workers are counted from the
+    heartbeats, so a deployment whose every worker died is visible)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    job_id: Mapped[int | None] = mapped_column(Integer)  # the job it is auditing, if any

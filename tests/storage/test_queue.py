@@ -135,3 +135,93 @@ def test_the_shipped_migrations_match_the_models(engine: Engine) -> None:
     with engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert diff == []
+
+
+def _one_job(engine: Engine, max_attempts: int = 3) -> int:
+    upgrade(engine)
+    with session_factory(engine).begin() as session:
+        sample = _sample()
+        session.add(sample)
+        session.flush()
+        return enqueue(session, sample.id, max_attempts=max_attempts).id
+
+
+def test_a_job_whose_workers_keep_dying_fails_as_worker_crashed(engine: Engine) -> None:
+    from storage.models import SampleStatus
+    from storage.queue import FailureReason, fail_abandoned
+
+    job_id = _one_job(engine, max_attempts=3)
+    sessions = session_factory(engine)
+    now = utcnow()
+    for attempt in range(1, 4):  # each claim's worker dies: its lease runs out
+        now += timedelta(seconds=120)
+        with sessions.begin() as session:
+            assert fail_abandoned(session, now) == []
+            job = claim(session, f"victim-{attempt}", lease_seconds=60, now=now)
+            assert job is not None and job.attempts == attempt
+    now += timedelta(seconds=120)
+    with sessions.begin() as session:
+        assert claim(session, "next", now=now) is None  # out of attempts: never claimed again
+        failed = fail_abandoned(session, now)
+        assert [(f.job_id, f.attempts, f.model) for f in failed] == [(job_id, 3, "reference")]
+        assert fail_abandoned(session, now) == []  # once
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status is JobStatus.FAILED
+        assert job.failure_reason == FailureReason.WORKER_CRASHED
+        assert job.last_error is not None and "worker_crashed" in job.last_error
+        assert job.image_data is None
+        sample = session.get(Sample, job.sample_id)
+        assert sample is not None and sample.status is SampleStatus.FAILED
+
+
+def test_the_last_attempt_is_not_failed_while_its_lease_runs(engine: Engine) -> None:
+    from storage.queue import fail_abandoned
+
+    _one_job(engine, max_attempts=1)
+    sessions = session_factory(engine)
+    now = utcnow()
+    with sessions.begin() as session:
+        assert claim(session, "w", lease_seconds=60, now=now) is not None
+    with sessions.begin() as session:  # one second before the lease runs out
+        assert fail_abandoned(session, now + timedelta(seconds=59)) == []
+        assert claim(session, "other", now=now + timedelta(seconds=59)) is None
+    with sessions.begin() as session:
+        assert len(fail_abandoned(session, now + timedelta(seconds=61))) == 1
+
+
+def test_a_released_job_is_claimable_at_once_and_the_attempt_is_not_counted(
+    engine: Engine,
+) -> None:
+    from storage.queue import release
+
+    job_id = _one_job(engine)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        assert claim(session, "stopping", lease_seconds=600) is not None
+    with sessions.begin() as session:
+        assert not release(session, job_id, "someone-else")
+        assert release(session, job_id, "stopping")
+    with sessions.begin() as session:
+        job = claim(session, "next")
+        assert job is not None and job.id == job_id and job.attempts == 1
+        assert not complete(session, job_id, "stopping")  # the released lease is gone
+
+
+def test_live_workers_are_counted_from_recent_heartbeats(engine: Engine) -> None:
+    from storage.queue import beat, forget_worker, live_workers
+
+    upgrade(engine)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        assert depth(session).live_workers == 0
+        beat(session, "host:1:a", hostname="host", pid=1)
+        beat(session, "host:2:b", hostname="host", pid=2, job_id=7)
+        beat(session, "host:2:b", hostname="host", pid=2)  # an update, not a new worker
+    with sessions.begin() as session:
+        assert depth(session).live_workers == 2
+        later = utcnow() + timedelta(seconds=31)
+        assert live_workers(session, within_seconds=30, now=later) == 0  # heartbeats went stale
+        forget_worker(session, "host:1:a")
+    with sessions.begin() as session:
+        assert live_workers(session, within_seconds=30) == 1
