@@ -6,9 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+
 from detectors.errors import DetectorError
 from guardrail import __version__
-from storage.engine import UnmigratedDatabaseError
+from storage.engine import UnmigratedDatabaseError, failed_database
 
 __all__ = ["build_parser", "main"]
 
@@ -78,5 +80,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except (DetectorError, ValueError, OSError, UnmigratedDatabaseError) as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{type(exc).__name__}: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except (ArgumentError, OperationalError) as exc:
+        # a database URL that cannot be used, or a database that cannot be reached; other
+        # SQLAlchemy errors (and these from anywhere but our engines) are bugs: traceback
+        if failed_database(exc) is None:
+            raise
+        print(f"{type(exc).__name__}: {database_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def database_error(exc: ArgumentError | OperationalError) -> str:
+    """One line for a database URL or connection failure, naming the database (password
+    masked) and what to check."""
+    if not isinstance(exc, DBAPIError):
+        return _one_line(str(exc))  # make_engine's message names the masked URL already
+    where = failed_database(exc) or "?"
+    reason = _one_line(str(exc.orig) if exc.orig is not None else str(exc))
+    check = (
+        "that its directory exists and is writable"
+        if where.startswith("sqlite")
+        else "that the server is running and reachable and the credentials are right"
+    )
+    return (
+        f"cannot use the database {where}: {reason} (check the URL given by --url, "
+        f"GUARDRAIL_DATABASE_URL or database_url in the config file, and {check})"
+    )
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())

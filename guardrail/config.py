@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,16 +180,61 @@ def load_settings(
     return settings
 
 
+# query parameters (and path segments) that carry credentials in an HTTP URL
+_SECRET_NAME = re.compile(r"key|token|secret|pass|pwd|sig|auth|cred|code|session", re.I)
+_TOKEN_LIKE = re.compile(r"(?=.*[0-9])(?=.*[A-Za-z])[A-Za-z0-9_.~+/=-]{20,}")
+_MASK = "****"
+
+
+def _masked_http_url(url: str, *, hide_path: bool = False) -> str:
+    """`url` without credentials: userinfo, credential-named or token-like query values and
+    token-like path segments masked; with `hide_path`, everything after the host masked (a
+    Slack webhook's path is its secret)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        userinfo = f"{_MASK}@" if "@" in parts.netloc else ""
+    except ValueError:  # not a URL urllib can split: mask it whole
+        return _MASK
+    if hide_path:
+        rest = bool(parts.path.strip("/") or parts.query or parts.fragment)
+        return urlunsplit((parts.scheme, userinfo + host, f"/{_MASK}" if rest else "", "", ""))
+    path = "/".join(
+        _MASK if _TOKEN_LIKE.fullmatch(segment) else segment for segment in parts.path.split("/")
+    )
+    query = urlencode(
+        [
+            (k, _MASK if _SECRET_NAME.search(k) or _TOKEN_LIKE.fullmatch(v) else v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        ],
+        safe="*",
+    )
+    fragment = _MASK if parts.fragment else ""
+    return urlunsplit((parts.scheme, userinfo + host, path, query, fragment))
+
+
 def masked(settings: Settings) -> dict[str, Any]:
-    """The resolved settings as JSON-able data, secrets masked (passwords in URLs too)."""
+    """The resolved settings as JSON-able data, secrets masked: the password and credential
+    parameters of every URL, the webhook URL's path, all but the end of each API token."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from storage.engine import masked_url
 
     data: dict[str, Any] = json.loads(settings.model_dump_json())
     url = settings.database_url.get_secret_value()
     try:
-        data["database_url"] = make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can parse: mask it whole
-        data["database_url"] = "**********"
+        make_url(url)
+        data["database_url"] = masked_url(url)
+    except ArgumentError:  # not a URL SQLAlchemy can parse: mask it whole
+        data["database_url"] = _MASK * 2
+    for key in ("upstream_url", "public_url"):
+        if isinstance(data.get(key), str):
+            data[key] = _masked_http_url(data[key])
+    if settings.webhook_url:
+        data["webhook_url"] = _masked_http_url(settings.webhook_url, hide_path=True)
     data["api_tokens"] = [f"****{t.get_secret_value()[-4:]}" for t in settings.api_tokens]
     data["config_file"] = str(settings.config_file) if settings.config_file else None
     return data

@@ -4,6 +4,7 @@ reaper and leader election."""
 from __future__ import annotations
 
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,16 @@ from fastapi import FastAPI, Request
 
 from guardrail.background_server import BackgroundServer, free_port
 from guardrail.config import load_settings
+from guardrail.report_command import make_report
 from guardrail.runtime import Runtime, build_runtime
-from guardrail.scheduler import LeaderElection, check_spikes, reap_leases, retain
+from guardrail.scheduler import (
+    LeaderElection,
+    Retained,
+    Scheduler,
+    check_spikes,
+    reap_leases,
+    retain,
+)
 from storage import queue
 from storage.engine import upgrade
 from storage.models import Alert, FlaggedToken, Job, JobStatus, Report, Sample, VerdictRecord
@@ -137,7 +146,7 @@ def test_retention_deletes_old_samples_in_batches_and_the_reaper_returns_leases(
     with runtime.sessions.begin() as session:
         old = session.query(Sample).filter(Sample.received_at < NOW - timedelta(days=15)).one()
         queue.enqueue(session, old.id)
-    assert retain(runtime, NOW, batch=1) == 2
+    assert retain(runtime, NOW, batch=1) == Retained(samples=2, reports=0, alerts=0)
     with runtime.sessions() as session:
         assert session.query(Sample).count() == 1
         assert session.query(FlaggedToken).count() == 1 and session.query(Job).count() == 0
@@ -166,13 +175,91 @@ def test_one_leader_on_postgresql_and_another_takes_over() -> None:
     second.release()
 
 
-def test_the_scheduler_starts_with_every_job_and_stops(tmp_path: Path) -> None:
-    from guardrail.scheduler import Scheduler
+def _alert(runtime: Runtime, started_at: datetime, word: str) -> None:
+    with runtime.sessions.begin() as session:
+        session.add(
+            Alert(
+                model="reference",
+                state="resolved",
+                started_at=started_at,
+                resolved_at=started_at + timedelta(minutes=30),
+                rate=0.5,
+                baseline=0.05,
+                tokens=40,
+                details={"top_objects": [[word, 7]], "report_id": "r"},
+            )
+        )
 
+
+def _contents(runtime: Runtime) -> str:
+    """Every report's html and data and every alert's details, as one text."""
+    with runtime.sessions() as session:
+        reports = [f"{r.html}{r.data}" for r in session.query(Report)]
+        alerts = [str(a.details) for a in session.query(Alert)]
+    return "\n".join(reports + alerts)
+
+
+def test_retention_deletes_expired_reports_and_alerts_with_their_content(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path, retention_days=7)
+    old, new = NOW - timedelta(days=10), NOW - timedelta(hours=2)
+    _audited(runtime, old, ["language_prior"] * 3, word="zeppelin")
+    _audited(runtime, new, ["language_prior"] * 3, word="teacup")
+    make_report(runtime, old - timedelta(hours=1), old + timedelta(hours=1), "daily")
+    # a weekly report whose period straddles the cutoff still holds an expired sample
+    make_report(runtime, NOW - timedelta(days=12), NOW - timedelta(days=5), "weekly")
+    make_report(runtime, new - timedelta(hours=1), new + timedelta(hours=1), "daily")
+    _alert(runtime, old, "zeppelin")
+    _alert(runtime, new, "teacup")
+    with runtime.sessions() as session:  # the reports embed the samples' output texts
+        htmls = [r.html for r in session.query(Report).order_by(Report.period_start)]
+    assert ["zeppelin" in h for h in htmls] == [True, True, False]
+    assert "teacup" in htmls[2]
+    with pytest.raises(ValueError, match="batch must be positive, got: 0"):
+        retain(runtime, NOW, batch=0)
+
+    assert retain(runtime, NOW, batch=1) == Retained(samples=1, reports=2, alerts=1)
+
+    assert "zeppelin" not in _contents(runtime) and "teacup" in _contents(runtime)
+    with runtime.sessions() as session:
+        assert "teacup" in session.query(Report).one().html
+        assert session.query(Alert).one().details["top_objects"] == [["teacup", 7]]
+        assert session.query(Sample).one().generated_text.startswith("teacup")
+    assert retain(runtime, NOW) == Retained(samples=0, reports=0, alerts=0)  # idempotent
+
+
+def test_retention_runs_when_the_scheduler_starts(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path, retention_days=7)
+    now = datetime.now(UTC)
+    _audited(runtime, now - timedelta(days=9), ["grounded"], word="zeppelin")
+    make_report(runtime, now - timedelta(days=9, hours=1), now - timedelta(days=8), "daily")
+    _alert(runtime, now - timedelta(days=9), "zeppelin")
+    scheduler = Scheduler(runtime, election_seconds=60)
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "zeppelin" in _contents(runtime):
+            time.sleep(0.05)
+    finally:
+        scheduler.stop()
+    assert "zeppelin" not in _contents(runtime)
+    with runtime.sessions() as session:
+        assert session.query(Sample).count() == session.query(Report).count() == 0
+        assert session.query(Alert).count() == 0
+
+
+def test_the_scheduler_starts_with_every_named_job_and_stops(tmp_path: Path) -> None:
     scheduler = Scheduler(_runtime(tmp_path), election_seconds=0.1)
     scheduler.start()
     try:
-        ids = {job.id for job in scheduler.scheduler.get_jobs()}
+        jobs = scheduler.scheduler.get_jobs()
+        ids = {job.id for job in jobs}
         assert ids == {"report_daily", "report_weekly", "spike_check", "retention", "lease_reaper"}
+        # the scheduler's log lines and failures name the job, not `_guarded.<locals>.run`
+        assert all(job.name == job.id and job.func.__qualname__ == job.id for job in jobs)
+        # retention runs at start (tested above), the frequent checks on their schedule
+        soon = datetime.now(UTC) + timedelta(seconds=30)
+        assert all(
+            job.next_run_time > soon for job in jobs if job.id in ("spike_check", "lease_reaper")
+        )
     finally:
         scheduler.stop()
