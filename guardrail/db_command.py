@@ -29,21 +29,21 @@ def register(commands: Any) -> None:
 
 
 def _upgrade(args: argparse.Namespace) -> int:
-    from storage.engine import current_revision, make_engine, upgrade
+    from storage.engine import current_revision, make_engine, masked_url, upgrade
 
     engine = make_engine(args.url)
     upgrade(engine)
-    where = engine.url.render_as_string(hide_password=True)
+    where = masked_url(args.url)
     print(f"{where}: schema at revision {current_revision(engine)}")
     return 0
 
 
 def _current(args: argparse.Namespace) -> int:
-    from storage.engine import HEAD, current_revision, make_engine
+    from storage.engine import HEAD, current_revision, make_engine, masked_url
 
     engine = make_engine(args.url)
     revision = current_revision(engine)
-    where = engine.url.render_as_string(hide_password=True)
+    where = masked_url(args.url)
     state = "up to date" if revision == HEAD else f"needs `guardrail db upgrade` (head {HEAD})"
     print(f"{where}: revision {revision or 'none'}, {state}")
     return 0 if revision == HEAD else 1

@@ -55,6 +55,10 @@ def masked_url(url: str) -> str:
     return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
+def _where(engine: Engine) -> str:
+    return masked_url(engine.url.render_as_string(hide_password=False))
+
+
 def failed_database(exc: BaseException) -> str | None:
     """The (masked) URL of the database whose driver raised `exc`, when an engine made by
     `make_engine` saw it: driver messages often name neither the database nor the server."""
@@ -142,8 +146,8 @@ def current_revision(engine: Engine) -> str | None:
         )
     if len(revisions) > 1:
         raise UnmigratedDatabaseError(
-            f"database {engine.url.render_as_string(hide_password=True)} records several "
-            f"schema revisions ({', '.join(sorted(revisions))}); expected one: {HEAD}"
+            f"database {_where(engine)} records several schema revisions "
+            f"({', '.join(sorted(revisions))}); expected one: {HEAD}"
         )
     return revisions[0] if revisions else None
 
@@ -152,7 +156,7 @@ def check_migrated(engine: Engine) -> None:
     """Raise `UnmigratedDatabaseError` unless the schema is at this code's revision."""
     revision = current_revision(engine)
     if revision != HEAD:
-        where = engine.url.render_as_string(hide_password=True)
+        where = _where(engine)
         found = "no schema" if revision is None else f"revision {revision}"
         tables = ", ".join(sorted(inspect(engine).get_table_names())) or "none"
         raise UnmigratedDatabaseError(
