@@ -56,6 +56,18 @@ class ModelSettings(BaseModel):
     sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     max_audits_per_minute: int | None = Field(default=None, ge=1)
     n_regions: int = Field(default=48, ge=2, le=1024)
+    audit_shortest_edge: int | None = Field(
+        default=None,
+        ge=8,
+        description="ingest downscales images so their shortest side is at most this many "
+        "pixels (default: the model's input size from its processor config)",
+    )
+    audit_max_pixels: int | None = Field(
+        default=None,
+        ge=64,
+        description="ingest downscales images to at most this many pixels in all (default: "
+        "the model's input size from its processor config)",
+    )
     budget_fraction: float = Field(default=0.10, gt=0.0, le=1.0)
     max_seconds_per_token: float | None = Field(default=None, gt=0.0)
     prompt: str | None = Field(default=None, description="prompt template with the image token")
@@ -93,6 +105,27 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     max_image_bytes: int = Field(default=20 * 2**20, ge=1024)
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        ge=4096,
+        le=89_000_000,
+        description="largest image accepted, in pixels, read from its header before decoding",
+    )
+    min_image_side: int = Field(
+        default=16, ge=1, description="shortest image side accepted at the audit resolution"
+    )
+    max_image_aspect_ratio: float = Field(
+        default=20.0, ge=1.0, description="longest over shortest image side accepted"
+    )
+    ingest_decode_pixels: int | None = Field(
+        default=None,
+        ge=4096,
+        description="decoded pixels in flight across concurrent ingests in one process (bounds "
+        "their memory); default: max_image_pixels",
+    )
+    ingest_decode_wait_seconds: float = Field(
+        default=5.0, gt=0, description="wait for decode capacity before answering 503"
+    )
     proxy_max_pending: int = Field(
         default=1000, ge=0, description="teed responses waiting for ingest before drops"
     )

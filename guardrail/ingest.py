@@ -1,4 +1,11 @@
-"""Accepting a sample: validate, sample, and store it with its job in one transaction."""
+"""Accepting a sample: validate, sample, and store it with its job in one transaction.
+
+The image is checked cheaply for every request (format from its magic bytes, size from its
+header, geometry at the audit resolution); only a sampled one is decoded, under the process's
+pixel budget, and stored as its canonical image (`guardrail.canonical`): upright 8-bit RGB PNG
+at most the model's input size.  The sample keeps the SHA-256 and size of the image as sent,
+and the sampling key is that digest.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardrail.auditor import image_placeholder
-from guardrail.images import decode_image
+from guardrail.canonical import (
+    ImageLimits,
+    audit_resolution,
+    canonical_image,
+    pixel_budget,
+)
+from guardrail.images import DecodeBusyError, ImageRejectedError, image_header, sniff_format
 from guardrail.runtime import Runtime
 from guardrail.sampling import request_key
 from storage import queue
@@ -17,11 +30,27 @@ __all__ = ["IngestError", "IngestRequest", "ingest"]
 
 
 class IngestError(ValueError):
-    """A sample that cannot be accepted; `status` is the HTTP status that says why."""
+    """A sample that cannot be accepted; `status` is the HTTP status that says why,
+    `error_type` the error contract's kind when more specific than the status's (None
+    otherwise), `retry_after` the seconds to wait before a retry (503 only)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.error_type = error_type
+        self.retry_after = retry_after
+
+
+def _image_error(exc: ImageRejectedError) -> IngestError:
+    retry = exc.retry_after if isinstance(exc, DecodeBusyError) else None
+    return IngestError(exc.status, f"image: {exc}", error_type=exc.error_type, retry_after=retry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +70,10 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
     `{"sampled": False, "reason": ...}`.
 
     Raises:
-        IngestError: unknown model (404), no output (422), image too large (413) or not
-            decodable (422), a prompt without the image placeholder (422).
+        IngestError: unknown model (404), no output (422), image over max_image_bytes or
+            max_image_pixels (413), not PNG/JPEG/WebP (415), degenerate geometry, truncated
+            or corrupt (422), a prompt without the image placeholder (422), no decode capacity
+            free in time (503, with `retry_after`).
     """
     settings, m = runtime.settings, runtime.metrics
     model = settings.model(request.model)
@@ -54,11 +85,24 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
     if request.output is None and request.token_ids is None:
         raise IngestError(422, "give the generated text (output) or its token_ids")
     if len(request.image_bytes) > settings.max_image_bytes:
-        raise IngestError(413, f"the image is over {settings.max_image_bytes} bytes")
-    try:
-        image = decode_image(request.image_bytes)
-    except ValueError as exc:
-        raise IngestError(422, f"image: {exc}") from None
+        raise IngestError(
+            413,
+            f"image: {len(request.image_bytes)} bytes, over the {settings.max_image_bytes} "
+            "bytes allowed (max_image_bytes)",
+            error_type="payload_too_large",
+        )
+    limits = ImageLimits(
+        max_pixels=settings.max_image_pixels,
+        min_side=settings.min_image_side,
+        max_aspect_ratio=settings.max_image_aspect_ratio,
+    )
+    resolution = audit_resolution(model)
+    try:  # cheap checks on every request: magic bytes, header, geometry (nothing decoded)
+        fmt = sniff_format(request.image_bytes)
+        width, height = image_header(request.image_bytes, fmt)
+        limits.check(width, height, resolution.target_size(width, height), model.n_regions)
+    except ImageRejectedError as exc:
+        raise _image_error(exc) from None
     auditor = runtime.auditors[model.name]
     placeholder = image_placeholder(model.family)
     if placeholder not in auditor.prompt_for(request.prompt):
@@ -73,24 +117,35 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
     if not decision.sampled:
         m.samples_skipped.labels(model=model.name, reason=decision.reason).inc()
         return {"sampled": False, "reason": decision.reason}
+    try:
+        image = canonical_image(
+            request.image_bytes,
+            limits=limits,
+            resolution=resolution,
+            n_regions=model.n_regions,
+            budget=pixel_budget(settings.ingest_decode_pixels or settings.max_image_pixels),
+            wait_seconds=settings.ingest_decode_wait_seconds,
+        )
+    except ImageRejectedError as exc:
+        raise _image_error(exc) from None
     with runtime.sessions.begin() as session:
         sample = add_sample(
             session,
             model=model.name,
             image_sha256=digest,
-            image_size=(int(image.shape[1]), int(image.shape[0])),
+            image_size=(image.original_width, image.original_height),
             generated_text=request.output or "",
             token_ids=request.token_ids,
             request_id=request.request_id,
             metadata=request.metadata,
             prompt=request.prompt if settings.store_raw else None,
-            image_data=request.image_bytes if settings.store_raw else None,
+            image_data=image.png if settings.store_raw else None,
         )
         queue.enqueue(
             session,
             sample.id,
             max_attempts=settings.max_attempts,
-            image_data=request.image_bytes,
+            image_data=image.png,
             prompt=request.prompt,
         )
         sample_id = sample.id

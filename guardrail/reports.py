@@ -24,16 +24,29 @@ def _aware(value: datetime, like: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=like.tzinfo)
 
 
+# Heatmaps are drawn at the size the audit saw (ingest stores images at most the model's input
+# size); rows stored before that may hold full-size images and label maps: drawn at most this
+# long on their longest side.
+HEATMAP_MAX_SIDE = 448
+
+
 def _heatmap_png(token: FlaggedToken, sample: Sample) -> str | None:
     """The word's saliency over the image (when stored) or over a neutral canvas of the same
     regions, as a base64 PNG."""
     from detectors.heatmap import colorize
-    from guardrail.images import decode_image, encode_png
+    from guardrail.canonical import AuditResolution, decode_scaled
+    from guardrail.images import ImageRejectedError, encode_png, image_header, sniff_format
 
     a = token.attribution
     if a is None:
         return None
     labels = label_map(a)
+    height, width = labels.shape
+    draw_w, draw_h = AuditResolution(longest_edge=HEATMAP_MAX_SIDE).target_size(width, height)
+    if (draw_h, draw_w) != labels.shape:  # nearest neighbour: region ids stay ids
+        rows = (np.arange(draw_h) * height) // draw_h
+        cols = (np.arange(draw_w) * width) // draw_w
+        labels = labels[rows[:, None], cols[None, :]]
     ins = np.array([np.nan if v is None else v for v in a.insertion], dtype=np.float64)
     dele = np.array([np.nan if v is None else v for v in a.deletion], dtype=np.float64)
     curve = ins + (1.0 - dele)
@@ -43,12 +56,16 @@ def _heatmap_png(token: FlaggedToken, sample: Sample) -> str | None:
     steps = np.arange(curve.size)
     curve = np.interp(steps, steps[known], curve[known])
     values = values_from_curve(np.asarray(a.order), curve)[labels]
+    base = np.full((*labels.shape, 3), 128.0)
     if sample.image_data is not None:
-        base = decode_image(sample.image_data).astype(np.float64)
-        if base.shape[:2] != labels.shape:
-            base = np.full((*labels.shape, 3), 128.0)
-    else:
-        base = np.full((*labels.shape, 3), 128.0)
+        data, stored = sample.image_data, None
+        try:  # only the image the regions were drawn on (same size), decoded straight to size
+            if image_header(data, sniff_format(data)) == (width, height):
+                stored = decode_scaled(data, max_side=HEATMAP_MAX_SIDE, max_pixels=40_000_000)
+        except ImageRejectedError:  # stored before formats were checked: draw the regions only
+            stored = None
+        if stored is not None and stored.shape[:2] == labels.shape:
+            base = stored.astype(np.float64)
     weight = 0.6 * (0.25 + 0.75 * values)[..., None]
     out = (1 - weight) * base + weight * colorize(values).astype(np.float64)
     edge = np.zeros(labels.shape, dtype=bool)
