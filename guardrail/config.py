@@ -129,6 +129,20 @@ class Settings(BaseSettings):
     proxy_max_pending: int = Field(
         default=1000, ge=0, description="teed responses waiting for ingest before drops"
     )
+    proxy_max_pending_bytes: int = Field(
+        default=256 * 2**20,
+        ge=0,
+        description="bytes held by teed responses waiting for ingest (request and answer) "
+        "before drops",
+    )
+    proxy_max_body_bytes: int = Field(
+        default=64 * 2**20, ge=1024, description="largest proxied request body (413 beyond)"
+    )
+    proxy_max_response_bytes: int = Field(
+        default=8 * 2**20,
+        ge=1024,
+        description="largest answer copied for the tee (the client still gets all of it)",
+    )
     scheduler: bool = Field(default=True, description="run reports, spike checks, retention")
     public_url: str = Field(default="http://127.0.0.1:8700", description="for links in alerts")
     webhook_url: str | None = Field(default=None, description="spike alerts are POSTed here")
