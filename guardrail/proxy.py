@@ -390,9 +390,9 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
                 yield chunk
             complete = True
         finally:
-            await response.aclose()
-            if exchange is not None:
+            if exchange is not None:  # counted first: closing may fail on a dying loop
                 settle(exchange, complete=complete)
+            await response.aclose()
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:

@@ -35,6 +35,7 @@ from storage.models import Sample
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "knife_trap.png"
 DROPS = "guardrail_proxy_fail_open_drops_total"
+ABORT = b"<the scripted upstream breaks off here>"
 
 
 def completion(text: str, *, index: int = 0) -> dict[str, Any]:
@@ -94,6 +95,8 @@ class ScriptedUpstream:
 
                 async def chunks() -> AsyncIterator[bytes]:
                     for chunk in reply.chunks:
+                        if chunk == ABORT:
+                            raise ConnectionAbortedError("the upstream dies mid-answer")
                         yield chunk
 
                 return StreamingResponse(
@@ -430,6 +433,24 @@ def test_an_answer_over_the_copy_bound_reaches_the_client_whole_and_the_tee_is_d
 
     wait_for(lambda: samples() == 1, "the small answer's sample")
     assert backlog.pending_bytes == 0
+
+
+def test_an_answer_the_upstream_breaks_off_is_broken_off_for_the_client_and_counted(
+    upstream: tuple[ScriptedUpstream, str], sidecar_factory: Callable[..., Sidecar]
+) -> None:
+    scripted, _ = upstream
+    runtime, url, backlog = sidecar_factory()
+    headers = scripted.script(
+        "dies", Reply([*sse(delta("a knife"))[:1], ABORT], "text/event-stream")
+    )
+    with pytest.raises(httpx.RemoteProtocolError):  # not a clean end: the client can tell
+        httpx.post(
+            f"{url}/v1/chat/completions", content=chat_body("x"), headers=headers, timeout=10
+        )
+    wait_for_drops(runtime, "stream_interrupted", 1)
+    assert backlog.pending_count == 0
+    got = httpx.post(f"{url}/v1/chat/completions", content=chat_body("next"), timeout=10)
+    assert got.status_code == 200  # and the proxy serves on
 
 
 # -- hostile requests are forwarded as sent ----------------------------------------------------
