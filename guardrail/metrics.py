@@ -72,13 +72,17 @@ class Metrics:
     backlog: BacklogCollector
     children: ChildSnapshots = field(default_factory=lambda: ChildSnapshots())
 
+    def merged_registry(self) -> CollectorRegistry:
+        """A registry that collects this process's metrics merged with its children's."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Merged(self.registry, self.children))
+        return registry
+
     def exposition(self) -> bytes:
         """This process's metrics merged with its children's, in the text format."""
         from prometheus_client import generate_latest
 
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Merged(self.registry, self.children))
-        return generate_latest(registry)
+        return generate_latest(self.merged_registry())
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,7 +28,8 @@ class Runtime:
     sampler: Sampler
     # ingest writes: one thread on SQLite (one writer, no lock contention), more on PostgreSQL
     ingest_executor: ThreadPoolExecutor
-    workers: list[object] = field(default_factory=list)
+    workers: list[object] = field(default_factory=list)  # in-process workers (tests, demo)
+    supervisor: Any = None  # guardrail.supervisor.Supervisor when audits run in children
 
 
 def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime:

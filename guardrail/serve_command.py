@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import socket
 import threading
 from typing import Any
 
@@ -47,82 +49,95 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_workers(runtime: Any, count: int) -> list[Any]:
-    from guardrail.worker import Worker
-
-    for auditor in runtime.auditors.values():
-        auditor.load()
-    workers = []
-    for _ in range(count):
-        worker = Worker(
-            runtime.sessions,
-            runtime.auditors,
-            runtime.metrics,
-            lease_seconds=runtime.settings.lease_seconds,
-        )
-        threading.Thread(target=worker.run, name=f"worker-{worker.owner}", daemon=True).start()
-        workers.append(worker)
-    runtime.workers = workers
-    threading.Thread(target=_gauges, args=(runtime,), daemon=True).start()
-    return workers
-
-
-def _gauges(runtime: Any) -> None:
-    worker = runtime.workers[0]
-    while not worker.stop.wait(5.0):
-        try:
-            worker.update_queue_gauges()
-        except Exception:
-            log.exception("could not read the queue depth")
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything slow starts, so a port in use is a one-line
+    error at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from guardrail.api import create_app
+    from guardrail.children import LOG_FORMAT
     from guardrail.runtime import build_runtime
+    from guardrail.supervisor import Supervisor
     from storage.engine import check_migrated
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
+    sock = _bind(settings.host, settings.port)
     runtime = build_runtime(settings)
     check_migrated(runtime.engine)
     if not settings.api_tokens:
         log.warning("no api_tokens configured: the API accepts unauthenticated requests")
-    workers = _start_workers(runtime, settings.workers) if settings.workers else []
-    scheduler = None
-    if settings.scheduler:
-        from guardrail.scheduler import Scheduler
-
-        scheduler = Scheduler(runtime)
-        scheduler.start()
+    # audits and the scheduler (reports draw heatmaps) run in supervised child processes:
+    # this process serves the API and the proxy and never runs model code on client data
+    supervisor = Supervisor(
+        settings,
+        runtime.metrics,
+        workers=settings.workers,
+        scheduler=settings.scheduler,
+        grace_seconds=settings.stop_grace_seconds,
+    )
+    runtime.supervisor = supervisor
+    supervisor.start()
+    app = create_app(runtime)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+    )
+    # uvicorn stops on SIGINT/SIGTERM and then re-raises the signal to the handler that was
+    # there before it: record it here, so a stop is an exit status, not a traceback
+    received: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda s, _f: received.append(s))
     try:
-        uvicorn.run(create_app(runtime), host=settings.host, port=settings.port, log_level="info")
+        server.run(sockets=[sock])
     finally:
-        for worker in workers:
-            worker.stop.set()
-        if scheduler is not None:
-            scheduler.stop()
-    return 0
+        log.info("stopping: audit processes get %.0f s to finish", settings.stop_grace_seconds)
+        supervisor.stop()
+        runtime.ingest_executor.shutdown(wait=True, cancel_futures=False)
+    return 130 if received and received[0] == signal.SIGINT else 0
 
 
 def _worker(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
+    from guardrail.children import LOG_FORMAT
     from guardrail.runtime import build_runtime
+    from guardrail.supervisor import Supervisor
     from storage.engine import check_migrated
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    runtime = build_runtime(_settings(args))
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    settings = _settings(args)
+    runtime = build_runtime(settings)
     check_migrated(runtime.engine)
     if args.metrics_port:
-        start_http_server(args.metrics_port, registry=runtime.metrics.registry)
-    workers = _start_workers(runtime, args.workers)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for worker in workers:
-            worker.stop.set()
-    return 0
+        start_http_server(args.metrics_port, registry=runtime.metrics.merged_registry())
+    supervisor = Supervisor(
+        settings, runtime.metrics, workers=args.workers, grace_seconds=settings.stop_grace_seconds
+    )
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    supervisor.start()
+    stop.wait()
+    log.info("stopping: audit processes get %.0f s to finish", settings.stop_grace_seconds)
+    supervisor.stop()
+    return 130 if received and received[0] == signal.SIGINT else 0

@@ -128,6 +128,10 @@ class Worker:
             if job is None:
                 return False
             job_id, sample_id = job.id, job.sample_id
+            # the heartbeat row says which job this worker holds from the claim on
+            queue.beat(
+                session, self.owner, hostname=socket.gethostname(), pid=os.getpid(), job_id=job_id
+            )
             image_data, prompt = job.image_data, job.prompt or ""
             sample = session.get(Sample, sample_id)
             assert sample is not None  # the foreign key guarantees it

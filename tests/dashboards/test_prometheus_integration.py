@@ -90,7 +90,6 @@ def test_dashboard_queries_and_rule_expressions_evaluate_on_real_data(tmp_path: 
                     )
                 while worker.run_once():
                     pass
-                worker.update_queue_gauges()
                 time.sleep(2.5)
             deadline = time.time() + 20
             while time.time() < deadline:
@@ -107,7 +106,7 @@ def test_dashboard_queries_and_rule_expressions_evaluate_on_real_data(tmp_path: 
                     with_data += 1
             for expected in (
                 "sum by (verdict) (rate(guardrail_tokens_audited_total[1m]))",
-                "sum(guardrail_queue_depth)",
+                "max(guardrail_queue_depth)",
                 "histogram_quantile(0.5, sum by (le) "
                 "(rate(guardrail_audit_duration_seconds_bucket[1m])))",
             ):
