@@ -292,8 +292,13 @@ def open_image(data: bytes, fmt: Format) -> Iterator[Image.Image]:
         raise UnsupportedImageFormatError(f"the image is {fmt}; send {_ACCEPTED_TEXT}")
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt])
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise CorruptImageError(f"the image is not a valid {fmt} file: {exc}") from None
+    except UnidentifiedImageError:  # its message names a BytesIO object: say it plainly
+        raise CorruptImageError(
+            f"the image is truncated or not a valid {fmt} file (Pillow could not read its "
+            "header)"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"the image has too many pixels: {exc}") from None
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         raise CorruptImageError(f"the image is truncated or corrupt ({fmt}): {exc}") from None
     with image:
