@@ -3,6 +3,8 @@
 `POST /v1/samples` answers 202 with the sample id once the sample and its job are committed,
 or 200 with `sampled: false` and the reason; malformed input gets a 4xx that says what is
 wrong, and nothing accepted is lost (the job is in the database before the answer leaves).
+Every error has the body of `guardrail.http_errors.ErrorBody`; no input produces a 5xx (a
+503 means the database is unavailable, with `Retry-After`).
 """
 
 from __future__ import annotations
@@ -10,27 +12,98 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import json
+import math
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Path, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from sqlalchemy import select
 
 from guardrail import __version__
+from guardrail.config import Settings
+from guardrail.http_errors import (
+    ApiError,
+    error_responses,
+    install_error_contract,
+    unsafe_text_reason,
+)
 from guardrail.ingest import IngestError, IngestRequest, ingest
 from guardrail.runtime import Runtime
 from storage.engine import UnmigratedDatabaseError, check_migrated
 from storage.models import Job, Report, Sample
 from storage.repositories import get_sample, list_audits
 
-__all__ = ["SampleIn", "create_app"]
+__all__ = ["SampleIn", "create_app", "request_body_limit"]
 
 FORCE_HEADER = "X-Guardrail-Audit"
+PROXY_PATH = "/v1/chat/completions"  # bounds its own body (guardrail.proxy)
+
+MAX_TEXT_CHARS = 100_000
+MAX_TOKEN_IDS = 32_768
+MAX_METADATA_DEPTH = 8
+MAX_METADATA_KEYS = 256
+MAX_METADATA_BYTES = 16 * 1024
+TEXT_ROOM_BYTES = 4 * 2**20  # what a request needs beyond its base64 image
+REQUEST_ID_PATTERN = r"^[!-~]{1,128}$"  # visible ASCII, no spaces
+_ID = re.compile(r"[0-9a-f]{32}")
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+def request_body_limit(settings: Settings) -> int:
+    """The API's request body limit: `max_request_bytes`, by default room for an image of
+    `max_image_bytes` as base64 and the text fields."""
+    if settings.max_request_bytes is not None:
+        return settings.max_request_bytes
+    return 4 * -(-settings.max_image_bytes // 3) + TEXT_ROOM_BYTES
+
+
+def _metadata_problem(metadata: dict[str, Any]) -> str | None:
+    """Why `metadata` cannot be stored, or None; walks iteratively (no recursion limit)."""
+    stack: list[tuple[Any, int, str]] = [(metadata, 1, "metadata")]
+    keys = 0
+    while stack:
+        node, depth, where = stack.pop()
+        if isinstance(node, dict):
+            if depth > MAX_METADATA_DEPTH:
+                return f"is nested deeper than {MAX_METADATA_DEPTH} levels (at {where})"
+            for key, value in node.items():
+                keys += 1
+                if keys > MAX_METADATA_KEYS:
+                    return f"has more than {MAX_METADATA_KEYS} keys in all"
+                if not isinstance(key, str):
+                    return f"has a key that is not a string (at {where})"
+                if reason := unsafe_text_reason(key):
+                    return f"has a key that {reason} (at {where})"
+                stack.append((value, depth + 1, f"{where}.{key[:40]}"))
+        elif isinstance(node, list):
+            if depth > MAX_METADATA_DEPTH:
+                return f"is nested deeper than {MAX_METADATA_DEPTH} levels (at {where})"
+            stack.extend((value, depth + 1, f"{where}[{i}]") for i, value in enumerate(node))
+        elif isinstance(node, str):
+            if reason := unsafe_text_reason(node):
+                return f"has a value that {reason} (at {where})"
+        elif isinstance(node, float):
+            if not math.isfinite(node):
+                return f"has a number that is not finite (at {where}); JSON has no NaN or Infinity"
+        elif node is not None and not isinstance(node, int):  # bool is an int
+            return f"has a value of type {type(node).__name__} (at {where}); give JSON values"
+    try:
+        size = len(json.dumps(metadata, ensure_ascii=False, allow_nan=False).encode())
+    except ValueError as exc:
+        return f"cannot be stored as JSON: {exc}"
+    if size > MAX_METADATA_BYTES:
+        return f"is {size} bytes as JSON, over the limit of {MAX_METADATA_BYTES}"
+    return None
 
 
 class SampleIn(BaseModel):
@@ -38,17 +111,46 @@ class SampleIn(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    model: str = Field(description="a model name from the configuration")
-    prompt: str = Field(
-        description="the prompt as sent (with the image placeholder, or "
-        "the user text when the model has a prompt template)"
+    model: str = Field(
+        min_length=1, max_length=128, description="a model name from the configuration"
     )
-    output: str | None = Field(default=None, description="the generated text")
-    token_ids: list[int] | None = Field(default=None, description="the generated token ids")
+    prompt: str = Field(
+        max_length=MAX_TEXT_CHARS,
+        description="the prompt as sent (with the image placeholder, or "
+        "the user text when the model has a prompt template)",
+    )
+    output: str | None = Field(
+        default=None, max_length=MAX_TEXT_CHARS, description="the generated text"
+    )
+    token_ids: list[TokenId] | None = Field(
+        default=None, max_length=MAX_TOKEN_IDS, description="the generated token ids"
+    )
     image_base64: str = Field(description="the image, base64 (PNG, JPEG or WebP; data URL ok)")
-    request_id: str | None = Field(default=None, max_length=128)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    request_id: str | None = Field(
+        default=None,
+        pattern=REQUEST_ID_PATTERN,
+        description="the caller's id for the request: 1-128 visible ASCII characters",
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"a JSON object: at most {MAX_METADATA_DEPTH} levels deep, "
+        f"{MAX_METADATA_KEYS} keys and {MAX_METADATA_BYTES} bytes",
+    )
     audit: bool = Field(default=False, description="always audit this one")
+
+    @field_validator("model", "prompt", "output", "request_id", mode="before")
+    @classmethod
+    def _storable_text(cls, value: object) -> object:
+        if isinstance(value, str) and (reason := unsafe_text_reason(value)):
+            raise ValueError(reason)
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _storable_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if reason := _metadata_problem(value):
+            raise ValueError(f"metadata {reason}")
+        return value
 
 
 class SampleAccepted(BaseModel):
@@ -64,29 +166,75 @@ def _decode_base64(data: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise HTTPException(422, f"image_base64 is not valid base64: {exc}") from None
+        raise ApiError(422, f"image_base64 is not valid base64: {exc}") from None
+
+
+def _form_error(field: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message}])
+
+
+def _form_json(field: str, raw: str | None, expected: str) -> Any:
+    """A multipart field that holds JSON; a 422 naming the field when it does not parse."""
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise _form_error(field, f"must be {expected}; it is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer with too many digits
+        raise _form_error(field, f"must be {expected}: {exc}") from None
+
+
+def _checked_id(kind: str, value: str) -> str:
+    """A sample or report id, or a 404 that says what ids look like (no query with junk)."""
+    if _ID.fullmatch(value) is None:
+        raise ApiError(
+            404, f"no {kind} {value[:64]!r}: {kind} ids are 32 lowercase hexadecimal characters"
+        )
+    return value
+
+
+# auto_error=False: `authorize` answers 401/403 itself (and nothing when no tokens are set)
+_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="BearerToken",
+    description="one of the configured api_tokens (not checked when none are configured)",
+)
+_INGEST_ERRORS = error_responses(400, 401, 403, 404, 413, 415, 422, 500, 503)
+_READ_ERRORS = error_responses(400, 401, 403, 404, 422, 500, 503)
+_LIST_ERRORS = error_responses(400, 401, 403, 422, 500, 503)
 
 
 def create_app(runtime: Runtime) -> FastAPI:
     settings = runtime.settings
-    tokens = [t.get_secret_value().encode() for t in settings.api_tokens]
+    digests = [hashlib.sha256(t.get_secret_value().encode()).digest() for t in settings.api_tokens]
     from guardrail.proxy import add_proxy_routes
 
     app = FastAPI(
         title="eagle-guardrail",
         version=__version__,
-        description="Hallucination guardrail sidecar for multimodal LLMs (EAGLE attribution).",
+        description="Hallucination guardrail sidecar for multimodal LLMs (EAGLE attribution). "
+        "Every error answers with the `ErrorBody` JSON shape.",
     )
     app.state.runtime = runtime
+    install_error_contract(
+        app, max_request_bytes=request_body_limit(settings), body_limit_exempt={PROXY_PATH}
+    )
 
-    def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
-        if not tokens:
+    def authorize(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    ) -> None:
+        if not digests:
             return
-        if not authorization or not authorization.lower().startswith("bearer "):
-            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        given = authorization[7:].strip().encode()
-        if not any(hmac.compare_digest(given, t) for t in tokens):
-            raise HTTPException(403, "this token is not allowed")
+        if credentials is None:
+            raise ApiError(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        # equal-length digests, every token compared: the time taken says nothing about them
+        given = hashlib.sha256(credentials.credentials.encode()).digest()
+        allowed = False
+        for digest in digests:
+            allowed |= hmac.compare_digest(given, digest)
+        if not allowed:
+            raise ApiError(403, "this token is not allowed")
 
     auth = [Depends(authorize)]
 
@@ -105,7 +253,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         try:
             answer = await loop.run_in_executor(runtime.ingest_executor, ingest, runtime, request)
         except IngestError as exc:
-            raise HTTPException(exc.status, str(exc)) from None
+            raise ApiError(exc.status, str(exc)) from None
         return JSONResponse(answer, status_code=202 if answer["sampled"] else 200)
 
     @app.post(
@@ -113,7 +261,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         dependencies=auth,
         status_code=202,
         response_model=SampleAccepted,
-        responses={200: {"description": "not sampled"}, 404: {}, 413: {}, 422: {}},
+        responses={200: {"description": "not sampled", "model": SampleAccepted}, **_INGEST_ERRORS},
     )
     async def post_sample(
         body: SampleIn,
@@ -126,7 +274,11 @@ def create_app(runtime: Runtime) -> FastAPI:
         )
 
     @app.post(
-        "/v1/samples/upload", dependencies=auth, status_code=202, response_model=SampleAccepted
+        "/v1/samples/upload",
+        dependencies=auth,
+        status_code=202,
+        response_model=SampleAccepted,
+        responses={200: {"description": "not sampled", "model": SampleAccepted}, **_INGEST_ERRORS},
     )
     async def post_sample_upload(
         image: Annotated[UploadFile, File(description="the image file")],
@@ -138,34 +290,35 @@ def create_app(runtime: Runtime) -> FastAPI:
         metadata: Annotated[str | None, Form(description="JSON object")] = None,
         x_guardrail_audit: Annotated[str | None, Header()] = None,
     ) -> JSONResponse:
-        """Offer a model output as a multipart upload."""
+        """Offer a model output as a multipart upload (the same limits as the JSON route)."""
+        fields = {
+            "model": model,
+            "prompt": prompt,
+            "output": output,
+            "token_ids": _form_json("token_ids", token_ids, "a JSON list of integers"),
+            "image_base64": "",
+            "request_id": request_id,
+            "metadata": _form_json("metadata", metadata, "a JSON object") or {},
+        }
         try:
-            ids = json.loads(token_ids) if token_ids else None
-            meta = json.loads(metadata) if metadata else {}
-        except json.JSONDecodeError as exc:
-            raise HTTPException(422, f"token_ids/metadata must be JSON: {exc}") from None
+            body = SampleIn.model_validate(fields)
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+            raise RequestValidationError(errors) from None
+        # bounded: one byte over the limit is enough for ingest to answer 413
         data = await image.read(settings.max_image_bytes + 1)
-        try:
-            body = SampleIn(
-                model=model,
-                prompt=prompt,
-                output=output,
-                token_ids=ids,
-                image_base64="",
-                request_id=request_id,
-                metadata=meta,
-            )
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
         return await ingest_json(body, data, (x_guardrail_audit or "").lower() in ("1", "always"))
 
-    @app.get("/v1/samples/{sample_id}", dependencies=auth)
-    def get_sample_status(sample_id: str) -> dict[str, Any]:
+    @app.get("/v1/samples/{sample_id}", dependencies=auth, responses=_READ_ERRORS)
+    def get_sample_status(
+        sample_id: Annotated[str, Path(description="32 lowercase hexadecimal characters")],
+    ) -> dict[str, Any]:
         """A sample's status, flagged tokens and verdicts with their numbers."""
+        _checked_id("sample", sample_id)
         with runtime.sessions() as session:
             sample = get_sample(session, sample_id)
             if sample is None:
-                raise HTTPException(404, f"no sample {sample_id!r}")
+                raise ApiError(404, f"no sample {sample_id!r}")
             view = _sample_view(sample)
             job = (
                 session.execute(
@@ -179,13 +332,14 @@ def create_app(runtime: Runtime) -> FastAPI:
                     "status": job.status.value,
                     "attempts": job.attempts,
                     "error": job.last_error,
+                    "failure_reason": job.failure_reason,
                 }
             return view
 
-    @app.get("/v1/audits", dependencies=auth)
+    @app.get("/v1/audits", dependencies=auth, responses=_LIST_ERRORS)
     def get_audits(
-        model: str | None = None,
-        verdict: str | None = None,
+        model: Annotated[str | None, Query(max_length=128)] = None,
+        verdict: Annotated[str | None, Query(max_length=64)] = None,
         since: datetime | None = None,
         until: datetime | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -214,7 +368,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     add_proxy_routes(app, runtime)
 
-    @app.get("/v1/reports", dependencies=auth)
+    @app.get("/v1/reports", dependencies=auth, responses=_LIST_ERRORS)
     def list_reports(limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
         """Stored audit reports, newest first."""
         with runtime.sessions() as session:
@@ -237,13 +391,16 @@ def create_app(runtime: Runtime) -> FastAPI:
                 ]
             }
 
-    @app.get("/v1/reports/{report_id}", dependencies=auth)
-    def report_data(report_id: str) -> dict[str, Any]:
+    @app.get("/v1/reports/{report_id}", dependencies=auth, responses=_READ_ERRORS)
+    def report_data(
+        report_id: Annotated[str, Path(description="32 lowercase hexadecimal characters")],
+    ) -> dict[str, Any]:
         """One report's figures as JSON (report.json; heatmap images left out)."""
+        _checked_id("report", report_id)
         with runtime.sessions() as session:
             report = session.get(Report, report_id)
             if report is None:
-                raise HTTPException(404, f"no report {report_id!r}")
+                raise ApiError(404, f"no report {report_id!r}")
             data = dict(report.data)
             data["worst_examples"] = [
                 {k: v for k, v in ex.items() if k != "heatmap_png"}
@@ -251,13 +408,21 @@ def create_app(runtime: Runtime) -> FastAPI:
             ]
             return {"id": report.id, "kind": report.kind, **data}
 
-    @app.get("/reports/{report_id}", dependencies=auth, response_class=HTMLResponse)
-    def show_report(report_id: str) -> HTMLResponse:
+    @app.get(
+        "/reports/{report_id}",
+        dependencies=auth,
+        response_class=HTMLResponse,
+        responses=error_responses(400, 401, 403, 404, 422, 500, 503, html_route=True),
+    )
+    def show_report(
+        report_id: Annotated[str, Path(description="32 lowercase hexadecimal characters")],
+    ) -> HTMLResponse:
         """One report as a self-contained HTML page."""
+        _checked_id("report", report_id)
         with runtime.sessions() as session:
             report = session.get(Report, report_id)
             if report is None:
-                raise HTTPException(404, f"no report {report_id!r}")
+                raise ApiError(404, f"no report {report_id!r}")
             return HTMLResponse(report.html)
 
     @app.get("/healthz")

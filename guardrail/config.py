@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     ingest_decode_wait_seconds: float = Field(
         default=5.0, gt=0, description="wait for decode capacity before answering 503"
     )
+    max_request_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="largest API request body in bytes (not the proxy's); default: "
+        "max_image_bytes as base64 (4/3) plus 4 MiB for the text fields",
+    )
     proxy_max_pending: int = Field(
         default=1000, ge=0, description="teed responses waiting for ingest before drops"
     )
