@@ -7,7 +7,13 @@
    `--concurrency` clients (the queue only grows); samples per second, all answered 202.
 3. Database outage (in-process servers): the database file is removed mid-run and a directory
    takes its place; production requests through the proxy must keep succeeding (fail open),
-   and the drops are counted.
+   and the drops are counted; `POST /v1/samples` meanwhile must answer the documented 503
+   (JSON reason, `Retry-After`), never another 5xx.
+4. Large-image flood: `guardrail serve` with one supervised audit worker takes `--flood`
+   small files that decode to huge images (6300x6300 PNG, 8000x1800 PNG, 5000x5000 JPEG, in
+   turn), half posted to `/v1/samples` and half through the proxy as data URLs, 8 at a time;
+   the peak resident memory (VmHWM) of the serve process and of its worker process is read
+   from /proc at the end.
 
     python benchmarks/sidecar_load.py [--json]
 """
@@ -118,6 +124,139 @@ async def _ingest(sidecar: str, image_b64: str, n: int, concurrency: int) -> dic
     }
 
 
+def _large_images() -> list[tuple[str, bytes]]:
+    """Small files that decode to many pixels: flat canvases with a few shapes."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    out = []
+    for kind, (w, h), fmt in (
+        ("png", (6300, 6300), "PNG"),
+        ("png", (8000, 1800), "PNG"),
+        ("jpeg", (5000, 5000), "JPEG"),
+    ):
+        image = Image.new("RGB", (w, h), (200, 200, 190))
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((w // 8, h // 8, w // 2, h // 2), fill=(200, 30, 30))
+        draw.rectangle((w // 2, h // 2, 7 * w // 8, 7 * h // 8), fill=(30, 30, 200))
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, optimize=True)
+        out.append((kind, buffer.getvalue()))
+    return out
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+async def _flood(sidecar: str, images: list[tuple[str, bytes]], n: int) -> dict[str, Any]:
+    statuses: dict[str, int] = {}
+    semaphore = asyncio.Semaphore(8)
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        kind, data = images[i % len(images)]
+        b64 = base64.b64encode(data).decode()
+        async with semaphore:
+            if i % 2 == 0:
+                r = await client.post(
+                    f"{sidecar}/v1/samples",
+                    json={
+                        "model": "reference",
+                        "prompt": "USER: <image> Describe the image. ASSISTANT:",
+                        "output": "fork knife car clock .",
+                        "image_base64": b64,
+                        "request_id": f"flood-{i}",
+                        "audit": True,
+                    },
+                )
+                key = f"samples:{r.status_code}"
+            else:
+                chat = _chat(f"data:image/{kind};base64,{b64}")
+                r = await client.post(
+                    f"{sidecar}/v1/chat/completions",
+                    json=chat,
+                    headers={"X-Request-Id": f"flood-{i}", "X-Guardrail-Audit": "always"},
+                )
+                key = f"proxy:{r.status_code}"
+        statuses[key] = statuses.get(key, 0) + 1
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        await asyncio.gather(*(one(client, i) for i in range(n)))
+    return statuses
+
+
+def large_image_flood(n: int) -> dict[str, Any]:
+    images = _large_images()
+    with tempfile.TemporaryDirectory() as tmp:
+        from guardrail.background_server import free_port, spawn_guardrail
+
+        up_port, side_port = free_port(), free_port()
+        up, sidecar = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{side_port}"
+        env = {
+            "GUARDRAIL_DATABASE_URL": f"sqlite:///{tmp}/flood.db",
+            "GUARDRAIL_WORKERS": "1",
+            "GUARDRAIL_SCHEDULER": "false",
+            "GUARDRAIL_UPSTREAM_URL": up,
+        }
+        subprocess.run(
+            [sys.executable, "-m", "guardrail", "db", "upgrade"],
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+        )
+        upstream = spawn_guardrail(
+            ["reference", "serve", "--port", str(up_port)], env, f"{up}/v1/models"
+        )
+        serve = spawn_guardrail(
+            ["serve", "--port", str(side_port)], env, f"{sidecar}/readyz/audit", timeout=120
+        )
+        try:
+            started = time.perf_counter()
+            statuses = asyncio.run(_flood(sidecar, images, n))
+            seconds = time.perf_counter() - started
+            audited = 0
+            deadline = time.time() + 600
+            while time.time() < deadline:  # let the worker audit what was queued
+                ready = httpx.get(f"{sidecar}/readyz/audit", timeout=30).json()
+                if ready["backlog"].get("queued", 1) == 0 and ready["backlog"]["running"] == 0:
+                    break
+                time.sleep(1.0)
+            metrics = httpx.get(f"{sidecar}/metrics", timeout=30).text
+            audited = int(
+                sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in metrics.splitlines()
+                    if line.startswith("guardrail_audits_total{")
+                )
+            )
+            workers = _children(serve.pid)
+            peak_worker = max((_peak_rss_mb(pid) for pid in workers), default=float("nan"))
+            return {
+                "requests": n,
+                "images": [f"{k} {len(d) // 1024} KB" for k, d in images],
+                "seconds": seconds,
+                "statuses": statuses,
+                "audited": audited,
+                "peak_rss_mb_serve": _peak_rss_mb(serve.pid),
+                "peak_rss_mb_worker": peak_worker,
+            }
+        finally:
+            for process in (serve, upstream):
+                process.terminate()
+                process.wait(timeout=60)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="proxy requests")
@@ -125,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2000, help="ingest requests")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--outage-requests", type=int, default=50)
+    parser.add_argument("--flood", type=int, default=48, help="large-image requests")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -188,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Path(f"{db}{suffix}").unlink(missing_ok=True)
             db.mkdir()
             failed = 0
+            ingest_statuses: dict[str, int] = {}
+            ingest_5xx = 0
             with httpx.Client(timeout=60) as client:
                 for i in range(args.outage_requests):
                     r = client.post(
@@ -197,6 +339,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     ok = r.status_code == 200 and "fork" in r.text
                     failed += not ok
+                    r = client.post(
+                        f"{sidecar}/v1/samples",
+                        json={
+                            "model": "reference",
+                            "prompt": "USER: <image> Describe the image. ASSISTANT:",
+                            "output": "fork knife car clock .",
+                            "image_base64": image_b64,
+                            "request_id": f"outage-ingest-{i}",
+                        },
+                    )
+                    code = str(r.status_code)
+                    ingest_statuses[code] = ingest_statuses.get(code, 0) + 1
+                    # the documented answer: 503, a JSON reason and Retry-After; nothing else
+                    documented = (
+                        r.status_code == 503
+                        and "retry-after" in r.headers
+                        and bool(r.json().get("error", {}).get("message"))
+                    )
+                    ingest_5xx += r.status_code >= 500 and not documented
                 time.sleep(1.0)
                 metrics = client.get(f"{sidecar}/metrics").text
             drops = sum(
@@ -208,13 +369,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "requests": args.outage_requests,
                 "failed_requests_during_db_outage": failed,
                 "fail_open_drops_counted": drops,
+                "ingest_statuses": ingest_statuses,
+                "ingest_5xx_during_db_outage": ingest_5xx,
             }
+    report["flood"] = large_image_flood(args.flood)
     report["proxy_overhead_p50_ms"] = report["proxy"]["proxy_overhead_p50_ms"]
     report["proxy_overhead_p99_ms"] = report["proxy"]["proxy_overhead_p99_ms"]
     report["ingest_samples_per_s"] = report["ingest"]["ingest_samples_per_s"]
     report["failed_requests_during_db_outage"] = report["outage"][
         "failed_requests_during_db_outage"
     ]
+    report["ingest_5xx_during_db_outage"] = report["outage"]["ingest_5xx_during_db_outage"]
+    report["peak_rss_mb_serve"] = report["flood"]["peak_rss_mb_serve"]
+    report["peak_rss_mb_worker"] = report["flood"]["peak_rss_mb_worker"]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -233,7 +400,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"database outage: {o['requests']} proxied requests, "
         f"{o['failed_requests_during_db_outage']} failed, "
-        f"{o['fail_open_drops_counted']:.0f} drops counted"
+        f"{o['fail_open_drops_counted']:.0f} drops counted; ingest answered "
+        f"{o['ingest_statuses']}, {o['ingest_5xx_during_db_outage']} undocumented 5xx"
+    )
+    f = report["flood"]
+    print(
+        f"large-image flood: {f['requests']} requests ({', '.join(f['images'])}) in "
+        f"{f['seconds']:.1f} s, statuses {f['statuses']}, {f['audited']} audited; peak RSS "
+        f"serve {f['peak_rss_mb_serve']:.0f} MB, worker {f['peak_rss_mb_worker']:.0f} MB"
     )
     return 0
 

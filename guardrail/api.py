@@ -20,11 +20,10 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Form, Header, Path, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Path, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from sqlalchemy import select
 
@@ -38,7 +37,6 @@ from guardrail.http_errors import (
 )
 from guardrail.ingest import IngestError, IngestRequest, ingest
 from guardrail.runtime import Runtime
-from storage.engine import UnmigratedDatabaseError, check_migrated
 from storage.models import Job, Report, Sample
 from storage.repositories import get_sample, list_audits
 
@@ -425,29 +423,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                 raise ApiError(404, f"no report {report_id!r}")
             return HTMLResponse(report.html)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    from guardrail.health import add_health_routes
 
-    @app.get("/readyz")
-    def readyz() -> JSONResponse:
-        problems = []
-        try:
-            check_migrated(runtime.engine)
-        except UnmigratedDatabaseError as exc:
-            problems.append(str(exc))
-        except Exception as exc:  # unreachable database
-            problems.append(f"database: {type(exc).__name__}: {exc}")
-        if runtime.workers:
-            missing = [n for n, a in runtime.auditors.items() if not a.loaded]
-            if missing:
-                problems.append(f"models not loaded yet: {', '.join(missing)}")
-        status = 200 if not problems else 503
-        return JSONResponse({"ready": not problems, "problems": problems}, status_code=status)
-
-    @app.get("/metrics")
-    def metrics(request: Request) -> Response:
-        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    add_health_routes(app, runtime)
 
     return app
 

@@ -104,6 +104,15 @@ class Settings(BaseSettings):
     )
     lease_seconds: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
+    stop_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="on SIGTERM/SIGINT, how long an audit in flight may finish before its job "
+        "is released back to the queue",
+    )
+    worker_liveness_seconds: float = Field(
+        default=30.0, gt=0, description="a worker without a heartbeat this long is not live"
+    )
     max_image_bytes: int = Field(default=20 * 2**20, ge=1024)
     max_image_pixels: int = Field(
         default=40_000_000,

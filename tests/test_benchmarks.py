@@ -86,7 +86,16 @@ def test_sidecar_load_benchmark_prints_json() -> None:
         "4",
         "--outage-requests",
         "3",
+        "--flood",
+        "4",
     )
-    for key in ("proxy_overhead_p50_ms", "proxy_overhead_p99_ms", "ingest_samples_per_s"):
+    for key in (
+        "proxy_overhead_p50_ms",
+        "proxy_overhead_p99_ms",
+        "ingest_samples_per_s",
+        "peak_rss_mb_serve",
+        "peak_rss_mb_worker",
+    ):
         assert isinstance(report[key], float), key
     assert report["failed_requests_during_db_outage"] == 0
+    assert report["ingest_5xx_during_db_outage"] == 0

@@ -174,11 +174,15 @@ def test_a_killed_workers_job_is_audited_exactly_once(tmp_path: Path) -> None:
     assert view["status"] == "audited" and len(view["tokens"]) == 4
 
 
-def test_readyz_reports_an_unmigrated_database(tmp_path: Path) -> None:
+def test_ingest_readiness_reports_an_unmigrated_database_and_the_proxy_stays_ready(
+    tmp_path: Path,
+) -> None:
     settings = load_settings(environ={}, database_url=f"sqlite:///{tmp_path / 'fresh.db'}")
     client = TestClient(create_app(build_runtime(settings)))
-    answer = client.get("/readyz")
+    answer = client.get("/readyz/ingest")
     assert answer.status_code == 503 and "guardrail db upgrade" in answer.text
+    assert client.get("/readyz").status_code == 200  # the proxy does not need the database
+    assert client.get("/healthz").status_code == 200
     assert "/v1/samples" in client.get("/openapi.json").json()["paths"]
 
 
