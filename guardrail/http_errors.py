@@ -49,6 +49,8 @@ __all__ = [
     "error_responses",
     "exception_response",
     "install_error_contract",
+    "is_database_outage",
+    "is_unmigrated_database",
     "json_safe",
     "unsafe_text_reason",
 ]
@@ -234,9 +236,32 @@ def is_database_outage(exc: BaseException) -> bool:
     """The database cannot be reached or is too busy (worth retrying), not a bad query."""
     if isinstance(exc, sa_exc.TimeoutError):  # the connection pool is exhausted
         return True
-    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        # SQLite reports its own syntax errors as OperationalError too: only its busy, locked,
+        # I/O, full, read-only and cannot-open codes are an outage
+        code = getattr(exc.orig, "sqlite_errorcode", None)
+        return code is None or code & 0xFF in _SQLITE_OUTAGE_CODES
+    return False
+
+
+# SQLITE_READONLY, BUSY, LOCKED, NOMEM, IOERR, FULL, CANTOPEN, PROTOCOL
+_SQLITE_OUTAGE_CODES = {5, 6, 7, 8, 10, 13, 14, 15}
+
+
+# PostgreSQL's undefined_table / undefined_column; SQLite says it in words
+_MISSING_SCHEMA_STATES = {"42P01", "42703"}
+_MISSING_SCHEMA_WORDS = ("no such table", "no such column")
+
+
+def is_unmigrated_database(exc: BaseException) -> bool:
+    """The schema is missing or older than the code (`guardrail db upgrade` was not run)."""
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    if getattr(exc.orig, "sqlstate", None) in _MISSING_SCHEMA_STATES:
+        return True
+    return any(words in str(exc.orig).lower() for words in _MISSING_SCHEMA_WORDS)
 
 
 def exception_response(exc: BaseException) -> JSONResponse:
@@ -248,6 +273,14 @@ def exception_response(exc: BaseException) -> JSONResponse:
         return _http_exception_response(exc)
     if isinstance(exc, RequestValidationError):
         return _validation_response(exc)
+    if is_unmigrated_database(exc):
+        log.error("the database schema is not migrated: %s", str(exc).splitlines()[0])
+        return error_response(
+            503,
+            "the database schema is not migrated to this version (an operator must run "
+            f"`guardrail db upgrade`); retry after {RETRY_AFTER_SECONDS} seconds",
+            error_type="database_unavailable",
+        )
     if is_database_outage(exc):
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         log.warning("database unavailable: %s", first[0] if first else type(exc).__name__)
@@ -266,8 +299,7 @@ def exception_response(exc: BaseException) -> JSONResponse:
     log.error("unhandled error while serving a request", exc_info=exc)
     return error_response(
         500,
-        f"internal error ({type(exc).__name__}); the request was not processed, and the "
-        "error is in the service's log",
+        f"internal error ({type(exc).__name__}); the service's log has the details",
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from detectors.reference import CAPTION_PROMPT
 from guardrail.api import create_app, request_body_limit
@@ -266,6 +267,35 @@ def test_nul_is_refused_before_postgresql_sees_it() -> None:
         runtime.engine.dispose()
 
 
+def _with_query_route(runtime: Runtime, sql: str) -> TestClient:
+    app = create_app(runtime)
+
+    @app.get("/query")
+    def query() -> None:  # a route whose query the database refuses
+        with runtime.sessions() as session:
+            session.execute(text(sql))
+
+    return TestClient(app)
+
+
+def test_database_errors_that_are_not_outages_get_their_own_answers(tmp_path: Path) -> None:
+    with schema_url("gr_api_errors") as url:
+        migrated = _runtime(url)
+        refused = _with_query_route(migrated, "select cast('x' as integer)").get("/query")
+        _error(refused, 422, "invalid_request", "refused a value")
+        migrated.engine.dispose()
+        bare = _runtime(url.replace("gr_api_errors", "gr_absent"), migrate=False)
+        answer = _post_json(TestClient(create_app(bare)), _body())
+        _error(answer, 503, "database_unavailable", "guardrail db upgrade")
+        assert "Retry-After" in answer.headers
+        bare.engine.dispose()
+    sqlite = _runtime(f"sqlite:///{tmp_path / 'empty.db'}", migrate=False)
+    answer = _post_json(TestClient(create_app(sqlite)), _body())
+    _error(answer, 503, "database_unavailable", "guardrail db upgrade")
+    bug = _with_query_route(sqlite, "select * from")  # a syntax error is a bug: 500
+    _error(bug.get("/query"), 500, "internal_error", "OperationalError")
+
+
 def test_a_declared_content_length_over_the_limit_gets_a_413_at_once(
     tmp_path: Path,
 ) -> None:
@@ -408,3 +438,20 @@ def test_each_status_has_its_error_type(status: int, kind: str) -> None:
     assert body == {"error": {"type": kind, "message": "bad \\ud800 text\\u0000"}}
     assert ("retry-after" in answer.headers) is (status == 503)
     assert error_response(503, "down").headers["Retry-After"] == "5"
+
+
+def test_what_counts_as_a_database_outage() -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy import exc as sa_exc
+
+    from guardrail.http_errors import is_database_outage
+
+    assert is_database_outage(sa_exc.TimeoutError("QueuePool limit of size 5 reached"))
+    engine = create_engine("sqlite://")
+    with pytest.raises(sa_exc.OperationalError) as syntax, engine.connect() as connection:
+        connection.execute(text("select * from"))
+    assert not is_database_outage(syntax.value)  # SQLite's word for a syntax error
+    closed = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/x?connect_timeout=2")
+    with pytest.raises(sa_exc.OperationalError) as refused:
+        closed.connect()
+    assert is_database_outage(refused.value)
