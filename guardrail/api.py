@@ -251,7 +251,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         try:
             answer = await loop.run_in_executor(runtime.ingest_executor, ingest, runtime, request)
         except IngestError as exc:
-            raise ApiError(exc.status, str(exc)) from None
+            retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+            raise ApiError(exc.status, str(exc), error_type=exc.error_type, headers=retry) from None
         return JSONResponse(answer, status_code=202 if answer["sampled"] else 200)
 
     @app.post(

@@ -455,14 +455,15 @@ _DESCRIPTIONS = {
     "or a body that could not be parsed",
     401: "unauthorized: no bearer token (when tokens are configured)",
     403: "forbidden: a bearer token that is not allowed",
-    404: "not_found",
-    413: "payload_too_large: the request body is over max_request_bytes, or the image is "
-    "over max_image_bytes",
+    404: "not_found: no such sample, report, model or endpoint",
+    413: "payload_too_large: the request body is over max_request_bytes, or the image over "
+    "max_image_bytes or max_image_pixels",
     415: "unsupported_media_type: the image is not PNG, JPEG or WebP",
-    422: "invalid_request: invalid fields (details lists them); on ingest also an image "
-    "that cannot be audited",
-    500: "internal_error: a bug; the error is logged",
-    503: "database_unavailable (with Retry-After): the database cannot be reached",
+    422: "invalid_request: invalid fields (details lists them); invalid_image: an image that "
+    "is corrupt or cannot be audited (too small, too thin)",
+    500: "internal_error: a bug; the service's log has the details",
+    503: "database_unavailable: the database cannot be reached or is not migrated; "
+    "ingest_busy: no decode memory free (both with Retry-After)",
 }
 
 

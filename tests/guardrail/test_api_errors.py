@@ -455,3 +455,13 @@ def test_what_counts_as_a_database_outage() -> None:
     with pytest.raises(sa_exc.OperationalError) as refused:
         closed.connect()
     assert is_database_outage(refused.value)
+
+
+def test_ingest_errors_keep_their_own_type(client: TestClient, runtime: Runtime) -> None:
+    for data, status, kind in [
+        (PNG[: len(PNG) // 2], 422, "invalid_image"),
+        (b"GIF89a" + b"\0" * 64, 415, "unsupported_media_type"),
+    ]:
+        answer = _post_json(client, _body(image_base64=base64.b64encode(data).decode()))
+        _error(answer, status, kind, "image")
+    assert _stored(runtime) == 0
