@@ -129,7 +129,7 @@ def test_bad_input_gets_a_clear_4xx_and_auth_is_enforced(tmp_path: Path) -> None
     assert client.get("/healthz").status_code == 200
     cases = [
         (_body("!!!not base64"), 422, "base64"),
-        (_body(base64.b64encode(b"not an image").decode()), 422, "could not be decoded"),
+        (_body(base64.b64encode(b"not an image").decode()), 415, "PNG, JPEG or WebP"),
         (_body(image_b64, model="gpt-9"), 404, "not configured"),
         (_body(image_b64, prompt="describe it"), 422, "placeholder"),
         ({**_body(image_b64), "output": None}, 422, "output"),
@@ -271,15 +271,18 @@ def test_images_that_are_not_images_get_a_4xx(tmp_path: Path) -> None:
     png = EXAMPLE.read_bytes()
     bomb = io.BytesIO()
     Image.new("L", (12_000, 12_000)).save(bomb, format="PNG")  # 144 Mpx, a few hundred kB
-    for data, words in [
-        (png[: len(png) // 2], "truncated"),
-        (bomb.getvalue(), "pixels"),
-        (b"GIF89a" + b"\0" * 20, "decoded"),
+    for data, status, kind, words in [
+        (png[: len(png) // 2], 422, "invalid_image", "truncated"),
+        (bomb.getvalue(), 413, "payload_too_large", "pixels"),
+        (b"GIF89a" + b"\0" * 20, 415, "unsupported_media_type", "GIF"),
     ]:
         body = _body(base64.b64encode(data).decode())
         answer = client.post("/v1/samples", json=body, headers=AUTH)
-        assert answer.status_code == 422 and words in answer.text, answer.text
+        assert answer.status_code == status, answer.text
+        error = answer.json()["error"]
+        assert error["type"] == kind and words in error["message"], error
     malformed = client.post(
         "/v1/samples", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
     )
     assert malformed.status_code == 422
+    assert malformed.json()["error"]["type"] == "invalid_request"
