@@ -52,6 +52,7 @@ def child_main(
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     # one line per event, not per scheduler tick or weight file
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     parent = os.getppid()
     code = 0
     try:

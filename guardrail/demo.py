@@ -11,7 +11,6 @@ and stops with it.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -66,7 +65,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
     from guardrail.reference.upstream import create_upstream_app
     from guardrail.report_command import make_report
     from guardrail.runtime import build_runtime
-    from guardrail.worker import Worker
+    from guardrail.supervisor import Supervisor
     from storage.engine import upgrade
     from storage.models import Alert, Sample
 
@@ -107,14 +106,11 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
         with BackgroundServer(create_app(runtime)) as sidecar:
             public = sidecar
             runtime.settings.public_url = public
-            from guardrail.scheduler import Scheduler
-
-            scheduler = Scheduler(runtime, election_seconds=5.0)
-            scheduler.start()  # reports, spike checks (every 3 s here), retention, reaper
-            worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics, poll_seconds=0.1)
-            runtime.auditors["reference"].load()
-            runtime.workers = [worker]
-            threading.Thread(target=worker.run, daemon=True).start()
+            # as `guardrail serve` does: the audit worker and the scheduler (reports, spike
+            # checks every 3 s here, retention, reaper) run in supervised child processes
+            supervisor = Supervisor(runtime.settings, runtime.metrics, workers=1, scheduler=True)
+            runtime.supervisor = supervisor
+            supervisor.start()
             client = OpenAI(base_url=f"{sidecar}/v1", api_key="demo")
             sent: dict[str, _Sent] = {}
             fired_at: list[int] = []
@@ -188,11 +184,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
                 )
                 + "\n"
             )
-            from prometheus_client import generate_latest
-
-            (out / "metrics.txt").write_bytes(generate_latest(runtime.metrics.registry))
-            worker.stop.set()
-            scheduler.stop()
+            (out / "metrics.txt").write_bytes(runtime.metrics.exposition())
+            supervisor.stop()
     print()
     if received:
         alert = received[0]
