@@ -109,6 +109,8 @@ def _create(url: str, **kwargs: Any) -> Engine:
             cursor.close()
 
         return engine
+    if "connect_timeout" not in url:  # a blackholed host must not stall a probe or a start
+        kwargs.setdefault("connect_args", {"connect_timeout": 5})
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
