@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -278,10 +276,10 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-@contextmanager
-def open_image(data: bytes, fmt: Format) -> Iterator[Image.Image]:
+def open_image(data: bytes, fmt: Format) -> Image.Image:
     """`data` opened lazily by Pillow's `fmt` plugin only (no other plugin is ever tried, so
-    no GIF, TIFF, EPS/Ghostscript... code runs on it); pixels are decoded on `load()`.
+    no GIF, TIFF, EPS/Ghostscript... code runs on it); pixels are decoded on `load()`.  Close
+    it (or use it as a context manager).
 
     Raises:
         CorruptImageError: Pillow's plugin refuses the header.
@@ -291,18 +289,15 @@ def open_image(data: bytes, fmt: Format) -> Iterator[Image.Image]:
     if fmt not in ACCEPTED_FORMATS:
         raise UnsupportedImageFormatError(f"the image is {fmt}; send {_ACCEPTED_TEXT}")
     try:
-        image = Image.open(io.BytesIO(data), formats=[fmt])
+        return Image.open(io.BytesIO(data), formats=[fmt])
     except UnidentifiedImageError:  # its message names a BytesIO object: say it plainly
         raise CorruptImageError(
-            f"the image is truncated or not a valid {fmt} file (Pillow could not read its "
-            "header)"
+            f"the image is truncated or not a valid {fmt} file (Pillow could not read its header)"
         ) from None
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"the image has too many pixels: {exc}") from None
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         raise CorruptImageError(f"the image is truncated or corrupt ({fmt}): {exc}") from None
-    with image:
-        yield image
 
 
 def load_pixels(image: Image.Image) -> None:
@@ -409,7 +404,7 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000) -> np.ndarray:
     with open_image(data, fmt) as image:
         if image.size != (width, height):
             raise CorruptImageError(f"the image is corrupt: its {fmt} header disagrees with itself")
-        orientation = orientation_of(image)
         load_pixels(image)
+        orientation = orientation_of(image)  # after load: a PNG's getexif() decodes it
         rgb = apply_orientation(to_rgb8(image), orientation)
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))

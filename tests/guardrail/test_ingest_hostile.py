@@ -27,6 +27,7 @@ from guardrail.canonical import (
     AuditResolution,
     PixelBudget,
     audit_resolution,
+    decode_for_audit,
     pixel_budget,
     read_audit_resolution,
 )
@@ -400,6 +401,17 @@ def test_the_audit_resolution_comes_from_the_processor_config(tmp_path: Path) ->
     fallback = audit_resolution(ModelSettings(name="e", path=empty))
     assert fallback.max_pixels == FALLBACK_MAX_PIXELS and "default" in fallback.source
     assert AuditResolution(longest_edge=448).target_size(6300, 3150) == (448, 224)
+
+
+def test_a_job_queued_before_canonical_images_is_decoded_at_the_audit_size() -> None:
+    model = ModelSettings(name="reference", path=MODEL_DIR)
+    legacy = Image.new("RGB", (4000, 3000), (10, 200, 30))
+    legacy.paste((200, 20, 20), (0, 0, 2000, 3000))
+    rgb = decode_for_audit(_encode(legacy, "JPEG", quality=90), model)  # decoded at 1/8 scale
+    assert rgb.shape == (96, 128, 3)
+    assert np.abs(rgb[48, 10].astype(int) - [200, 20, 20]).max() <= 8
+    canonical = _encode(_noise(96, 96), "PNG")
+    assert np.array_equal(decode_for_audit(canonical, model), decode_image(canonical))
 
 
 def test_reading_the_audit_resolution_loads_no_model_code() -> None:
