@@ -25,8 +25,10 @@ from guardrail.api import create_app
 from guardrail.canonical import (
     FALLBACK_MAX_PIXELS,
     AuditResolution,
+    ImageLimits,
     PixelBudget,
     audit_resolution,
+    canonical_image,
     decode_for_audit,
     pixel_budget,
     read_audit_resolution,
@@ -362,6 +364,38 @@ def test_the_pixel_budget_bounds_pixels_in_flight() -> None:
     holder.join()
     with budget.hold(10_000, timeout=0.1):  # larger than the budget: decodes alone
         assert budget.in_use == 100
+    assert budget.in_use == 0
+
+
+def test_pixels_are_decoded_only_while_the_budget_is_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import ImageFile
+
+    budget = PixelBudget(10**8)
+    seen: list[int] = []
+    load = ImageFile.ImageFile.load
+
+    def watched(image: ImageFile.ImageFile) -> Any:
+        seen.append(budget.in_use)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", watched)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    limits = ImageLimits(max_pixels=10**7, min_side=16, max_aspect_ratio=20)
+    resolution = read_audit_resolution(MODEL_DIR)
+    assert resolution is not None
+    for fmt in ("PNG", "JPEG", "WEBP"):  # a PNG's EXIF is read by decoding it
+        data = _encode(_noise(300, 200), fmt, exif=exif.tobytes())
+        image = canonical_image(
+            data,
+            limits=limits,
+            resolution=resolution,
+            n_regions=48,
+            budget=budget,
+            wait_seconds=1.0,
+        )
+        assert (image.width, image.height) == (96, 144)  # upright, short side 96
+    assert len(seen) >= 3 and all(pixels > 0 for pixels in seen), seen
     assert budget.in_use == 0
 
 
