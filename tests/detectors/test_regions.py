@@ -156,7 +156,7 @@ def test_geometries_that_crash_opencv_are_refused_before_it_runs(h: int, w: int)
 def test_region_side_rule() -> None:
     assert slic_region_side(96, 96, 48) == 13
     assert slic_region_side(96, 1920, 48) == 61  # 20:1 at the audit size still partitions
-    with pytest.raises(ImageGeometryError, match="too thin .* 64 regions of about 15x15"):
+    with pytest.raises(ImageGeometryError, match=r"too thin .* 64 regions of about 15x15"):
         slic_region_side(4, 4000, 64)
     with pytest.raises(ImageGeometryError, match="one pixel per region"):
         slic_region_side(4, 4, 64)
