@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["child_main", "threads_per_child"]
@@ -94,16 +95,18 @@ def _run(
         except (OSError, EOFError, BrokenPipeError):  # the parent is gone
             return False
 
-    def wait() -> None:
-        last = 0.0
-        while not stop.wait(0.2):
+    def wait(progress: Callable[[], int] = lambda: 0) -> None:
+        """Until stopped: a snapshot every `snapshot_seconds`, and at once when `progress`
+        moves (a job finished), so the parent's /metrics trails the database by < 0.1 s."""
+        last, seen = 0.0, progress()
+        while not stop.wait(0.05):
             if os.getppid() != parent:  # orphaned: the supervisor died
                 log.warning("%s process: the parent died; stopping", kind)
                 stop.set()
                 break
-            now = time.monotonic()
-            if now - last >= snapshot_seconds:
-                last = now
+            now, done = time.monotonic(), progress()
+            if now - last >= snapshot_seconds or done != seen:
+                last, seen = now, done
                 if not send():
                     stop.set()
 
@@ -133,7 +136,7 @@ def _run(
     )
     thread = threading.Thread(target=worker.run, name=f"worker-{worker.owner}")
     thread.start()
-    wait()
+    wait(lambda: worker.jobs_done)
     worker.stop.set()
     thread.join(timeout=grace_seconds)
     if thread.is_alive():  # the audit outlasts the grace period: give its job back

@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 from guardrail.auditor import image_placeholder
 from guardrail.chat import ChatFormatError, chat_input
 from guardrail.config import ModelSettings, Settings
-from guardrail.ingest import IngestRequest, ingest
+from guardrail.ingest import IngestError, IngestRequest, ingest
 from guardrail.runtime import Runtime
 
 __all__ = ["MAX_TEE_JSON_VALUES", "TeeBacklog", "add_proxy_routes"]
@@ -335,7 +335,9 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
             )
         except ChatFormatError:
             drop("no_image")
-        except ValueError:  # IngestError, or text the storage cannot encode
+        except IngestError as exc:  # 503: decoding is saturated; else the sample is refused
+            drop("ingest_busy" if exc.status == 503 else "rejected")
+        except ValueError:  # text the storage cannot encode
             drop("rejected")
         except Exception as exc:  # the database or anything else: traffic must still flow
             log.warning("proxy: could not tee a sample to ingest: %s", str(exc).splitlines()[0])

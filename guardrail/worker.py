@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from detectors.errors import DetectorError
 from guardrail.auditor import AuditInputError, ModelAuditor
-from guardrail.images import decode_image
+from guardrail.canonical import decode_for_audit
 from guardrail.metrics import Metrics, category_label
 from storage import queue
 from storage.models import Sample, SampleStatus
@@ -163,7 +163,8 @@ class Worker:
                 raise LookupError(f"model {model!r} is not configured on this worker")
             if image_data is None:
                 raise ValueError("the job carries no image")
-            image = decode_image(image_data)
+            # canonical since ingest made it so; older jobs are downscaled while decoding
+            image = decode_for_audit(image_data, auditor.settings)
             result = auditor.audit(image, prompt, token_ids or None, text)
         except Exception as exc:
             heartbeat.set()

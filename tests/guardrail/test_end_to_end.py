@@ -111,11 +111,16 @@ def test_proxy_and_two_worker_processes_on_postgresql(database_url: str, tmp_pat
         assert verdicts["cup"]["spoon"] == "language_prior"
         metrics = httpx.get(f"http://127.0.0.1:{side_port}/metrics").text
         assert f'guardrail_samples_sampled_total{{model="reference"}} {len(images)}.0' in metrics
-        audited = 0.0
-        for port in metric_ports:  # each worker process serves its own registry
-            for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
-                if line.startswith("guardrail_audits_total{"):
-                    audited += float(line.rsplit(" ", 1)[1])
+        deadline, audited = time.time() + 10, 0.0
+        while time.time() < deadline:  # a worker's audit process reports to it within ~0.1 s
+            audited = 0.0
+            for port in metric_ports:  # each worker process serves its own registry
+                for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+                    if line.startswith("guardrail_audits_total{"):
+                        audited += float(line.rsplit(" ", 1)[1])
+            if audited == len(images):
+                break
+            time.sleep(0.2)
         assert audited == len(images)
     finally:
         for process in processes:
