@@ -196,31 +196,37 @@ async def _flood(sidecar: str, images: list[tuple[str, bytes]], n: int) -> dict[
     return statuses
 
 
+def _start(db: str, workers: int, *, scheduler: bool = True) -> tuple[str, Any, Any]:
+    """A migrated SQLite database, `guardrail reference serve` and `guardrail serve` in their own
+    processes; returns the sidecar's URL and the two processes (upstream, serve)."""
+    from guardrail.background_server import free_port, spawn_guardrail
+
+    up_port, side_port = free_port(), free_port()
+    up, sidecar = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{side_port}"
+    env = {
+        "GUARDRAIL_DATABASE_URL": f"sqlite:///{db}",
+        "GUARDRAIL_WORKERS": str(workers),
+        "GUARDRAIL_SCHEDULER": "true" if scheduler else "false",
+        "GUARDRAIL_UPSTREAM_URL": up,
+    }
+    subprocess.run(
+        [sys.executable, "-m", "guardrail", "db", "upgrade"],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+    )
+    upstream = spawn_guardrail(
+        ["reference", "serve", "--port", str(up_port)], env, f"{up}/v1/models"
+    )
+    probe = f"{sidecar}/readyz/audit" if workers else f"{sidecar}/healthz"
+    serve = spawn_guardrail(["serve", "--port", str(side_port)], env, probe, timeout=120)
+    return up, sidecar, (upstream, serve)
+
+
 def large_image_flood(n: int) -> dict[str, Any]:
     images = _large_images()
     with tempfile.TemporaryDirectory() as tmp:
-        from guardrail.background_server import free_port, spawn_guardrail
-
-        up_port, side_port = free_port(), free_port()
-        up, sidecar = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{side_port}"
-        env = {
-            "GUARDRAIL_DATABASE_URL": f"sqlite:///{tmp}/flood.db",
-            "GUARDRAIL_WORKERS": "1",
-            "GUARDRAIL_SCHEDULER": "false",
-            "GUARDRAIL_UPSTREAM_URL": up,
-        }
-        subprocess.run(
-            [sys.executable, "-m", "guardrail", "db", "upgrade"],
-            env={**os.environ, **env},
-            check=True,
-            capture_output=True,
-        )
-        upstream = spawn_guardrail(
-            ["reference", "serve", "--port", str(up_port)], env, f"{up}/v1/models"
-        )
-        serve = spawn_guardrail(
-            ["serve", "--port", str(side_port)], env, f"{sidecar}/readyz/audit", timeout=120
-        )
+        _, sidecar, (upstream, serve) = _start(f"{tmp}/flood.db", 1, scheduler=False)
         try:
             started = time.perf_counter()
             statuses = asyncio.run(_flood(sidecar, images, n))
@@ -283,25 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        from guardrail.background_server import free_port, spawn_guardrail
-
-        up_port, side_port = free_port(), free_port()
-        up, sidecar = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{side_port}"
-        env = {
-            "GUARDRAIL_DATABASE_URL": f"sqlite:///{tmp}/load.db",
-            "GUARDRAIL_WORKERS": "0",
-            "GUARDRAIL_UPSTREAM_URL": up,
-        }
-        subprocess.run(
-            [sys.executable, "-m", "guardrail", "db", "upgrade"],
-            env={**os.environ, **env},
-            check=True,
-            capture_output=True,
-        )
-        processes = [
-            spawn_guardrail(["reference", "serve", "--port", str(up_port)], env, f"{up}/v1/models"),
-            spawn_guardrail(["serve", "--port", str(side_port)], env, f"{sidecar}/healthz"),
-        ]
+        up, sidecar, processes = _start(f"{tmp}/load.db", 0)
         try:
             report["proxy"] = proxy_overhead(up, sidecar, body, args.requests, args.rate)
             report["ingest"] = asyncio.run(
