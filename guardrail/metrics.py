@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -69,6 +69,8 @@ class Metrics:
     worker_restarts: Counter
     proxy_upstream_latency: Histogram
     proxy_fail_open_drops: Counter
+    proxy_tee_pending: Gauge
+    proxy_tee_pending_bytes: Gauge
     backlog: BacklogCollector
     children: ChildSnapshots = field(default_factory=lambda: ChildSnapshots())
 
@@ -165,6 +167,16 @@ class Metrics:
                 "guardrail_proxy_fail_open_drops_total",
                 "Proxied responses that could not be teed to ingest (traffic still flowed)",
                 ["reason"],
+                registry=r,
+            ),
+            proxy_tee_pending=Gauge(
+                "guardrail_proxy_tee_pending",
+                "Proxied exchanges waiting to be handed to ingest (bounded: proxy_max_pending)",
+                registry=r,
+            ),
+            proxy_tee_pending_bytes=Gauge(
+                "guardrail_proxy_tee_pending_bytes",
+                "Bytes held by proxied exchanges waiting for ingest (proxy_max_pending_bytes)",
                 registry=r,
             ),
             backlog=BacklogCollector(registry=r),

@@ -295,6 +295,8 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
         max_count=settings.proxy_max_pending, max_bytes=settings.proxy_max_pending_bytes
     )
     app.state.proxy_backlog = backlog
+    metrics.proxy_tee_pending.set_function(lambda: backlog.pending_count)
+    metrics.proxy_tee_pending_bytes.set_function(lambda: backlog.pending_bytes)
 
     def client() -> httpx.AsyncClient:
         if "c" not in clients:

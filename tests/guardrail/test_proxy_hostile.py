@@ -290,6 +290,9 @@ def test_the_tee_backlog_is_bounded_in_bytes_and_drains_to_zero(
         wait_for(lambda: drops(runtime, "backlog") == 3, "three backlog drops")
         assert backlog.pending_count == 2
         assert 2 * per_exchange <= backlog.pending_bytes <= backlog.max_bytes
+        gauge = runtime.metrics.registry.get_sample_value  # what the dashboard sees
+        assert gauge("guardrail_proxy_tee_pending") == 2
+        assert gauge("guardrail_proxy_tee_pending_bytes") == backlog.pending_bytes
         assert [r[0] for r in scripted.received] == bodies  # all forwarded, as sent
     finally:
         release.set()
