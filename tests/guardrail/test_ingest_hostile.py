@@ -464,3 +464,41 @@ def test_reading_the_audit_resolution_loads_no_model_code() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["96", "[]"]
+
+
+def test_a_progressive_jpeg_is_budgeted_at_full_size_whatever_the_draft_scale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """libjpeg holds a progressive JPEG's coefficients at full size even when it decodes at
+    1/8 scale: 8 such files at once took the serve process to 2 GB while the budget counted
+    drafted pixels."""
+    from PIL import ImageFile
+
+    budget = PixelBudget(10**9)
+    seen: list[tuple[bool, int]] = []
+    load = ImageFile.ImageFile.load
+
+    def watched(image: ImageFile.ImageFile) -> Any:
+        seen.append((bool(image.info.get("progressive")), budget.in_use))
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", watched)
+    limits = ImageLimits(max_pixels=10**8, min_side=16, max_aspect_ratio=20)
+    resolution = read_audit_resolution(MODEL_DIR)
+    assert resolution is not None
+    for progressive in (False, True):
+        data = _encode(_noise(1600, 1600), "JPEG", progressive=progressive)
+        image = canonical_image(
+            data,
+            limits=limits,
+            resolution=resolution,
+            n_regions=48,
+            budget=budget,
+            wait_seconds=1.0,
+        )
+        assert (image.width, image.height) == (96, 96)
+    drafted = max(in_use for is_progressive, in_use in seen if not is_progressive)
+    full = max(in_use for is_progressive, in_use in seen if is_progressive)
+    assert drafted <= 200 * 200  # drafted to 1/8: 200x200
+    assert full == 2 * 1600 * 1600  # coefficients of every pixel, 2 bytes a sample
+    assert budget.in_use == 0
