@@ -10,9 +10,9 @@
    and the drops are counted; `POST /v1/samples` meanwhile must answer the documented 503
    (JSON reason, `Retry-After`), never another 5xx.
 4. Large-image flood: `guardrail serve` with one supervised audit worker takes `--flood`
-   small files that decode to huge images (6300x6300 PNG, 8000x1800 PNG, 5000x5000 JPEG, in
-   turn), half posted to `/v1/samples` and half through the proxy as data URLs, 8 at a time;
-   the peak resident memory (VmHWM) of the serve process and of its worker process is read
+   small files that decode to huge images (6300x6300 PNG, 8000x1800 PNG, 5000x5000 JPEG,
+   6300x6300 progressive JPEG, in turn), half posted to `/v1/samples` and half through the
+   proxy as data URLs, 8 at a time; the peak resident memory (VmHWM) of the serve process and of its worker process is read
    from /proc at the end.
 
     python benchmarks/sidecar_load.py [--json]
@@ -131,17 +131,18 @@ def _large_images() -> list[tuple[str, bytes]]:
     from PIL import Image, ImageDraw
 
     out = []
-    for kind, (w, h), fmt in (
-        ("png", (6300, 6300), "PNG"),
-        ("png", (8000, 1800), "PNG"),
-        ("jpeg", (5000, 5000), "JPEG"),
+    for kind, (w, h), fmt, progressive in (
+        ("png", (6300, 6300), "PNG", False),
+        ("png", (8000, 1800), "PNG", False),
+        ("jpeg", (5000, 5000), "JPEG", False),
+        ("jpeg", (6300, 6300), "JPEG", True),  # libjpeg holds all its coefficients
     ):
         image = Image.new("RGB", (w, h), (200, 200, 190))
         draw = ImageDraw.Draw(image)
         draw.ellipse((w // 8, h // 8, w // 2, h // 2), fill=(200, 30, 30))
         draw.rectangle((w // 2, h // 2, 7 * w // 8, 7 * h // 8), fill=(30, 30, 200))
         buffer = io.BytesIO()
-        image.save(buffer, fmt, optimize=True)
+        image.save(buffer, fmt, optimize=True, progressive=progressive)
         out.append((kind, buffer.getvalue()))
     return out
 

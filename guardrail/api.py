@@ -86,6 +86,9 @@ def _metadata_problem(metadata: dict[str, Any]) -> str | None:
         elif isinstance(node, list):
             if depth > MAX_METADATA_DEPTH:
                 return f"is nested deeper than {MAX_METADATA_DEPTH} levels (at {where})"
+            keys += len(node)  # list items count as keys: the walk stays bounded
+            if keys > MAX_METADATA_KEYS:
+                return f"has more than {MAX_METADATA_KEYS} keys and list items in all"
             stack.extend((value, depth + 1, f"{where}[{i}]") for i, value in enumerate(node))
         elif isinstance(node, str):
             if reason := unsafe_text_reason(node):

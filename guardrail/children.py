@@ -95,20 +95,32 @@ def _run(
         except (OSError, EOFError, BrokenPipeError):  # the parent is gone
             return False
 
-    def wait(progress: Callable[[], int] = lambda: 0) -> None:
-        """Until stopped: a snapshot every `snapshot_seconds`, and at once when `progress`
-        moves (a job finished), so the parent's /metrics trails the database by < 0.1 s."""
-        last, seen = 0.0, progress()
+    progress: list[Callable[[], int]] = [lambda: 0]
+    lock = threading.Lock()  # one pickle on the pipe at a time
+
+    def report() -> None:
+        """Until stopped: a snapshot every `snapshot_seconds` (the supervisor's sign of life,
+        sent while a model loads too), and at once when `progress` moves (a job finished), so
+        the parent's /metrics trails the database by < 0.1 s."""
+        last, seen = 0.0, progress[0]()
         while not stop.wait(0.05):
             if os.getppid() != parent:  # orphaned: the supervisor died
                 log.warning("%s process: the parent died; stopping", kind)
                 stop.set()
                 break
-            now, done = time.monotonic(), progress()
+            now, done = time.monotonic(), progress[0]()
             if now - last >= snapshot_seconds or done != seen:
                 last, seen = now, done
-                if not send():
-                    stop.set()
+                with lock:
+                    if not send():
+                        stop.set()
+
+    reporter = threading.Thread(target=report, name="reporter", daemon=True)
+    reporter.start()
+
+    def wait() -> None:
+        stop.wait()
+        reporter.join(timeout=5)
 
     if kind == "scheduler":
         from guardrail.scheduler import Scheduler
@@ -128,6 +140,8 @@ def _run(
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no tqdm bars in the service's logs
     for auditor in runtime.auditors.values():
         auditor.load()
+        if stop.is_set():
+            return 0
     worker = Worker(
         runtime.sessions,
         runtime.auditors,
@@ -135,8 +149,9 @@ def _run(
         lease_seconds=settings.lease_seconds,
     )
     thread = threading.Thread(target=worker.run, name=f"worker-{worker.owner}")
+    progress[0] = lambda: worker.jobs_done
     thread.start()
-    wait(lambda: worker.jobs_done)
+    wait()
     worker.stop.set()
     thread.join(timeout=grace_seconds)
     if thread.is_alive():  # the audit outlasts the grace period: give its job back

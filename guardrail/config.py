@@ -290,13 +290,17 @@ def masked(settings: Settings) -> dict[str, Any]:
     try:
         make_url(url)
         data["database_url"] = masked_url(url)
-    except ArgumentError:  # not a URL SQLAlchemy can parse: mask it whole
+    except (ArgumentError, ValueError):  # not a URL SQLAlchemy can parse: mask it whole
         data["database_url"] = _MASK * 2
     for key in ("upstream_url", "public_url"):
         if isinstance(data.get(key), str):
             data[key] = _masked_http_url(data[key])
     if settings.webhook_url:
         data["webhook_url"] = _masked_http_url(settings.webhook_url, hide_path=True)
-    data["api_tokens"] = [f"****{t.get_secret_value()[-4:]}" for t in settings.api_tokens]
+    # the last 4 characters help tell tokens apart; a short token is shown not at all
+    data["api_tokens"] = [
+        f"****{t.get_secret_value()[-4:]}" if len(t.get_secret_value()) >= 16 else "****"
+        for t in settings.api_tokens
+    ]
     data["config_file"] = str(settings.config_file) if settings.config_file else None
     return data

@@ -114,7 +114,8 @@ def add_health_routes(app: FastAPI, runtime: Runtime) -> None:
         body = {"ready": not problems, "problems": problems, "backlog": backlog}
         if supervisor is not None:
             body["children"] = children
-        return JSONResponse(body, status_code=200 if not problems else 503)
+        headers = {"Retry-After": "30"} if problems else None
+        return JSONResponse(body, status_code=200 if not problems else 503, headers=headers)
 
     @app.get("/metrics", tags=["health"])
     def metrics() -> Response:

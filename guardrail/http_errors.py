@@ -411,9 +411,23 @@ class BodyLimitMiddleware:
             return
         received = 0
 
+        values = 0
+        counted = _is_json(scope)
+
         async def limited() -> Message:
-            nonlocal received
+            nonlocal received, values
             message = await receive()
+            if counted and message["type"] == "http.request":
+                # an upper bound on the JSON values, counted before the body is parsed: 30 MB of
+                # "0," parses into 15 M objects (GBs) within the byte limit
+                body = message.get("body", b"")
+                values += body.count(b",") + body.count(b"[") + body.count(b"{")
+                if values > MAX_JSON_VALUES:
+                    raise ApiError(
+                        413,
+                        f"the JSON body holds more than {MAX_JSON_VALUES} values; send fewer "
+                        "(metadata is limited to a few hundred keys)",
+                    )
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
@@ -421,6 +435,16 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited, send)
+
+
+MAX_JSON_VALUES = 1_000_000
+
+
+def _is_json(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            return b"json" in value.lower()
+    return False
 
 
 def _content_length(scope: Scope) -> int | None:

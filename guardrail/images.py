@@ -49,6 +49,9 @@ ACCEPTED_FORMATS: tuple[Format, ...] = ("PNG", "JPEG", "WEBP")
 _ACCEPTED_TEXT = "PNG, JPEG or WebP"
 
 
+MAX_JPEG_SCANS = 100
+
+
 class ImageRejectedError(ValueError):
     """An image that cannot be accepted; `status` is the HTTP status that says why and
     `error_type` the error contract's kind."""
@@ -220,6 +223,15 @@ def image_header(data: bytes, fmt: Format) -> tuple[int, int]:
     size = {"PNG": _png_size, "JPEG": _jpeg_size, "WEBP": _webp_size}[fmt](data)
     if size is None or size[0] < 1 or size[1] < 1:
         raise CorruptImageError(f"the image is truncated or corrupt: no valid {fmt} header")
+    if fmt == "JPEG":
+        # every scan of a progressive JPEG re-walks the whole image: 10,000 scans in 650 KB
+        # cost 38 s of CPU; 0xFFDA (start of scan) never occurs inside entropy-coded data
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise DegenerateImageError(
+                f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted "
+                "(a progressive JPEG has about 10)"
+            )
     return size
 
 
@@ -346,6 +358,11 @@ def resizable(image: Image.Image) -> Image.Image:
         return image.convert("RGBA" if transparent else "RGB")
     if image.mode == "1":
         return image.convert("L")
+    if image.mode.startswith("I;16"):  # Pillow cannot reduce 16-bit modes: 0..1 floats
+        from PIL import Image
+
+        values = np.asarray(image).astype(np.float32) / 65535.0
+        return Image.fromarray(values, mode="F")
     return image
 
 

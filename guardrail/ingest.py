@@ -10,6 +10,7 @@ and the sampling key is that digest.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,9 @@ from storage import queue
 from storage.repositories import add_sample
 
 __all__ = ["IngestError", "IngestRequest", "ingest"]
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 class IngestError(ValueError):
@@ -84,6 +88,10 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
     m.samples_received.labels(model=model.name).inc()
     if request.output is None and request.token_ids is None:
         raise IngestError(422, "give the generated text (output) or its token_ids")
+    for name, text in (("prompt", request.prompt), ("output", request.output or "")):
+        # the API refuses these at its edge; the proxy's tee comes here directly
+        if _UNSTORABLE.search(text):
+            raise IngestError(422, f"{name}: holds NUL or a lone surrogate (not storable)")
     if len(request.image_bytes) > settings.max_image_bytes:
         raise IngestError(
             413,

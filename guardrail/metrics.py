@@ -74,6 +74,24 @@ class Metrics:
     backlog: BacklogCollector
     children: ChildSnapshots = field(default_factory=lambda: ChildSnapshots())
 
+    def start_series(self, models: Iterable[str]) -> None:
+        """Export the counters that alerts take `increase()` of at 0 from the start: a series
+        born at its first increment hides that increment from `increase()`, so the first crash
+        would never page."""
+        from storage.queue import FailureReason
+
+        for kind in ("worker", "scheduler"):
+            self.worker_restarts.labels(kind=kind)
+        for model in models:
+            for reason in (
+                FailureReason.INVALID_INPUT,
+                FailureReason.ERROR,
+                FailureReason.WORKER_CRASHED,
+            ):
+                self.jobs_failed.labels(model=model, reason=reason)
+            self.audit_failures.labels(model=model)
+            self.audits.labels(model=model)
+
     def merged_registry(self) -> CollectorRegistry:
         """A registry that collects this process's metrics merged with its children's."""
         registry = CollectorRegistry(auto_describe=False)

@@ -36,11 +36,13 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
     url = settings.database_url.get_secret_value()
     engine = make_engine(url)
     auditors = {m.name: ModelAuditor(m, threads=settings.torch_threads) for m in settings.models}
+    metrics = metrics or Metrics.create()
+    metrics.start_series([m.name for m in settings.models])
     return Runtime(
         settings=settings,
         engine=engine,
         sessions=session_factory(engine),
-        metrics=metrics or Metrics.create(),
+        metrics=metrics,
         auditors=auditors,
         sampler=Sampler({m.name: m for m in settings.models}),
         ingest_executor=ThreadPoolExecutor(

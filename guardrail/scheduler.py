@@ -25,7 +25,16 @@ from sqlalchemy import delete, func, select, text, update
 
 from guardrail.reports import HALLUCINATED
 from guardrail.runtime import Runtime
-from storage.models import Alert, FlaggedToken, Job, JobStatus, Report, Sample, VerdictRecord
+from storage.models import (
+    Alert,
+    FlaggedToken,
+    Job,
+    JobStatus,
+    Report,
+    Sample,
+    VerdictRecord,
+    WorkerRecord,
+)
 
 __all__ = [
     "LeaderElection",
@@ -278,6 +287,10 @@ def reap_leases(runtime: Runtime, now: datetime | None = None) -> int:
             .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None, run_after=now)
             .execution_options(synchronize_session=False)
         ).rowcount  # type: ignore[attr-defined]
+    with runtime.sessions.begin() as session:  # heartbeat rows of workers long dead
+        session.execute(
+            delete(WorkerRecord).where(WorkerRecord.last_seen_at < now - timedelta(hours=1))
+        )
     for job in failed:
         runtime.metrics.jobs_failed.labels(
             model=job.model, reason=queue.FailureReason.WORKER_CRASHED

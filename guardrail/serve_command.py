@@ -75,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
     from storage.engine import check_migrated
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied request
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
     sock = _bind(settings.host, settings.port)
     runtime = build_runtime(settings)
@@ -94,7 +95,16 @@ def _serve(args: argparse.Namespace) -> int:
     supervisor.start()
     app = create_app(runtime)
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=10,
+            # h11 bounds a request's head (httptools takes any size: one 120 MB header held
+            # the event loop for 17 s); 64 KiB is far above what clients send
+            http="h11",
+            h11_max_incomplete_event_size=64 * 1024,
+        )
     )
     # uvicorn stops on SIGINT/SIGTERM and then re-raises the signal to the handler that was
     # there before it: record it here, so a stop is an exit status, not a traceback

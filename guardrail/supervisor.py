@@ -39,6 +39,7 @@ class _Slot:
     failures: int = 0  # consecutive early deaths, for the backoff
     restart_at: float | None = None
     restarts: int = 0
+    heard: float = 0.0  # when the child last sent a snapshot
 
     @property
     def child_id(self) -> str:
@@ -56,6 +57,9 @@ class Supervisor:
     grace_seconds: float = 30.0
     max_backoff_seconds: float = 60.0
     healthy_seconds: float = 60.0
+    # a child sends a snapshot every second from its main thread: one silent this long is hung
+    # (SIGSTOP, a deadlock, swapping) and is killed, then restarted like any dead child
+    silent_seconds: float = 60.0
     cores: int | None = None
     _slots: list[_Slot] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -138,6 +142,7 @@ class Supervisor:
         with self._lock:
             slot.process, slot.reader = process, reader
             slot.started, slot.restart_at = time.monotonic(), None
+            slot.heard = slot.started
         log.info("started %s (pid %s)", slot.child_id, process.pid)
 
     def _drain(self, slot: _Slot) -> None:
@@ -145,6 +150,7 @@ class Supervisor:
         try:
             while reader is not None and reader.poll():
                 self.metrics.children.update(slot.child_id, reader.recv())
+                slot.heard = time.monotonic()
         except (EOFError, OSError):
             pass
 
@@ -167,11 +173,24 @@ class Supervisor:
                     self._drain(slot)
                 if slot.process is not None and not slot.process.is_alive():
                     self._died(slot)
+                elif slot.process is not None and self._silent(slot):
+                    log.warning(
+                        "%s (pid %s) sent nothing for %.0f s: killing it as hung",
+                        slot.child_id,
+                        slot.process.pid,
+                        time.monotonic() - slot.heard,
+                    )
+                    slot.process.kill()  # SIGKILL works on a stopped process too
                 due = slot.restart_at is not None and time.monotonic() >= slot.restart_at
                 if slot.process is None and due:
                     slot.restarts += 1
                     self.metrics.worker_restarts.labels(kind=slot.kind).inc()
                     self._spawn(slot)
+
+    def _silent(self, slot: _Slot) -> bool:
+        # a child loading its model sends nothing yet: give it the silence budget twice
+        started_long_ago = time.monotonic() - slot.started > 2 * self.silent_seconds
+        return started_long_ago and time.monotonic() - slot.heard > self.silent_seconds
 
     def _died(self, slot: _Slot) -> None:
         self._drain(slot)

@@ -34,7 +34,8 @@ class UnmigratedDatabaseError(RuntimeError):
 # query parameters of a database URL that carry credentials (libpq: password, sslpassword)
 _SECRET_QUERY = re.compile(r"pass|pwd|secret|token|key", re.IGNORECASE)
 # `scheme://user:password@` anywhere in a text that SQLAlchemy could not parse as a URL
-_USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*:)[^@\s]*@")
+# up to the last "@" of the authority: an unescaped "@" in a password is masked whole
+_USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*:)[^/\s]*@")
 
 
 def masked_url(url: str) -> str:
@@ -45,7 +46,7 @@ def masked_url(url: str) -> str:
     """
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # e.g. an unescaped "@" in the password: bad port
         return _USERINFO_PASSWORD.sub(r"\g<head>***@", url)
     if parsed.query:
         parsed = parsed.update_query_dict(
@@ -76,9 +77,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     """
     try:
         engine = _create(url, **kwargs)
-    except ArgumentError as exc:
-        error = type(exc)(
-            f"database URL {masked_url(url)!r} is not usable ({exc}); expected "
+    except (ArgumentError, ValueError, ImportError) as exc:
+        # ValueError: make_url's int() of a port that holds half a password; ImportError: a
+        # driver that is not installed; never show the raw message (it may hold the password)
+        kind = type(exc) if isinstance(exc, ArgumentError) else ArgumentError
+        detail = str(exc) if isinstance(exc, ArgumentError) else type(exc).__name__
+        if isinstance(exc, ImportError):
+            detail = f"its driver is not installed: {exc.name or exc}"
+        error = kind(
+            f"database URL {masked_url(url)!r} is not usable ({detail}); expected "
             "dialect+driver://user:password@host:port/database, e.g. sqlite:///guardrail.db "
             "or postgresql+psycopg://guardrail:password@127.0.0.1:5432/guardrail"
         )
@@ -109,8 +116,16 @@ def _create(url: str, **kwargs: Any) -> Engine:
             cursor.close()
 
         return engine
-    if "connect_timeout" not in url:  # a blackholed host must not stall a probe or a start
-        kwargs.setdefault("connect_args", {"connect_timeout": 5})
+    if url.startswith("postgresql") and "connect_args" not in kwargs:
+        # a blackholed host, a locked table or a runaway query must not hold a request, a
+        # probe or a scrape for minutes: they fail (ingest answers 503) and are retried
+        ours = "-c lock_timeout=5000 -c statement_timeout=60000"
+        theirs = make_url(url).query.get("options")  # connect_args replace the URL's: merge
+        theirs = theirs if isinstance(theirs, str) else " ".join(theirs or ())
+        args: dict[str, Any] = {"options": f"{ours} {theirs}".strip()}  # theirs win
+        if "connect_timeout" not in url:
+            args["connect_timeout"] = 5
+        kwargs["connect_args"] = args
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 

@@ -465,3 +465,25 @@ def test_ingest_errors_keep_their_own_type(client: TestClient, runtime: Runtime)
         answer = _post_json(client, _body(image_base64=base64.b64encode(data).decode()))
         _error(answer, status, kind, "image")
     assert _stored(runtime) == 0
+
+
+def test_a_body_of_millions_of_json_values_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    """30 MB of `0,` is under the byte limit but parses into 15 M objects: it took the
+    process to 2.6 GB before the value count was bounded."""
+    client = TestClient(create_app(_runtime(f"sqlite:///{tmp_path / 'g.db'}")))
+    values = ",".join(["0"] * 1_200_000)
+    body = '{"model":"reference","prompt":"p","output":"x","image_base64":"","metadata":{"a":[%s]}}'
+    answer = client.post(
+        "/v1/samples",
+        content=(body % values).encode(),
+        headers={**AUTH, "content-type": "application/json"},
+    )
+    assert answer.status_code == 413, answer.text
+    assert "more than 1000000 values" in answer.json()["error"]["message"]
+    few = ",".join(["0"] * 300)  # a list that fits in bytes but not in the metadata rules
+    answer = client.post(
+        "/v1/samples",
+        content=(body % few).encode(),
+        headers={**AUTH, "content-type": "application/json"},
+    )
+    assert answer.status_code == 422 and "list items" in answer.text

@@ -502,3 +502,29 @@ def test_a_progressive_jpeg_is_budgeted_at_full_size_whatever_the_draft_scale(
     assert drafted <= 200 * 200  # drafted to 1/8: 200x200
     assert full == 2 * 1600 * 1600  # coefficients of every pixel, 2 bytes a sample
     assert budget.in_use == 0
+
+
+def test_a_large_16_bit_grey_png_is_downscaled_not_a_500(tmp_path: Path) -> None:
+    """Pillow cannot reduce I;16 images: the resize used to raise inside the route (500)."""
+    client = TestClient(create_app(_runtime(tmp_path)))
+    for value in (0, 40_000):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((700, 600), value, dtype=np.uint16)).save(buffer, "PNG")
+        answer = _post_json(client, buffer.getvalue())
+        assert answer.status_code == 202, answer.text
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding(tmp_path: Path) -> None:
+    """Each scan of a progressive JPEG re-walks the image: a scan bomb costs minutes of CPU."""
+    data = _encode(_noise(64, 64), "JPEG", progressive=True)
+    start = data.index(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    bomb = data[:start] + data[start:end] * 150 + data[end:]  # the scans repeated
+    client = TestClient(create_app(_runtime(tmp_path)))
+    answer = _post_json(client, bomb)
+    assert answer.status_code == 422 and "scans" in _reason(answer), answer.text
+    assert _post_json(client, data).status_code in (
+        202,
+        422,
+    )  # a normal one is not refused for its scans
+    assert "scans" not in _reason(_post_json(client, data))
