@@ -12,8 +12,8 @@
 4. Large-image flood: `guardrail serve` with one supervised audit worker takes `--flood`
    small files that decode to huge images (6300x6300 PNG, 8000x1800 PNG, 5000x5000 JPEG,
    6300x6300 progressive JPEG, in turn), half posted to `/v1/samples` and half through the
-   proxy as data URLs, 8 at a time; the peak resident memory (VmHWM) of the serve process and of its worker process is read
-   from /proc at the end.
+   proxy as data URLs, 8 at a time; the peak resident memory (VmHWM) of the serve process
+   and of its worker process is read from /proc at the end.
 
     python benchmarks/sidecar_load.py [--json]
 """
