@@ -83,10 +83,11 @@ def test_config_check_masks_secrets(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GUARDRAIL_DATABASE_URL", "postgresql+psycopg://u:hunter2@db/guardrail")
-    monkeypatch.setenv("GUARDRAIL_API_TOKENS", json.dumps(["abcdefgh9876"]))
+    monkeypatch.setenv("GUARDRAIL_API_TOKENS", json.dumps(["abcdefgh-token-9876", "tok1"]))
     assert main(["config", "check"]) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out and "abcdefgh" not in out and "****9876" in out
+    assert "tok1" not in out  # a short token is not shown at all
 
 
 def test_a_trap_sample_is_ingested_audited_and_reported(tmp_path: Path) -> None:
