@@ -245,13 +245,21 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
 _SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}  # frame headers (not DHT, JPG, DAC)
 
 
+_JPEG_MAX_HEAD_MARKERS = 1_000  # real files have < 30 before the frame header
+_JPEG_MAX_FILL = 1_024
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    # bounded walk: 16 MB of empty COM markers or of fill bytes took 4 s of Python per request
     i, n = 2, len(data)
-    while i < n:
-        if data[i] != 0xFF:
+    for _ in range(_JPEG_MAX_HEAD_MARKERS):
+        if i >= n or data[i] != 0xFF:
             return None
+        start = i
         while i < n and data[i] == 0xFF:  # fill bytes
             i += 1
+            if i - start > _JPEG_MAX_FILL:
+                return None
         if i >= n:
             return None
         marker = data[i]
