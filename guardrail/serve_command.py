@@ -99,7 +99,9 @@ def _serve(args: argparse.Namespace) -> int:
             app,
             log_level="warning",
             access_log=False,
-            timeout_graceful_shutdown=10,
+            # requests in flight (an ingest decoding a large image) get the same grace as
+            # audits: cut short, a client would get a 500 for a sample committed after it
+            timeout_graceful_shutdown=max(10, int(settings.stop_grace_seconds)),
             # h11 bounds a request's head (httptools takes any size: one 120 MB header held
             # the event loop for 17 s); 64 KiB is far above what clients send
             http="h11",
