@@ -33,9 +33,8 @@ from guardrail.http_errors import (
     ApiError,
     error_responses,
     install_error_contract,
-    unsafe_text_reason,
 )
-from guardrail.ingest import IngestError, IngestRequest, ingest
+from guardrail.ingest import IngestError, IngestRequest, ingest, unsafe_text_reason
 from guardrail.runtime import Runtime
 from storage.models import Job, Report, Sample
 from storage.repositories import get_sample, list_audits

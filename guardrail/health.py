@@ -35,15 +35,13 @@ def read_backlog(runtime: Runtime) -> Backlog:
 
 
 def _problem(exc: Exception) -> str:
-    from sqlalchemy.engine import make_url
+    """One line for a database failure, naming the database (password masked) when the
+    engine recorded it."""
+    from storage.engine import failed_database
 
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    try:  # never show a password from the URL
-        url = make_url(str(exc.__dict__.get("url", "")))
-        message = message.replace(str(url), url.render_as_string(hide_password=True))
-    except Exception:
-        pass
-    return f"{type(exc).__name__}: {message}"
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    where = failed_database(exc)
+    return f"{type(exc).__name__}{f' ({where})' if where else ''}: {lines[0] if lines else ''}"
 
 
 def add_health_routes(app: FastAPI, runtime: Runtime) -> None:

@@ -52,7 +52,6 @@ __all__ = [
     "is_database_outage",
     "is_unmigrated_database",
     "json_safe",
-    "unsafe_text_reason",
 ]
 
 log = logging.getLogger("guardrail.http")
@@ -122,21 +121,7 @@ def _fallback_type(status: int) -> str:
     return "internal_error" if status >= 500 else "invalid_request"
 
 
-_UNSAFE_CHARS = re.compile("[\x00\ud800-\udfff]")
 _ESCAPE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
-def unsafe_text_reason(text: str) -> str | None:
-    """Why `text` cannot be stored as text (a NUL or a lone surrogate), or None."""
-    found = _UNSAFE_CHARS.search(text)
-    if found is None:
-        return None
-    char = found.group()
-    what = "a NUL character" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"
-    return (
-        f"contains {what} at position {found.start()}; text must be valid Unicode "
-        "without NUL characters"
-    )
 
 
 def json_safe(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:

@@ -27,10 +27,23 @@ from guardrail.sampling import request_key
 from storage import queue
 from storage.repositories import add_sample
 
-__all__ = ["IngestError", "IngestRequest", "ingest"]
+__all__ = ["IngestError", "IngestRequest", "ingest", "unsafe_text_reason"]
 
 
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_UNSAFE_CHARS = re.compile("[\x00\ud800-\udfff]")
+
+
+def unsafe_text_reason(text: str) -> str | None:
+    """Why `text` cannot be stored as text (a NUL or a lone surrogate), or None."""
+    found = _UNSAFE_CHARS.search(text)
+    if found is None:
+        return None
+    char = found.group()
+    what = "a NUL character" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"
+    return (
+        f"contains {what} at position {found.start()}; text must be valid Unicode "
+        "without NUL characters"
+    )
 
 
 class IngestError(ValueError):
@@ -90,8 +103,8 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
         raise IngestError(422, "give the generated text (output) or its token_ids")
     for name, text in (("prompt", request.prompt), ("output", request.output or "")):
         # the API refuses these at its edge; the proxy's tee comes here directly
-        if _UNSTORABLE.search(text):
-            raise IngestError(422, f"{name}: holds NUL or a lone surrogate (not storable)")
+        if reason := unsafe_text_reason(text):
+            raise IngestError(422, f"{name}: {reason}")
     if len(request.image_bytes) > settings.max_image_bytes:
         raise IngestError(
             413,

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import Integer as _Int
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, select, text
 
 from guardrail.reports import HALLUCINATED
 from guardrail.runtime import Runtime
@@ -29,11 +29,9 @@ from storage.models import (
     Alert,
     FlaggedToken,
     Job,
-    JobStatus,
     Report,
     Sample,
     VerdictRecord,
-    WorkerRecord,
 )
 
 __all__ = [
@@ -277,25 +275,13 @@ def reap_leases(runtime: Runtime, now: datetime | None = None) -> int:
     now = now or datetime.now(UTC)
     with runtime.sessions.begin() as session:
         failed = queue.fail_abandoned(session, now)
-        back = session.execute(
-            update(Job)
-            .where(
-                Job.status == JobStatus.RUNNING,
-                Job.lease_expires_at < now,
-                Job.attempts < Job.max_attempts,
-            )
-            .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None, run_after=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount  # type: ignore[attr-defined]
-    with runtime.sessions.begin() as session:  # heartbeat rows of workers long dead
-        session.execute(
-            delete(WorkerRecord).where(WorkerRecord.last_seen_at < now - timedelta(hours=1))
-        )
+        back = queue.requeue_expired(session, now)
+        queue.forget_stale_workers(session, older_than_seconds=3600, now=now)
     for job in failed:
         runtime.metrics.jobs_failed.labels(
             model=job.model, reason=queue.FailureReason.WORKER_CRASHED
         ).inc()
-    return len(failed) + int(back or 0)
+    return len(failed) + back
 
 
 class LeaderElection:

@@ -91,18 +91,6 @@ class Supervisor:
                 out[slot.kind] = out.get(slot.kind, 0) + int(running)
             return out
 
-    def pids(self, kind: str = "worker") -> list[int]:
-        with self._lock:
-            return [
-                s.process.pid
-                for s in self._slots
-                if s.kind == kind and s.process is not None and s.process.is_alive()
-            ]
-
-    def restarts(self) -> int:
-        with self._lock:
-            return sum(s.restarts for s in self._slots)
-
     def stop(self) -> None:
         """SIGTERM every child, wait up to the grace period (plus a margin for the last
         snapshot), then SIGKILL what is left."""

@@ -32,9 +32,11 @@ __all__ = [
     "extend",
     "fail",
     "fail_abandoned",
+    "forget_stale_workers",
     "forget_worker",
     "live_workers",
     "release",
+    "requeue_expired",
 ]
 
 
@@ -221,6 +223,20 @@ def fail(
     return job.status
 
 
+def requeue_expired(session: Session, now: datetime | None = None) -> int:
+    """Put the jobs whose worker died (lease expired) and that have attempts left back in the
+    queue at once; returns how many.  A claim takes them anyway: this keeps the queue's
+    numbers honest while no worker runs."""
+    now = now or utcnow()
+    result = session.execute(
+        update(Job)
+        .where(_expired(now), Job.attempts < Job.max_attempts)
+        .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None, run_after=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 def release(session: Session, job_id: int, owner: str) -> bool:
     """Give a job back without counting the attempt (a clean stop, not a failure); False if
     `owner` no longer holds it."""
@@ -275,6 +291,16 @@ def beat(
 def forget_worker(session: Session, worker_id: str) -> None:
     """A worker stopped cleanly: it no longer counts as live."""
     session.execute(delete(WorkerRecord).where(WorkerRecord.id == worker_id))
+
+
+def forget_stale_workers(
+    session: Session, *, older_than_seconds: float, now: datetime | None = None
+) -> int:
+    """Remove the heartbeat rows of workers silent for `older_than_seconds` (they died without
+    stopping cleanly); returns how many."""
+    since = (now or utcnow()) - timedelta(seconds=older_than_seconds)
+    result = session.execute(delete(WorkerRecord).where(WorkerRecord.last_seen_at < since))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def live_workers(session: Session, *, within_seconds: float, now: datetime | None = None) -> int:

@@ -367,6 +367,20 @@ def test_the_pixel_budget_bounds_pixels_in_flight() -> None:
     assert budget.in_use == 0
 
 
+def _canonical(data: bytes, budget: PixelBudget) -> Any:
+    """The reference model's canonical image of `data`, decoded under `budget`."""
+    resolution = read_audit_resolution(MODEL_DIR)
+    assert resolution is not None
+    return canonical_image(
+        data,
+        limits=ImageLimits(max_pixels=10**8, min_side=16, max_aspect_ratio=20),
+        resolution=resolution,
+        n_regions=48,
+        budget=budget,
+        wait_seconds=1.0,
+    )
+
+
 def test_pixels_are_decoded_only_while_the_budget_is_held(monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import ImageFile
 
@@ -381,21 +395,10 @@ def test_pixels_are_decoded_only_while_the_budget_is_held(monkeypatch: pytest.Mo
     monkeypatch.setattr(ImageFile.ImageFile, "load", watched)
     exif = Image.Exif()
     exif[0x0112] = 6
-    limits = ImageLimits(max_pixels=10**7, min_side=16, max_aspect_ratio=20)
-    resolution = read_audit_resolution(MODEL_DIR)
-    assert resolution is not None
     # a PNG without an EXIF chunk before its pixels is decoded to look for one after them
     cases = [("PNG", {}), ("PNG", {"exif": exif.tobytes()}), ("JPEG", {}), ("WEBP", {})]
     for fmt, params in cases:
-        data = _encode(_noise(300, 200), fmt, **params)
-        image = canonical_image(
-            data,
-            limits=limits,
-            resolution=resolution,
-            n_regions=48,
-            budget=budget,
-            wait_seconds=1.0,
-        )
+        image = _canonical(_encode(_noise(300, 200), fmt, **params), budget)
         upright = (96, 144) if params else (144, 96)
         assert (image.width, image.height) == upright  # short side 96
     assert len(seen) >= 4 and all(pixels > 0 for pixels in seen), seen
@@ -483,19 +486,9 @@ def test_a_progressive_jpeg_is_budgeted_at_full_size_whatever_the_draft_scale(
         return load(image)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", watched)
-    limits = ImageLimits(max_pixels=10**8, min_side=16, max_aspect_ratio=20)
-    resolution = read_audit_resolution(MODEL_DIR)
-    assert resolution is not None
     for progressive in (False, True):
         data = _encode(_noise(1600, 1600), "JPEG", progressive=progressive)
-        image = canonical_image(
-            data,
-            limits=limits,
-            resolution=resolution,
-            n_regions=48,
-            budget=budget,
-            wait_seconds=1.0,
-        )
+        image = _canonical(data, budget)
         assert (image.width, image.height) == (96, 96)
     drafted = max(in_use for is_progressive, in_use in seen if not is_progressive)
     full = max(in_use for is_progressive, in_use in seen if is_progressive)

@@ -209,7 +209,7 @@ def test_a_released_job_is_claimable_at_once_and_the_attempt_is_not_counted(
 
 
 def test_live_workers_are_counted_from_recent_heartbeats(engine: Engine) -> None:
-    from storage.queue import beat, forget_worker, live_workers
+    from storage.queue import beat, forget_stale_workers, forget_worker, live_workers
 
     upgrade(engine)
     sessions = session_factory(engine)
@@ -225,3 +225,7 @@ def test_live_workers_are_counted_from_recent_heartbeats(engine: Engine) -> None
         forget_worker(session, "host:1:a")
     with sessions.begin() as session:
         assert live_workers(session, within_seconds=30) == 1
+        later = utcnow() + timedelta(hours=2)
+        assert forget_stale_workers(session, older_than_seconds=3600) == 0
+        assert forget_stale_workers(session, older_than_seconds=3600, now=later) == 1
+        assert live_workers(session, within_seconds=10**6) == 0
