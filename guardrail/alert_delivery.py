@@ -326,10 +326,14 @@ class AlertDeliverer:
 
     def run(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
         """Deliver until `stop` is set: a pass every `poll_seconds`, or at once on `wake`."""
+        failures = 0
         while not stop.is_set():
             try:
                 self.deliver_due()
-            except Exception:  # the database is down: the next pass tries again
-                log.exception("alert delivery pass failed")
-            self.wake.wait(poll_seconds)
+                failures = 0
+            except Exception:  # the database is down: try again, less often while it stays so
+                failures += 1
+                if failures == 1 or failures % 60 == 0:
+                    log.exception("alert delivery pass failed (%d in a row)", failures)
+            self.wake.wait(min(60.0, poll_seconds * 2 ** min(failures, 6)))
             self.wake.clear()

@@ -227,6 +227,13 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30.0, gt=0)
     config_file: Path | None = Field(default=None, exclude=True)
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_webhook(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"webhook_url must be an http(s) URL, got: {value[:8]!r}...")
+        return value
+
     @field_validator("webhook_secret")
     @classmethod
     def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:

@@ -578,5 +578,43 @@ def test_webhook_settings_come_from_the_environment_and_the_secret_is_masked() -
     assert SECRET not in json.dumps(masked(settings))
     with pytest.raises(ConfigError, match="webhook_secret must be at least 16 characters"):
         load_settings(environ={"GUARDRAIL_WEBHOOK_SECRET": "short"})
+    with pytest.raises(ConfigError, match="webhook_url must be an http"):
+        load_settings(environ={"GUARDRAIL_WEBHOOK_URL": "ftp://hooks.example/x"})
     with pytest.raises(ConfigError, match="webhook_format"):
         load_settings(environ={"GUARDRAIL_WEBHOOK_FORMAT": "teams"})
+
+
+def test_retention_deletes_old_alerts_with_their_notifications(tmp_path: Path) -> None:
+    from guardrail.scheduler import retain
+
+    runtime = _runtime(f"sqlite:///{tmp_path / 'g.db'}", webhook_url="http://127.0.0.1:9/hook")
+    _firing_alert(runtime, NOW - timedelta(days=40))
+    kept = _firing_alert(runtime, NOW - timedelta(days=1), model="other")
+    assert retain(runtime, NOW).alerts == 1
+    with runtime.sessions() as session:
+        assert [r.id for r in session.query(AlertNotification)] == [kept]
+
+
+def test_the_scheduler_child_process_delivers_and_its_counts_reach_serve(tmp_path: Path) -> None:
+    """As `guardrail serve` runs it: the scheduler in a supervised child process delivers the
+    outbox, and its delivery counter reaches the parent's /metrics over the snapshot pipe."""
+    from guardrail.supervisor import Supervisor
+
+    receiver = Receiver()
+    with receiver.serving() as url:
+        runtime = _runtime(f"sqlite:///{tmp_path / 'g.db'}", webhook_url=url)
+        _firing_alert(runtime, datetime.now(UTC))
+        supervisor = Supervisor(runtime.settings, runtime.metrics, workers=0, scheduler=True)
+        supervisor.start()
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and b'outcome="delivered"} 1.0' not in (
+                runtime.metrics.exposition()
+            ):
+                time.sleep(0.1)
+        finally:
+            supervisor.stop()
+    assert len(receiver.requests) == 1
+    assert b'guardrail_alert_deliveries_total{outcome="delivered"} 1.0' in (
+        runtime.metrics.exposition()
+    )
