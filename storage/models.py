@@ -213,7 +213,9 @@ class Report(Base):
 
 
 class Alert(Base):
-    """A hallucination-spike alert for one model: firing until resolved, delivered once."""
+    """A hallucination-spike alert for one model: firing until resolved; each change is
+    notified through the outbox (`AlertNotification`), and `delivered_at`, `delivery_attempts`
+    and `delivery_error` say how its firing notification went."""
 
     __tablename__ = "alerts"
 

@@ -618,3 +618,27 @@ def test_the_scheduler_child_process_delivers_and_its_counts_reach_serve(tmp_pat
     assert b'guardrail_alert_deliveries_total{outcome="delivered"} 1.0' in (
         runtime.metrics.exposition()
     )
+
+
+def test_the_outbox_benchmark_prints_json() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "alert_outbox.py"),
+            "--notifications",
+            "10",
+            "--deliverers",
+            "2",
+            "--databases",
+            "sqlite",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (row,) = json.loads(proc.stdout)["results"]
+    assert (row["received"], row["duplicates"], row["deliverers"]) == (10, 0, 2)
