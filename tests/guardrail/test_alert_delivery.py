@@ -642,3 +642,22 @@ def test_the_outbox_benchmark_prints_json() -> None:
     )
     (row,) = json.loads(proc.stdout)["results"]
     assert (row["received"], row["duplicates"], row["deliverers"]) == (10, 0, 2)
+
+
+def test_a_notification_whose_deliverer_died_on_its_last_attempt_is_exhausted(
+    tmp_path: Path,
+) -> None:
+    runtime = _runtime(
+        f"sqlite:///{tmp_path / 'g.db'}",
+        webhook_url="http://127.0.0.1:9/hook",
+        webhook_max_attempts=1,
+    )
+    row_id = _firing_alert(runtime, NOW)
+    with runtime.sessions.begin() as session:
+        assert outbox.claim(session, "dead", max_attempts=1, lease_seconds=60, now=NOW)
+    assert _deliverer(runtime, Clock(NOW + timedelta(seconds=30))).deliver_due() == 0
+    assert _row(runtime, row_id).status == "pending"  # its lease still holds
+    assert _deliverer(runtime, Clock(NOW + timedelta(seconds=61))).deliver_due() == 0
+    row = _row(runtime, row_id)
+    assert (row.status, row.failure_reason, row.attempts) == ("failed", "exhausted", 1)
+    assert _count(runtime, "exhausted") == 1
