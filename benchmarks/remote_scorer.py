@@ -13,7 +13,9 @@ in this process on the same image) and minus the PNG encoding.
     python benchmarks/remote_scorer.py            # table
     python benchmarks/remote_scorer.py --json     # one JSON object
 
-The server runs one forward pass at a time (like a CPU-bound server; vLLM batches concurrent
+Both processes run `--threads` torch threads (default 1: with two threads each on a loaded
+2-core machine a request took 600-900 ms instead of 45-50 ms).  The server runs one forward
+pass at a time (like a CPU-bound server; vLLM batches concurrent
 requests on its GPU), so concurrency here overlaps only the HTTP, JSON and PNG work with the
 model's: it shows the overhead, not what a GPU server gains from batching.
 """
@@ -57,7 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", type=int, default=64, help="masked images")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads here and in the server (on a loaded 2-core machine, 2 threads per "
+        "process made one server request 10-20x slower than 1)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 

@@ -75,7 +75,7 @@ def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 
     out = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(
         out, format="PNG", compress_level=1
     )
     return out.getvalue()

@@ -330,3 +330,12 @@ def test_the_request_rate_is_capped(
 def test_bad_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RemoteServer(**{"url": "http://vllm:8000", "model": "m", **kwargs})
+
+
+def test_masked_images_cross_the_wire_losslessly(sample: dict[str, Any]) -> None:
+    from detectors.scorers.remote import png_bytes
+    from guardrail.images import decode_image
+
+    pixels = sample["batch"].pixels()
+    for image in pixels:
+        assert np.array_equal(decode_image(png_bytes(image)), image)
