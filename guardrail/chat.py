@@ -7,7 +7,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ChatFormatError", "ChatInput", "chat_input"]
+__all__ = ["ChatFormatError", "ChatInput", "chat_input", "image_messages", "user_turn"]
 
 
 class ChatFormatError(ValueError):
@@ -80,3 +80,31 @@ def image_messages(
             ],
         }
     ]
+
+
+DEFAULT_TEMPLATE = "USER: {prompt} ASSISTANT:"
+
+
+def user_turn(prompt: str, placeholder: str, template: str | None = None) -> tuple[str, bool]:
+    """The user turn's text inside a rendered `prompt`, and whether the image came before it:
+    the inverse of `chat_input`, for sending the conversation again to the model's server.
+
+    The prompt is matched against `template` (the model's `prompt` setting, `{prompt}` standing
+    for the text) or LLaVA's `USER: {prompt} ASSISTANT:`; the image placeholder may sit in the
+    template or in the text.  A prompt that matches neither is taken whole, placeholder removed.
+    """
+    pattern = template if template and "{prompt}" in template else DEFAULT_TEMPLATE
+    head, _, tail = pattern.partition("{prompt}")
+    if prompt.startswith(head) and prompt.endswith(tail) and len(prompt) >= len(head + tail):
+        inner = prompt[len(head) : len(prompt) - len(tail)]
+        if placeholder in head:
+            image_first = True
+        elif placeholder in tail:
+            image_first = False
+        else:
+            before, found, _ = inner.partition(placeholder)
+            image_first = not found or not before.strip()
+    else:
+        inner = prompt
+        image_first = not prompt.partition(placeholder)[0].strip()
+    return " ".join(inner.replace(placeholder, " ").split()), image_first

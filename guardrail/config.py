@@ -14,7 +14,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -41,7 +49,10 @@ class ModelSettings(BaseModel):
     model_config = {"extra": "forbid"}
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
-    path: Path = Field(description="local checkpoint directory (never a hub id)")
+    path: Path = Field(
+        description="local checkpoint directory (never a hub id); for a remote model, a "
+        "directory with its config.json, tokenizer and processor files (no weights needed)"
+    )
     family: Literal["llava", "qwen2_5_vl"] = "llava"
     onnx: Path | None = Field(
         default=None,
@@ -71,6 +82,45 @@ class ModelSettings(BaseModel):
     budget_fraction: float = Field(default=0.10, gt=0.0, le=1.0)
     max_seconds_per_token: float | None = Field(default=None, gt=0.0)
     prompt: str | None = Field(default=None, description="prompt template with the image token")
+    scorer: Literal["local", "remote"] = Field(
+        default="local",
+        description="local: the weights in `path` run in the audit workers; remote: the "
+        "model's own server scores masked images (vLLM's prompt_logprobs)",
+    )
+    remote_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="the model server's base URL (default: upstream_url)",
+    )
+    remote_model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        pattern=r"^[^\s]+$",
+        description="the served model name, e.g. llava-hf/llava-1.5-7b-hf (default: name)",
+    )
+    remote_api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the NAME of an environment variable holding the server's API key",
+    )
+    remote_concurrency: int = Field(default=4, ge=1, le=256, description="requests in flight")
+    remote_max_requests_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        description="cap on requests per second to the server from one guardrail serve or "
+        "guardrail worker command, shared out among its audit processes",
+    )
+    remote_prompt_logprobs: int = Field(
+        default=0, ge=0, le=100, description="top-k log-probabilities asked beside each token's"
+    )
+    # read from the environment variable named by remote_api_key_env by `load_settings`
+    _remote_api_key: str | None = PrivateAttr(default=None)
+
+    @property
+    def remote_api_key(self) -> str | None:
+        return self._remote_api_key
 
     @field_validator("path")
     @classmethod
@@ -250,6 +300,14 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"models: duplicate names {duplicates}")
+        for m in self.models:
+            if m.scorer == "remote" and m.remote_url is None:
+                if self.upstream_url is None:
+                    raise ValueError(
+                        f"models: {m.name!r} has scorer = 'remote' but neither remote_url nor "
+                        "upstream_url is set"
+                    )
+                m.remote_url = self.upstream_url
         return self
 
     def model(self, name: str) -> ModelSettings | None:
@@ -309,6 +367,15 @@ def load_settings(
         if environ is not None:
             os.environ.clear()
             os.environ.update(saved)
+    for i, m in enumerate(settings.models):
+        if m.scorer == "remote" and m.remote_api_key_env:
+            key = env.get(m.remote_api_key_env)
+            if not key:
+                raise ConfigError(
+                    f"invalid configuration: models.{i}.remote_api_key_env: the environment "
+                    f"variable {m.remote_api_key_env} is not set"
+                )
+            m._remote_api_key = key
     settings.config_file = path
     return settings
 
@@ -366,6 +433,9 @@ def masked(settings: Settings) -> dict[str, Any]:
     for key in ("upstream_url", "public_url"):
         if isinstance(data.get(key), str):
             data[key] = _masked_http_url(data[key])
+    for model in data.get("models", []):
+        if isinstance(model.get("remote_url"), str):
+            model["remote_url"] = _masked_http_url(model["remote_url"])
     if settings.webhook_url:
         data["webhook_url"] = _masked_http_url(settings.webhook_url, hide_path=True)
     # the last 4 characters help tell tokens apart; a short token is shown not at all

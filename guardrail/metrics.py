@@ -65,6 +65,9 @@ class Metrics:
     audit_duration: Histogram
     audit_forward_passes: Histogram
     budget_exhaustions: Counter
+    remote_requests: Counter
+    remote_request_failures: Counter
+    remote_request_seconds: Counter
     jobs_failed: Counter
     worker_restarts: Counter
     proxy_upstream_latency: Histogram
@@ -163,6 +166,25 @@ class Metrics:
             budget_exhaustions=Counter(
                 "guardrail_budget_exhaustions_total",
                 "Object tokens whose search stopped on its pass or time budget",
+                ["model"],
+                registry=r,
+            ),
+            remote_requests=Counter(
+                "guardrail_remote_requests_total",
+                "Requests sent to a remote model's server to score masked images (retries "
+                "included; one per forward pass otherwise)",
+                ["model"],
+                registry=r,
+            ),
+            remote_request_failures=Counter(
+                "guardrail_remote_request_failures_total",
+                "Requests to a remote model's server answered with an error or not answered",
+                ["model"],
+                registry=r,
+            ),
+            remote_request_seconds=Counter(
+                "guardrail_remote_request_seconds_total",
+                "Seconds spent in requests to a remote model's server (summed over threads)",
                 ["model"],
                 registry=r,
             ),

@@ -20,6 +20,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,6 +63,7 @@ class Worker:
         self.stop = threading.Event()
         self.current_job: int | None = None
         self.jobs_done = 0  # audits completed, failed or released by this worker
+        self._remote_seen: dict[str, Any] = {}  # model -> RemoteStats already counted
 
     def run(self) -> None:
         """Audit jobs until `stop` is set, recording a heartbeat row meanwhile."""
@@ -151,8 +153,22 @@ class Worker:
         try:
             return self._audit(job_id, sample_id, model, text, token_ids, image_data, prompt)
         finally:
+            self._count_remote(model)
             self.current_job = None
             self.jobs_done += 1
+
+    def _count_remote(self, model: str) -> None:
+        """Requests a remote model's client sent since the last job (failed audits included)."""
+        auditor = self.auditors.get(model)
+        stats = auditor.remote_stats() if auditor is not None else None
+        if stats is None:
+            return
+        seen = self._remote_seen.get(model)
+        delta = stats.minus(seen) if seen is not None else stats
+        self._remote_seen[model] = stats
+        self.metrics.remote_requests.labels(model=model).inc(delta.requests)
+        self.metrics.remote_request_failures.labels(model=model).inc(delta.failures)
+        self.metrics.remote_request_seconds.labels(model=model).inc(delta.seconds)
 
     def _audit(
         self,
@@ -215,6 +231,17 @@ class Worker:
                 result.attributions,
                 result.verdicts,
                 result.token_ids,
+            )
+        if result.remote is not None:
+            log.info(
+                "worker %s: job %s: %d requests to %s (%d retried, %d failed) in %.2f s",
+                self.owner,
+                job_id,
+                result.remote.requests,
+                result.attributions[0].scorer_name if result.attributions else model,
+                result.remote.retries,
+                result.remote.failures,
+                result.remote.seconds,
             )
         m = self.metrics
         m.audits.labels(model=model).inc()

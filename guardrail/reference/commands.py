@@ -24,6 +24,12 @@ def register(commands: Any) -> None:
     serve.add_argument("--port", type=int, default=8701)
     serve.add_argument("--model", type=Path, default=MODEL_DIR)
     serve.add_argument("--name", default="reference", help="the model name it answers to")
+    serve.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="largest prompt_logprobs a request may ask for (as vLLM's --max-logprobs)",
+    )
     serve.set_defaults(handler=_serve)
 
     train = sub.add_parser("train", help="train the reference model (CPU, deterministic)")
@@ -100,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from guardrail.reference.upstream import create_upstream_app
 
-    app = create_upstream_app(args.model, model_name=args.name)
+    app = create_upstream_app(args.model, model_name=args.name, max_logprobs=args.max_logprobs)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
