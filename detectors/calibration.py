@@ -34,11 +34,15 @@ from detectors.pipeline import AuditSettings
 from detectors.types import Fill
 
 __all__ = [
+    "THRESHOLDS_FILE",
     "Calibration",
     "CalibrationMismatchError",
     "CalibrationSet",
     "CalibrationSettings",
+    "load_calibration",
 ]
+
+THRESHOLDS_FILE = "thresholds.json"  # a model directory's calibrations
 
 FORMAT = 2
 
@@ -224,3 +228,20 @@ class CalibrationSet:
     def save(self, path: Path) -> None:
         record = {"format": FORMAT, "calibrations": [c.as_dict() for c in self.calibrations]}
         path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def load_calibration(
+    model_dir: Path, settings: AuditSettings | None = None, *, model_sha256: str | None = None
+) -> Calibration:
+    """The thresholds calibrated for the model in `model_dir` under `settings` (default:
+    `AuditSettings()`), with their provenance; the default thresholds, marked uncalibrated, when
+    the model was never calibrated.  `model_sha256`, when given, must be the weights' the
+    thresholds were fitted on.
+
+    Raises:
+        CalibrationMismatchError: the model was calibrated, but not under these settings (or
+            not with these weights); the message says how to calibrate for them.
+    """
+    calibrations = CalibrationSet.load(Path(model_dir) / THRESHOLDS_FILE)
+    wanted = CalibrationSettings.of(settings or AuditSettings())
+    return calibrations.for_settings(wanted, model_sha256=model_sha256)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from detectors.pipeline import AuditSettings, audit_sample
+from detectors.pipeline import audit_sample
 from detectors.types import Attribution, Verdict
 from guardrail.config import ModelSettings
 
@@ -90,9 +90,9 @@ class ModelAuditor:
     def _load_remote(self) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
+        from detectors.calibration import load_calibration
         from detectors.scorers.loading import checkpoint_config
         from detectors.scorers.remote import RemoteClient, RemoteServer
-        from guardrail.reference.report import load_thresholds
 
         s = self.settings
         config = checkpoint_config(s.path)
@@ -113,11 +113,11 @@ class ModelAuditor:
             "client": RemoteClient(server),
             "vocab": text.get("vocab_size"),
             "tokenizer": AutoTokenizer.from_pretrained(s.path, local_files_only=True),
-            "thresholds": load_thresholds(s.path),
+            "thresholds": load_calibration(s.path, s.audit_settings()).thresholds,
         }
 
     def _load(self) -> dict[str, Any]:
-        from guardrail.reference.report import load_thresholds
+        from detectors.calibration import load_calibration
 
         s = self.settings
         if self.remote:
@@ -142,7 +142,7 @@ class ModelAuditor:
             "model": model,
             "vision": vision,
             "tokenizer": tokenizer,
-            "thresholds": load_thresholds(s.path),
+            "thresholds": load_calibration(s.path, s.audit_settings()).thresholds,
         }
 
     def scorer(self, image: np.ndarray, prompt: str, token_ids: Sequence[int]) -> Any:
@@ -243,11 +243,7 @@ class ModelAuditor:
             self.scorer(image, prompt, ids),
             ids,
             decode,
-            settings=AuditSettings(
-                n_regions=s.n_regions,
-                budget_fraction=s.budget_fraction,
-                max_seconds=s.max_seconds_per_token,
-            ),
+            settings=s.audit_settings(),
             thresholds=loaded["thresholds"],
         )
         remote = client.stats.minus(before) if client is not None else None

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -29,6 +29,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+if TYPE_CHECKING:
+    from detectors.pipeline import AuditSettings
 
 __all__ = ["ConfigError", "ModelSettings", "Settings", "load_settings", "masked"]
 
@@ -81,6 +84,11 @@ class ModelSettings(BaseModel):
     )
     budget_fraction: float = Field(default=0.10, gt=0.0, le=1.0)
     max_seconds_per_token: float | None = Field(default=None, gt=0.0)
+    fill: Literal["black", "grey", "mean", "blur"] = Field(
+        default="mean",
+        description="what removed regions become; the model's thresholds must be calibrated "
+        "for it with its n_regions and budget_fraction (`guardrail reference calibrate`)",
+    )
     prompt: str | None = Field(default=None, description="prompt template with the image token")
     scorer: Literal["local", "remote"] = Field(
         default="local",
@@ -128,6 +136,27 @@ class ModelSettings(BaseModel):
         if not value.is_dir():
             raise ValueError(f"model directory {str(value)!r} does not exist")
         return value
+
+    @model_validator(mode="after")
+    def _calibrated(self) -> ModelSettings:
+        """The model's verdict thresholds must have been calibrated for these audit settings
+        (a model never calibrated gets the defaults, recorded as uncalibrated)."""
+        from detectors.calibration import load_calibration
+
+        load_calibration(self.path, self.audit_settings())  # raises CalibrationMismatchError
+        return self
+
+    def audit_settings(self) -> AuditSettings:
+        """How this model's samples are audited."""
+        from detectors.pipeline import AuditSettings
+        from detectors.types import Fill
+
+        return AuditSettings(
+            n_regions=self.n_regions,
+            budget_fraction=self.budget_fraction,
+            max_seconds=self.max_seconds_per_token,
+            fill=Fill(self.fill),
+        )
 
 
 def _default_models() -> list[ModelSettings]:

@@ -9,7 +9,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from detectors.calibration import Calibration, CalibrationSet, CalibrationSettings
+from detectors.calibration import (
+    THRESHOLDS_FILE,
+    Calibration,
+    CalibrationSet,
+    CalibrationSettings,
+)
+from detectors.calibration import load_calibration as calibration_of
 from detectors.language_prior import PriorThresholds
 from detectors.pipeline import AuditSettings
 from detectors.reference.world import Split, split_seeds
@@ -26,8 +32,6 @@ __all__ = [
     "load_thresholds",
 ]
 
-THRESHOLDS_FILE = "thresholds.json"
-
 
 @contextmanager
 def onnx_vision(llava: LlavaModel) -> Iterator[OnnxVision]:
@@ -43,19 +47,10 @@ def onnx_vision(llava: LlavaModel) -> Iterator[OnnxVision]:
 def load_calibration(
     model_dir: Path, settings: AuditSettings | None = None, *, verify_weights: bool = False
 ) -> Calibration:
-    """The thresholds calibrated for this model under `settings` (default: `AuditSettings()`),
-    with their provenance; the default thresholds, marked uncalibrated, when the model was
-    never calibrated.  `verify_weights` also checks the weights' SHA-256 against the one the
-    thresholds were fitted on (reads the whole `model.safetensors`).
-
-    Raises:
-        CalibrationMismatchError: the model was calibrated, but not under these settings (or
-            not with these weights); the message says how to calibrate for them.
-    """
-    calibrations = CalibrationSet.load(Path(model_dir) / THRESHOLDS_FILE)
+    """`detectors.calibration.load_calibration`; `verify_weights` also checks the weights'
+    SHA-256 against the one the thresholds were fitted on (reads all of `model.safetensors`)."""
     sha = weights_checksum(Path(model_dir)) if verify_weights else None
-    wanted = CalibrationSettings.of(settings or AuditSettings())
-    return calibrations.for_settings(wanted, model_sha256=sha)
+    return calibration_of(Path(model_dir), settings, model_sha256=sha)
 
 
 def load_thresholds(model_dir: Path, settings: AuditSettings | None = None) -> PriorThresholds:

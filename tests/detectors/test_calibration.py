@@ -113,3 +113,14 @@ def test_guardrail_explain_refuses_an_uncalibrated_fill_before_loading(tmp_path:
     assert refused.returncode != 0
     assert "not calibrated" in refused.stderr and "--fill black" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_sidecar_model_with_uncalibrated_settings_is_refused_at_configuration() -> None:
+    from guardrail.config import ConfigError, load_settings
+
+    model = {"name": "reference", "path": str(MODEL_DIR)}
+    assert load_settings(environ={}, models=[model]).models[0].audit_settings().fill is DEFAULT_FILL
+    for change, named in (({"fill": "black"}, "fill black"), ({"n_regions": 32}, "n_regions 32")):
+        with pytest.raises(ConfigError, match=named) as caught:
+            load_settings(environ={}, models=[{**model, **change}])
+        assert "guardrail reference calibrate" in str(caught.value)
