@@ -171,6 +171,34 @@ class Settings(BaseSettings):
     spike_floor: float = Field(default=0.15, ge=0.0, le=1.0)
     spike_resolve_fraction: float = Field(default=0.7, gt=0.0, lt=1.0)
     retention_days: float = Field(default=30.0, gt=0)
+    otel_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP endpoint verdicts are exported to as OpenTelemetry spans (a base "
+        "URL as in OTEL_EXPORTER_OTLP_ENDPOINT, /v1/traces is appended; off when unset; needs "
+        "the `otel` extra)",
+    )
+    otel_headers: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="headers sent with every export (e.g. Authorization), kept secret",
+    )
+    otel_service_name: str = Field(default="eagle-guardrail", min_length=1, max_length=256)
+    otel_resource_attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra resource attributes (e.g. openinference.project.name for Phoenix)",
+    )
+    otel_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, description="one export, retries included; the stop flush"
+    )
+    otel_max_queue_spans: int = Field(
+        default=2048, ge=1, le=1_000_000, description="spans waiting for export before drops"
+    )
+    otel_max_batch_spans: int = Field(default=256, ge=1, le=100_000)
+    otel_schedule_delay_seconds: float = Field(
+        default=2.0, gt=0, le=600, description="longest wait before a batch is sent"
+    )
+    otel_max_words_per_span: int = Field(
+        default=128, ge=1, le=4096, description="evaluation events per span (the rest counted)"
+    )
     config_file: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -180,6 +208,22 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"models: duplicate names {duplicates}")
         return self
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _otel_endpoint(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http(s) URL, got: {_masked_http_url(value)!r}")
+        from guardrail.otel import OTEL_EXTRA_MISSING, otel_installed
+
+        if not otel_installed():
+            raise ValueError(OTEL_EXTRA_MISSING)
+        return value
 
     def model(self, name: str) -> ModelSettings | None:
         return next((m for m in self.models if m.name == name), None)
@@ -297,6 +341,9 @@ def masked(settings: Settings) -> dict[str, Any]:
             data[key] = _masked_http_url(data[key])
     if settings.webhook_url:
         data["webhook_url"] = _masked_http_url(settings.webhook_url, hide_path=True)
+    if isinstance(data.get("otel_endpoint"), str):
+        data["otel_endpoint"] = _masked_http_url(data["otel_endpoint"])
+    data["otel_headers"] = {name: _MASK for name in settings.otel_headers}
     # the last 4 characters help tell tokens apart; a short token is shown not at all
     data["api_tokens"] = [
         f"****{t.get_secret_value()[-4:]}" if len(t.get_secret_value()) >= 16 else "****"

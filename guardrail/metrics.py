@@ -66,6 +66,8 @@ class Metrics:
     audit_forward_passes: Histogram
     budget_exhaustions: Counter
     jobs_failed: Counter
+    otel_spans: Counter
+    otel_evaluations_truncated: Counter
     worker_restarts: Counter
     proxy_upstream_latency: Histogram
     proxy_fail_open_drops: Counter
@@ -166,6 +168,18 @@ class Metrics:
                 "guardrail_jobs_failed_total",
                 "Audit jobs that ended failed, by reason (invalid_input, error, worker_crashed)",
                 ["model", "reason"],
+                registry=r,
+            ),
+            otel_spans=Counter(
+                "guardrail_otel_spans_total",
+                "Verdict spans for OpenTelemetry export, by outcome (exported, failed, "
+                "queue_full, stopped, error)",
+                ["outcome"],
+                registry=r,
+            ),
+            otel_evaluations_truncated=Counter(
+                "guardrail_otel_evaluations_truncated_total",
+                "Word evaluations left out of a verdict span beyond otel_max_words_per_span",
                 registry=r,
             ),
             worker_restarts=Counter(
