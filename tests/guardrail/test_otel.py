@@ -259,3 +259,62 @@ def test_the_otel_api_is_pinned() -> None:
             "word_evaluations",
         ]
     )
+
+
+@pytest.mark.slow
+def test_serve_exports_from_its_worker_process_and_flushes_on_a_graceful_stop(
+    tmp_path: Path,
+) -> None:
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from guardrail.background_server import free_port, spawn_guardrail
+    from storage.engine import make_engine
+
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    upgrade(make_engine(url))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with otlp_receiver() as receiver:
+        env = {
+            "GUARDRAIL_DATABASE_URL": url,
+            "GUARDRAIL_API_TOKENS": f'["{TOKEN}"]',
+            "GUARDRAIL_WORKERS": "1",
+            "GUARDRAIL_SCHEDULER": "false",
+            "GUARDRAIL_TORCH_THREADS": "1",
+            "GUARDRAIL_OTEL_ENDPOINT": receiver.url,
+            # nothing is sent on a schedule within the test: only the stop's flush sends it
+            "GUARDRAIL_OTEL_SCHEDULE_DELAY_SECONDS": "600",
+        }
+        serve = spawn_guardrail(["serve", "--port", str(port)], env, f"{base}/readyz", timeout=120)
+        try:
+            image = base64.b64encode(encode_png(read_image(EXAMPLE))).decode()
+            body = {
+                "model": "reference",
+                "prompt": CAPTION_PROMPT,
+                "output": "fork knife car clock .",
+                "image_base64": image,
+                "request_id": "req-serve",
+            }
+            answer = httpx.post(f"{base}/v1/samples", json=body, headers=AUTH, timeout=30)
+            assert answer.status_code == 202, answer.text
+            sample = f"{base}/v1/samples/{answer.json()['id']}"
+            deadline = time.monotonic() + 300
+            while httpx.get(sample, headers=AUTH, timeout=10).json()["status"] != "audited":
+                assert time.monotonic() < deadline, "the sample was not audited within 300 s"
+                time.sleep(0.5)
+            # the child's counters reach the parent's /metrics: the span waits in the queue
+            time.sleep(1.5)
+            metrics = httpx.get(f"{base}/metrics", timeout=10).text
+            assert 'guardrail_otel_spans_total{outcome="exported"} 0.0' in metrics
+            assert receiver.spans == []
+        finally:
+            os.kill(serve.pid, signal.SIGTERM)
+            assert serve.wait(120) == 0
+    assert len(receiver.spans) == 1
+    span = receiver.spans[0]
+    assert span.attributes["guardrail.request.id"] == "req-serve"
+    assert [e["guardrail.word"] for _, e in span.events] == ["fork", "knife", "car", "clock"]
