@@ -6,8 +6,9 @@ from the W3C `traceparent` the proxy stored with the sample (without one: the ro
 trace, findable by `gen_ai.response.id` and `guardrail.request.id`), carrying one
 `gen_ai.evaluation.result` event per audited word (OpenTelemetry GenAI semantic conventions:
 `gen_ai.evaluation.name`, `.score.value`, `.score.label`, `.explanation`, `gen_ai.response.id`),
-and OpenInference's `openinference.span.kind = EVALUATOR` with the verdicts as `output.value`,
-which Phoenix shows in its trace view.
+and OpenInference's `openinference.span.kind = EVALUATOR` with the verdicts as `output.value`
+(Phoenix shows both in its trace view; Langfuse reads `output.value` and its own
+`langfuse.observation.type = evaluator`).
 
 Spans leave over OTLP/HTTP (protobuf) from a bounded batch queue in the audit worker's process,
 after the audit is committed (`guardrail.otel.exporter`).  The OpenTelemetry SDK is the optional

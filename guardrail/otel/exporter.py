@@ -111,6 +111,7 @@ class VerdictExporter:
             self._metrics.otel_evaluations_truncated.inc(left_out)
         attributes: dict[str, Any] = {
             "openinference.span.kind": "EVALUATOR",
+            "langfuse.observation.type": "evaluator",  # Langfuse's name for the same kind
             "guardrail.sample.id": trace.sample_id,
             "guardrail.model": trace.model,
             "guardrail.words.audited": len(words),

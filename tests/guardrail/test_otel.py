@@ -101,6 +101,7 @@ def test_a_verdict_span_joins_the_request_trace_with_one_evaluation_per_word() -
     assert joined.resource["service.name"] == "eagle-guardrail"
     assert joined.resource["openinference.project.name"] == "shop"
     assert joined.attributes["openinference.span.kind"] == "EVALUATOR"
+    assert joined.attributes["langfuse.observation.type"] == "evaluator"
     assert joined.attributes["gen_ai.response.id"] == "chatcmpl-abc"
     assert joined.attributes["guardrail.request.id"] == "req-1"
     assert joined.attributes["guardrail.choice.index"] == 1
