@@ -319,3 +319,19 @@ def test_serve_exports_from_its_worker_process_and_flushes_on_a_graceful_stop(
     span = receiver.spans[0]
     assert span.attributes["guardrail.request.id"] == "req-serve"
     assert [e["guardrail.word"] for _, e in span.events] == ["fork", "knife", "car", "clock"]
+
+
+def test_the_export_benchmark_prints_json() -> None:
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "otel_export.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--spans", "5", "--words", "0", "3", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = json.loads(out.stdout)["rows"]
+    assert [(r["words"], r["exported"]) for r in rows] == [(0, 5), (3, 5)]
+    assert rows[1]["bytes_per_span"] > rows[0]["bytes_per_span"] > 0
