@@ -19,7 +19,8 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,7 +31,7 @@ from guardrail.canonical import decode_for_audit
 from guardrail.metrics import Metrics, category_label
 from guardrail.otel import AuditTrace, audit_trace, word_evaluations
 from storage import queue
-from storage.models import Sample, SampleStatus
+from storage.models import Sample, SampleStatus, utcnow
 from storage.repositories import save_audit
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class Worker:
         poll_seconds: float = 0.5,
         owner: str | None = None,
         heartbeat_seconds: float = 5.0,
+        clock: Callable[[], datetime] = utcnow,
         exporter: VerdictExporter | None = None,
     ) -> None:
         self.sessions = sessions
@@ -62,6 +64,7 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
+        self.clock = clock  # the queue's notion of now (tests pass a fake one)
         self.exporter = exporter  # verdicts as OpenTelemetry spans, after each commit
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stop = threading.Event()
@@ -97,7 +100,7 @@ class Worker:
         if job_id is None:
             return False
         with self.sessions.begin() as session:
-            released = queue.release(session, job_id, self.owner)
+            released = queue.release(session, job_id, self.owner, now=self.clock())
         if released:
             log.info("worker %s: released job %s", self.owner, job_id)
         return released
@@ -112,6 +115,7 @@ class Worker:
                         hostname=socket.gethostname(),
                         pid=os.getpid(),
                         job_id=self.current_job,
+                        now=self.clock(),
                     )
             except Exception:
                 log.warning("worker %s: could not record its heartbeat", self.owner)
@@ -121,7 +125,8 @@ class Worker:
     def run_once(self) -> bool:
         """Claim and audit one job; False when the queue had none."""
         with self.sessions.begin() as session:
-            for failed in queue.fail_abandoned(session):
+            now = self.clock()
+            for failed in queue.fail_abandoned(session, now):
                 log.warning(
                     "worker %s: job %s (sample %s) failed: its worker died on each of %d attempts",
                     self.owner,
@@ -132,13 +137,18 @@ class Worker:
                 self.metrics.jobs_failed.labels(
                     model=failed.model, reason=queue.FailureReason.WORKER_CRASHED
                 ).inc()
-            job = queue.claim(session, self.owner, lease_seconds=self.lease_seconds)
+            job = queue.claim(session, self.owner, lease_seconds=self.lease_seconds, now=now)
             if job is None:
                 return False
             job_id, sample_id = job.id, job.sample_id
             # the heartbeat row says which job this worker holds from the claim on
             queue.beat(
-                session, self.owner, hostname=socket.gethostname(), pid=os.getpid(), job_id=job_id
+                session,
+                self.owner,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                job_id=job_id,
+                now=now,
             )
             image_data, prompt = job.image_data, job.prompt or ""
             sample = session.get(Sample, sample_id)
@@ -188,7 +198,9 @@ class Worker:
                 isinstance(exc, ValueError) and "image" in str(exc)
             )
             with self.sessions.begin() as session:
-                status = queue.fail(session, job_id, self.owner, message, permanent=permanent)
+                status = queue.fail(
+                    session, job_id, self.owner, message, permanent=permanent, now=self.clock()
+                )
                 if status is not None and status.value == "failed":
                     failed = session.get(Sample, sample_id)
                     if failed is not None:
@@ -201,7 +213,7 @@ class Worker:
         heartbeat.set()
         beat.join()
         with self.sessions() as session, session.begin():
-            if not queue.complete(session, job_id, self.owner):
+            if not queue.complete(session, job_id, self.owner, now=self.clock()):
                 session.rollback()  # the lease was lost: another worker owns this job now
                 log.warning("worker %s: lost the lease of job %s", self.owner, job_id)
                 return True
@@ -241,7 +253,11 @@ class Worker:
             try:
                 with self.sessions.begin() as session:
                     if not queue.extend(
-                        session, job_id, self.owner, lease_seconds=self.lease_seconds
+                        session,
+                        job_id,
+                        self.owner,
+                        lease_seconds=self.lease_seconds,
+                        now=self.clock(),
                     ):
                         return
             except Exception:
