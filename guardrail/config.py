@@ -225,6 +225,16 @@ class Settings(BaseSettings):
             raise ValueError(OTEL_EXTRA_MISSING)
         return value
 
+    @field_validator("otel_headers")
+    @classmethod
+    def _otel_headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"not an HTTP header name: {name!r}")
+            if any(c in secret.get_secret_value() for c in "\r\n\0"):
+                raise ValueError(f"header {name!r}: the value holds a line break or NUL")
+        return value
+
     def model(self, name: str) -> ModelSettings | None:
         return next((m for m in self.models if m.name == name), None)
 
@@ -245,6 +255,7 @@ class Settings(BaseSettings):
 
 
 _TOML_FILE: dict[str, Path | None] = {"path": None}
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
 
 
 def load_settings(

@@ -210,6 +210,10 @@ def test_the_settings_validate_the_endpoint_and_mask_the_headers() -> None:
     assert build_exporter(load_settings(environ={}), Metrics.create()) is None  # off by default
     with pytest.raises(ConfigError, match=r"otel_endpoint: .*expected an http"):
         _settings("grpc://collector:4317")
+    with pytest.raises(ConfigError, match=r"otel_headers: .*line break"):
+        _settings("http://127.0.0.1:4318", otel_headers={"Authorization": "Basic x\r\nX-Evil: 1"})
+    with pytest.raises(ConfigError, match=r"otel_headers: .*not an HTTP header name"):
+        _settings("http://127.0.0.1:4318", otel_headers={"Bad Name": "1"})
     env = {"GUARDRAIL_OTEL_HEADERS": '{"x-langfuse-ingestion-version": "4"}'}
     settings = load_settings(environ={**env, "GUARDRAIL_OTEL_ENDPOINT": "http://127.0.0.1:4318"})
     assert settings.otel_headers["x-langfuse-ingestion-version"].get_secret_value() == "4"
