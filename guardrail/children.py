@@ -135,6 +135,7 @@ def _run(
         raise ValueError(f"unknown child kind {kind!r}: expected worker or scheduler")
     from transformers.utils import logging as transformers_logging
 
+    from guardrail.otel import build_exporter
     from guardrail.worker import Worker
 
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no tqdm bars in the service's logs
@@ -142,11 +143,13 @@ def _run(
         auditor.load()
         if stop.is_set():
             return 0
+    exporter = build_exporter(settings, runtime.metrics)  # None unless otel_endpoint is set
     worker = Worker(
         runtime.sessions,
         runtime.auditors,
         runtime.metrics,
         lease_seconds=settings.lease_seconds,
+        exporter=exporter,
     )
     thread = threading.Thread(target=worker.run, name=f"worker-{worker.owner}")
     progress[0] = lambda: worker.jobs_done
@@ -163,5 +166,7 @@ def _run(
 
         with contextlib.suppress(Exception), runtime.sessions.begin() as session:
             queue.forget_worker(session, worker.owner)
+    if exporter is not None:  # verdicts still queued go out (within otel_timeout_seconds)
+        exporter.shutdown()
     send()
     return 0

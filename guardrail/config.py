@@ -304,6 +304,34 @@ class Settings(BaseSettings):
     spike_floor: float = Field(default=0.15, ge=0.0, le=1.0)
     spike_resolve_fraction: float = Field(default=0.7, gt=0.0, lt=1.0)
     retention_days: float = Field(default=30.0, gt=0)
+    otel_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP endpoint verdicts are exported to as OpenTelemetry spans (a base "
+        "URL as in OTEL_EXPORTER_OTLP_ENDPOINT, /v1/traces is appended; off when unset; needs "
+        "the `otel` extra)",
+    )
+    otel_headers: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="headers sent with every export (e.g. Authorization), kept secret",
+    )
+    otel_service_name: str = Field(default="eagle-guardrail", min_length=1, max_length=256)
+    otel_resource_attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra resource attributes (e.g. openinference.project.name for Phoenix)",
+    )
+    otel_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, description="one export, retries included; the stop flush"
+    )
+    otel_max_queue_spans: int = Field(
+        default=2048, ge=1, le=1_000_000, description="spans waiting for export before drops"
+    )
+    otel_max_batch_spans: int = Field(default=256, ge=1, le=100_000)
+    otel_schedule_delay_seconds: float = Field(
+        default=2.0, gt=0, le=600, description="longest wait before a batch is sent"
+    )
+    otel_max_words_per_span: int = Field(
+        default=128, ge=1, le=4096, description="evaluation events per span (the rest counted)"
+    )
     config_file: Path | None = Field(default=None, exclude=True)
 
     @field_validator("webhook_url")
@@ -339,6 +367,32 @@ class Settings(BaseSettings):
                 m.remote_url = self.upstream_url
         return self
 
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _otel_endpoint(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http(s) URL, got: {_masked_http_url(value)!r}")
+        from guardrail.otel import OTEL_EXTRA_MISSING, otel_installed
+
+        if not otel_installed():
+            raise ValueError(OTEL_EXTRA_MISSING)
+        return value
+
+    @field_validator("otel_headers")
+    @classmethod
+    def _otel_headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"not an HTTP header name: {name!r}")
+            if any(c in secret.get_secret_value() for c in "\r\n\0"):
+                raise ValueError(f"header {name!r}: the value holds a line break or NUL")
+        return value
+
     def model(self, name: str) -> ModelSettings | None:
         return next((m for m in self.models if m.name == name), None)
 
@@ -359,6 +413,7 @@ class Settings(BaseSettings):
 
 
 _TOML_FILE: dict[str, Path | None] = {"path": None}
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
 
 
 def load_settings(
@@ -467,6 +522,9 @@ def masked(settings: Settings) -> dict[str, Any]:
             model["remote_url"] = _masked_http_url(model["remote_url"])
     if settings.webhook_url:
         data["webhook_url"] = _masked_http_url(settings.webhook_url, hide_path=True)
+    if isinstance(data.get("otel_endpoint"), str):
+        data["otel_endpoint"] = _masked_http_url(data["otel_endpoint"])
+    data["otel_headers"] = {name: _MASK for name in settings.otel_headers}
     # the last 4 characters help tell tokens apart; a short token is shown not at all
     data["api_tokens"] = [
         f"****{t.get_secret_value()[-4:]}" if len(t.get_secret_value()) >= 16 else "****"

@@ -69,6 +69,8 @@ class Metrics:
     remote_request_failures: Counter
     remote_request_seconds: Counter
     jobs_failed: Counter
+    otel_spans: Counter
+    otel_evaluations_truncated: Counter
     worker_restarts: Counter
     proxy_upstream_latency: Histogram
     proxy_fail_open_drops: Counter
@@ -192,6 +194,18 @@ class Metrics:
                 "guardrail_jobs_failed_total",
                 "Audit jobs that ended failed, by reason (invalid_input, error, worker_crashed)",
                 ["model", "reason"],
+                registry=r,
+            ),
+            otel_spans=Counter(
+                "guardrail_otel_spans_total",
+                "Verdict spans for OpenTelemetry export, by outcome (exported, failed, "
+                "queue_full, stopped, error)",
+                ["outcome"],
+                registry=r,
+            ),
+            otel_evaluations_truncated=Counter(
+                "guardrail_otel_evaluations_truncated_total",
+                "Word evaluations left out of a verdict span beyond otel_max_words_per_span",
                 registry=r,
             ),
             worker_restarts=Counter(

@@ -16,11 +16,12 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,9 +29,13 @@ from detectors.errors import DetectorError
 from guardrail.auditor import AuditInputError, ModelAuditor
 from guardrail.canonical import decode_for_audit
 from guardrail.metrics import Metrics, category_label
+from guardrail.otel import AuditTrace, audit_trace, word_evaluations
 from storage import queue
 from storage.models import Sample, SampleStatus, utcnow
 from storage.repositories import save_audit
+
+if TYPE_CHECKING:
+    from guardrail.otel.exporter import VerdictExporter
 
 __all__ = ["Worker"]
 
@@ -51,6 +56,7 @@ class Worker:
         owner: str | None = None,
         heartbeat_seconds: float = 5.0,
         clock: Callable[[], datetime] = utcnow,
+        exporter: VerdictExporter | None = None,
     ) -> None:
         self.sessions = sessions
         self.auditors = auditors
@@ -59,6 +65,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self.clock = clock  # the queue's notion of now (tests pass a fake one)
+        self.exporter = exporter  # verdicts as OpenTelemetry spans, after each commit
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stop = threading.Event()
         self.current_job: int | None = None
@@ -148,10 +155,11 @@ class Worker:
             sample = session.get(Sample, sample_id)
             assert sample is not None  # the foreign key guarantees it
             model, text, token_ids = sample.model, sample.generated_text, list(sample.token_ids)
+            trace = audit_trace(sample)
             sample.status = SampleStatus.AUDITING
         self.current_job = job_id
         try:
-            return self._audit(job_id, sample_id, model, text, token_ids, image_data, prompt)
+            return self._audit(job_id, sample_id, model, text, token_ids, image_data, prompt, trace)
         finally:
             self._count_remote(model)
             self.current_job = None
@@ -179,7 +187,9 @@ class Worker:
         token_ids: list[int],
         image_data: bytes | None,
         prompt: str,
+        trace: AuditTrace,
     ) -> bool:
+        started_ns = time.time_ns()
         heartbeat = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job_id, heartbeat), daemon=True)
         beat.start()
@@ -253,6 +263,14 @@ class Worker:
             m.tokens_audited.labels(
                 model=model, verdict=verdict.label.value, category=category_label(category)
             ).inc()
+        if self.exporter is not None:  # after the commit: never fails or delays the audit
+            self.exporter.export(
+                trace,
+                word_evaluations(result.words, result.verdicts),
+                forward_passes=result.forward_passes,
+                start_time_ns=started_ns,
+                end_time_ns=started_ns + int(result.seconds * 1e9),
+            )
         return True
 
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
