@@ -154,7 +154,8 @@ class EagleSearch:
 
         n = evaluator.n_regions
         total = (self.budget.max_forward_passes or n * (n + 1)) * len(evaluator.targets)
-        return tqdm(total=total, unit="pass", desc=f"EAGLE {self.resolved_strategy}")
+        # disable=None: no bar when stderr is not a terminal (a log file, a container)
+        return tqdm(total=total, unit="pass", desc=f"EAGLE {self.resolved_strategy}", disable=None)
 
     def _search(self, evaluator: MaskEvaluator, columns: np.ndarray) -> Attribution:
         strategy = self.resolved_strategy

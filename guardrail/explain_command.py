@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from guardrail.auditor import ModelAuditor
     from guardrail.config import ModelSettings
     from guardrail.images import read_image, write_image
+    from guardrail.logs import quiet_progress_bars
 
     image = read_image(args.image)
     family = model_family(args.model)
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     model = {"name": "explain", "path": args.model, "family": family, "onnx": args.onnx}
     model.update(device=args.device, dtype=args.dtype)
     auditor = ModelAuditor(ModelSettings.model_validate(model))
+    quiet_progress_bars()  # no loading bars when stderr is not a terminal
     loaded = auditor.load()
     tokenizer = loaded["tokenizer"]
     if args.prompt is None:

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from detectors.errors import DetectorError
 from guardrail.auditor import AuditInputError, ModelAuditor
 from guardrail.canonical import decode_for_audit
+from guardrail.logs import log_context
 from guardrail.metrics import Metrics, category_label
 from storage import queue
 from storage.models import Sample, SampleStatus
@@ -136,10 +137,14 @@ class Worker:
             sample = session.get(Sample, sample_id)
             assert sample is not None  # the foreign key guarantees it
             model, text, token_ids = sample.model, sample.generated_text, list(sample.token_ids)
+            request_id = sample.request_id
             sample.status = SampleStatus.AUDITING
         self.current_job = job_id
         try:
-            return self._audit(job_id, sample_id, model, text, token_ids, image_data, prompt)
+            # every log line of this audit names its sample (and the client's request id)
+            with log_context(request_id=request_id, sample_id=sample_id):
+                log.info("worker %s: auditing job %s (model %s)", self.owner, job_id, model)
+                return self._audit(job_id, sample_id, model, text, token_ids, image_data, prompt)
         finally:
             self.current_job = None
             self.jobs_done += 1
@@ -204,6 +209,14 @@ class Worker:
                 result.verdicts,
                 result.token_ids,
             )
+        log.info(
+            "worker %s: job %s audited: %d words, %d forward passes, %.2f s",
+            self.owner,
+            job_id,
+            len(result.verdicts),
+            result.forward_passes,
+            result.seconds,
+        )
         m = self.metrics
         m.audits.labels(model=model).inc()
         m.audit_duration.labels(model=model).observe(result.seconds)

@@ -24,6 +24,9 @@ def register(commands: Any) -> None:
     serve.add_argument("--port", type=int, default=8701)
     serve.add_argument("--model", type=Path, default=MODEL_DIR)
     serve.add_argument("--name", default="reference", help="the model name it answers to")
+    serve.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON"
+    )
     serve.set_defaults(handler=_serve)
 
     train = sub.add_parser("train", help="train the reference model (CPU, deterministic)")
@@ -70,10 +73,13 @@ def register(commands: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from guardrail.logs import configure_logging, quiet_progress_bars, uvicorn_log_config
     from guardrail.reference.upstream import create_upstream_app
 
+    configure_logging(args.log_format)
+    quiet_progress_bars()
     app = create_upstream_app(args.model, model_name=args.name)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port, log_config=uvicorn_log_config(access_log=True))
     return 0
 
 
