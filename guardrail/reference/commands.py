@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,18 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     quiet_progress_bars()
     app = create_upstream_app(args.model, model_name=args.name)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=uvicorn_log_config(access_log=True))
-    return 0
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_config=uvicorn_log_config(access_log=True)
+        )
+    )
+    # uvicorn re-raises SIGINT/SIGTERM to the handler that was there before it once it has
+    # stopped: record it, so that a stop is an exit status (0, 130 after SIGINT), as for serve
+    received: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda s, _f: received.append(s))
+    server.run()
+    return 130 if received and received[0] == signal.SIGINT else 0
 
 
 def _train(args: argparse.Namespace) -> int:
