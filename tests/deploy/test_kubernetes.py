@@ -200,7 +200,8 @@ def test_pods_run_unprivileged_and_reach_their_config(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_settings_file_is_valid(overlay: str, tmp_path: Path) -> None:
-    config = _one(_render(overlay), "ConfigMap", "guardrail-config")
+    docs = _render(overlay)
+    config = _one(docs, "ConfigMap", "guardrail-config")
     text = config["data"]["guardrail.toml"]
     for inside, here in IMAGE_PATHS.items():
         text = text.replace(inside, here)
@@ -208,6 +209,11 @@ def test_the_settings_file_is_valid(overlay: str, tmp_path: Path) -> None:
     path.write_text(text)
     settings = load_settings(path, environ={})  # every key is known and valid
     assert settings.log_format == "json" and settings.workers == 0
+    # and with the Secret's variables over it, as the pods see them
+    secret = _one(docs, "Secret", "guardrail-secrets")["stringData"]
+    with_secret = load_settings(path, environ=secret)
+    assert with_secret.database_url.get_secret_value() == secret["GUARDRAIL_DATABASE_URL"]
+    assert with_secret.database_url.get_secret_value().startswith("postgresql+psycopg://")
     if overlay.endswith("gpu"):
         assert [m.device for m in settings.models] == ["cuda"]
 
