@@ -154,8 +154,7 @@ class EagleSearch:
 
         n = evaluator.n_regions
         total = (self.budget.max_forward_passes or n * (n + 1)) * len(evaluator.targets)
-        # disable=None: no bar when stderr is not a terminal (a log file, a container)
-        return tqdm(total=total, unit="pass", desc=f"EAGLE {self.resolved_strategy}", disable=None)
+        return tqdm(total=total, unit="pass", desc=f"EAGLE {self.resolved_strategy}")
 
     def _search(self, evaluator: MaskEvaluator, columns: np.ndarray) -> Attribution:
         strategy = self.resolved_strategy

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         decode,
         settings=settings,
         thresholds=loaded["thresholds"],
-        progress=True,
+        progress=sys.stderr.isatty(),  # a bar on a terminal, never in a log file
     )
     args.out.mkdir(parents=True, exist_ok=True)
     write_image(args.out / "image.png", _upscale(image))

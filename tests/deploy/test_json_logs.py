@@ -165,20 +165,29 @@ def test_log_format_is_validated() -> None:
         configure_logging("xml")  # type: ignore[arg-type]
 
 
-def test_no_progress_bar_when_stderr_is_not_a_terminal(capfd: pytest.CaptureFixture[str]) -> None:
-    import numpy as np
-
-    import detectors
-    from detectors.scorers import analytic_case
-
-    case = analytic_case("grounded", n_regions=9)
-    image = np.zeros((48, 48, 3), dtype=np.uint8)
-    detectors.explain(
-        image,
-        case.scorer,
-        case.targets,
-        partition=detectors.grid_partition(image, 3, 3),
-        budget=detectors.SearchBudget(max_forward_passes=40),
-        progress=True,  # asked for, but stderr is a pipe here
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    """`guardrail explain` with stderr into a file (a log): no tqdm bar, no loading bar."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "guardrail", "explain", str(EXAMPLE), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    assert "pass" not in capfd.readouterr().err
+    assert result.returncode == 0, result.stderr
+    assert "fork" in result.stdout  # it did explain
+    assert (
+        "\r" not in result.stderr and "it/s" not in result.stderr and "pass/s" not in result.stderr
+    )
+    assert "%|" not in result.stderr, result.stderr
+
+
+def test_the_reference_commands_draw_bars_only_on_a_terminal() -> None:
+    import inspect
+
+    from guardrail.reference import diagnosis, report, training
+
+    for module in (diagnosis, report, training):
+        source = inspect.getsource(module)
+        calls = source.count("tqdm(")
+        assert calls and source.count("disable=None if progress else True") == calls, module
