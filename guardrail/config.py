@@ -172,7 +172,61 @@ class Settings(BaseSettings):
     )
     scheduler: bool = Field(default=True, description="run reports, spike checks, retention")
     public_url: str = Field(default="http://127.0.0.1:8700", description="for links in alerts")
-    webhook_url: str | None = Field(default=None, description="spike alerts are POSTed here")
+    webhook_url: str | None = Field(
+        default=None,
+        description="spike alerts (firing and resolved) are POSTed here (GUARDRAIL_WEBHOOK_URL)",
+    )
+    webhook_format: Literal["generic", "slack", "alertmanager"] = Field(
+        default="generic",
+        description="the body's shape: the guardrail's own JSON, a Slack incoming-webhook "
+        "message or Alertmanager's webhook JSON, version 4 (GUARDRAIL_WEBHOOK_FORMAT)",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key: each request carries X-Guardrail-Signature: "
+        "t=<unix>,v1=<hex of HMAC(secret, '<t>.' + body)> (GUARDRAIL_WEBHOOK_SECRET; at "
+        "least 16 characters)",
+    )
+    webhook_send_resolved: bool = Field(
+        default=True,
+        description="notify when a spike clears too (GUARDRAIL_WEBHOOK_SEND_RESOLVED)",
+    )
+    webhook_receiver: str = Field(
+        default="guardrail",
+        min_length=1,
+        max_length=128,
+        description="the `receiver` of the alertmanager format (GUARDRAIL_WEBHOOK_RECEIVER)",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="per attempt: connect, send, answer (GUARDRAIL_WEBHOOK_TIMEOUT_SECONDS)",
+    )
+    webhook_max_attempts: int = Field(
+        default=12,
+        ge=1,
+        le=1000,
+        description="attempts before a notification is given up as `exhausted` "
+        "(GUARDRAIL_WEBHOOK_MAX_ATTEMPTS)",
+    )
+    webhook_max_age_seconds: float = Field(
+        default=86400.0,
+        gt=0,
+        description="a notification not delivered this long after the state change is given "
+        "up as `expired` (GUARDRAIL_WEBHOOK_MAX_AGE_SECONDS)",
+    )
+    webhook_backoff_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="first retry delay, doubled per attempt, with jitter; a Retry-After "
+        "answer on 429/503 wins (GUARDRAIL_WEBHOOK_BACKOFF_SECONDS)",
+    )
+    webhook_max_backoff_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="longest retry delay (GUARDRAIL_WEBHOOK_MAX_BACKOFF_SECONDS)",
+    )
     report_daily_cron: str = "0 6 * * *"
     report_weekly_cron: str = "0 6 * * mon"
     spike_check_seconds: float = Field(default=60.0, gt=0, description="spike check period")
@@ -184,6 +238,23 @@ class Settings(BaseSettings):
     spike_resolve_fraction: float = Field(default=0.7, gt=0.0, lt=1.0)
     retention_days: float = Field(default=30.0, gt=0)
     config_file: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_webhook(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"webhook_url must be an http(s) URL, got: {value[:8]!r}...")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError(
+                f"webhook_secret must be at least 16 characters, got: "
+                f"{len(value.get_secret_value())}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _unique_models(self) -> Settings:

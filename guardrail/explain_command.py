@@ -15,6 +15,7 @@ __all__ = ["register"]
 
 def register(commands: Any) -> None:
     from detectors.reference import MODEL_DIR
+    from detectors.types import DEFAULT_FILL, Fill
 
     explain = commands.add_parser(
         "explain", help="flag the object words of an output and explain each with EAGLE"
@@ -36,7 +37,13 @@ def register(commands: Any) -> None:
     explain.add_argument(
         "--budget", type=float, default=0.10, help="passes per word, share of the exact search"
     )
-    explain.add_argument("--fill", default="mean", choices=["black", "grey", "mean", "blur"])
+    explain.add_argument(
+        "--fill",
+        default=DEFAULT_FILL.value,
+        choices=[f.value for f in Fill],
+        help="what removed regions become (default: %(default)s; the verdict thresholds are "
+        "calibrated per fill)",
+    )
     explain.add_argument(
         "--onnx", type=Path, help="vision encoder from `guardrail export-vision` (default: torch)"
     )
@@ -62,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
     from guardrail.config import ModelSettings
     from guardrail.images import read_image, write_image
     from guardrail.logs import quiet_progress_bars
+    from guardrail.reference.report import load_calibration
 
+    settings = AuditSettings(
+        n_regions=args.regions, budget_fraction=args.budget, fill=Fill(args.fill)
+    )
+    # before loading anything: refuse settings the thresholds were not calibrated for
+    calibration = load_calibration(args.model, settings)
     image = read_image(args.image)
     family = model_family(args.model)
     # the sidecar's own loading: ONNX vision where it fits the image, the torch tower otherwise
@@ -82,16 +95,13 @@ def run(args: argparse.Namespace) -> int:
     decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
     output_text = decode(token_ids)
     scorer = auditor.scorer(image, args.prompt, token_ids)
-    settings = AuditSettings(
-        n_regions=args.regions, budget_fraction=args.budget, fill=Fill(args.fill)
-    )
     audit = audit_sample(
         image,
         scorer,
         token_ids,
         decode,
         settings=settings,
-        thresholds=loaded["thresholds"],
+        thresholds=calibration.thresholds,
         progress=sys.stderr.isatty(),  # a bar on a terminal, never in a log file
     )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         "token_ids": [int(t) for t in token_ids],
         "model": str(args.model),
         "scorer": scorer.name,
+        "calibration": calibration.provenance(),
         "words": words,
     }
     (args.out / "explanation.json").write_text(json.dumps(report, indent=2) + "\n")

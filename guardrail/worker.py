@@ -18,7 +18,8 @@ import socket
 import threading
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,7 +29,7 @@ from guardrail.canonical import decode_for_audit
 from guardrail.logs import log_context
 from guardrail.metrics import Metrics, category_label
 from storage import queue
-from storage.models import Sample, SampleStatus
+from storage.models import Sample, SampleStatus, utcnow
 from storage.repositories import save_audit
 
 __all__ = ["Worker"]
@@ -49,6 +50,7 @@ class Worker:
         poll_seconds: float = 0.5,
         owner: str | None = None,
         heartbeat_seconds: float = 5.0,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.sessions = sessions
         self.auditors = auditors
@@ -56,6 +58,7 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
+        self.clock = clock  # the queue's notion of now (tests pass a fake one)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stop = threading.Event()
         self.current_job: int | None = None
@@ -90,7 +93,7 @@ class Worker:
         if job_id is None:
             return False
         with self.sessions.begin() as session:
-            released = queue.release(session, job_id, self.owner)
+            released = queue.release(session, job_id, self.owner, now=self.clock())
         if released:
             log.info("worker %s: released job %s", self.owner, job_id)
         return released
@@ -105,6 +108,7 @@ class Worker:
                         hostname=socket.gethostname(),
                         pid=os.getpid(),
                         job_id=self.current_job,
+                        now=self.clock(),
                     )
             except Exception:
                 log.warning("worker %s: could not record its heartbeat", self.owner)
@@ -114,7 +118,8 @@ class Worker:
     def run_once(self) -> bool:
         """Claim and audit one job; False when the queue had none."""
         with self.sessions.begin() as session:
-            for failed in queue.fail_abandoned(session):
+            now = self.clock()
+            for failed in queue.fail_abandoned(session, now):
                 log.warning(
                     "worker %s: job %s (sample %s) failed: its worker died on each of %d attempts",
                     self.owner,
@@ -125,13 +130,18 @@ class Worker:
                 self.metrics.jobs_failed.labels(
                     model=failed.model, reason=queue.FailureReason.WORKER_CRASHED
                 ).inc()
-            job = queue.claim(session, self.owner, lease_seconds=self.lease_seconds)
+            job = queue.claim(session, self.owner, lease_seconds=self.lease_seconds, now=now)
             if job is None:
                 return False
             job_id, sample_id = job.id, job.sample_id
             # the heartbeat row says which job this worker holds from the claim on
             queue.beat(
-                session, self.owner, hostname=socket.gethostname(), pid=os.getpid(), job_id=job_id
+                session,
+                self.owner,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                job_id=job_id,
+                now=now,
             )
             image_data, prompt = job.image_data, job.prompt or ""
             sample = session.get(Sample, sample_id)
@@ -182,7 +192,9 @@ class Worker:
                 isinstance(exc, ValueError) and "image" in str(exc)
             )
             with self.sessions.begin() as session:
-                status = queue.fail(session, job_id, self.owner, message, permanent=permanent)
+                status = queue.fail(
+                    session, job_id, self.owner, message, permanent=permanent, now=self.clock()
+                )
                 if status is not None and status.value == "failed":
                     failed = session.get(Sample, sample_id)
                     if failed is not None:
@@ -195,7 +207,7 @@ class Worker:
         heartbeat.set()
         beat.join()
         with self.sessions() as session, session.begin():
-            if not queue.complete(session, job_id, self.owner):
+            if not queue.complete(session, job_id, self.owner, now=self.clock()):
                 session.rollback()  # the lease was lost: another worker owns this job now
                 log.warning("worker %s: lost the lease of job %s", self.owner, job_id)
                 return True
@@ -235,7 +247,11 @@ class Worker:
             try:
                 with self.sessions.begin() as session:
                     if not queue.extend(
-                        session, job_id, self.owner, lease_seconds=self.lease_seconds
+                        session,
+                        job_id,
+                        self.owner,
+                        lease_seconds=self.lease_seconds,
+                        now=self.clock(),
                     ):
                         return
             except Exception:
