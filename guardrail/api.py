@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import hashlib
 import hmac
 import json
@@ -35,6 +36,7 @@ from guardrail.http_errors import (
     install_error_contract,
 )
 from guardrail.ingest import IngestError, IngestRequest, ingest, unsafe_text_reason
+from guardrail.logs import RequestContextMiddleware, request_id_var, sample_id_var
 from guardrail.runtime import Runtime
 from storage.models import Job, Report, Sample
 from storage.repositories import get_sample, list_audits
@@ -220,6 +222,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     install_error_contract(
         app, max_request_bytes=request_body_limit(settings), body_limit_exempt={PROXY_PATH}
     )
+    app.add_middleware(RequestContextMiddleware)  # outermost: every log line of a request
 
     def authorize(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
@@ -249,12 +252,19 @@ def create_app(runtime: Runtime) -> FastAPI:
             metadata=body.metadata,
             force=force or body.audit,
         )
+        if body.request_id is not None and request_id_var.get() is None:
+            request_id_var.set(body.request_id)  # the request's log lines name it
         loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # the ingest thread logs with the request's ids
         try:
-            answer = await loop.run_in_executor(runtime.ingest_executor, ingest, runtime, request)
+            answer = await loop.run_in_executor(
+                runtime.ingest_executor, context.run, ingest, runtime, request
+            )
         except IngestError as exc:
             retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
             raise ApiError(exc.status, str(exc), error_type=exc.error_type, headers=retry) from None
+        if answer.get("id"):
+            sample_id_var.set(answer["id"])  # uvicorn's access line for this request names it
         return JSONResponse(answer, status_code=202 if answer["sampled"] else 200)
 
     @app.post(

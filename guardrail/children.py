@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,8 +25,6 @@ from typing import Any
 __all__ = ["child_main", "threads_per_child"]
 
 log = logging.getLogger("guardrail.children")
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s"
 
 
 def threads_per_child(cores: int | None, children: int) -> int:
@@ -50,10 +47,10 @@ def child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
-    # one line per event, not per scheduler tick or weight file
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from guardrail.logs import configure_logging
+
+    # the parent's format (settings.log_format); one line per event, not per scheduler tick
+    configure_logging(settings.log_format)
     parent = os.getppid()
     code = 0
     try:

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     from guardrail.demo import register as register_demo
     from guardrail.explain_command import register as register_explain
     from guardrail.export_command import register as register_export
+    from guardrail.probe_command import register as register_probe
     from guardrail.reference.commands import register as register_reference
     from guardrail.report_command import register as register_report
     from guardrail.serve_command import register as register_serve
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_demo(commands)
     register_export(commands)
     register_reference(commands)
+    register_probe(commands)
     return parser
 
 

@@ -175,7 +175,11 @@ class Settings(BaseSettings):
     api_tokens: list[SecretStr] = Field(default_factory=list, description="bearer tokens")
     models: list[ModelSettings] = Field(default_factory=_default_models)
     upstream_url: str | None = Field(default=None, description="OpenAI-compatible upstream")
-    host: str = "127.0.0.1"
+    host: str = Field(
+        default="127.0.0.1",
+        description="address to listen on: loopback on a laptop; the container images set "
+        "GUARDRAIL_HOST=0.0.0.0",
+    )
     port: int = Field(default=8700, ge=1, le=65535)
     workers: int = Field(default=1, ge=0, le=64)
     torch_threads: int | None = Field(
@@ -236,6 +240,14 @@ class Settings(BaseSettings):
         default=8 * 2**20,
         ge=1024,
         description="largest answer copied for the tee (the client still gets all of it)",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text lines, or one JSON object per line (level, logger, message, "
+        "request and sample ids) for log collectors",
+    )
+    access_log: bool = Field(
+        default=False, description="log one line per HTTP request (uvicorn's access log)"
     )
     scheduler: bool = Field(default=True, description="run reports, spike checks, retention")
     public_url: str = Field(default="http://127.0.0.1:8700", description="for links in alerts")

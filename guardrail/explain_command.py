@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from guardrail.auditor import ModelAuditor
     from guardrail.config import ConfigError, ModelSettings
     from guardrail.images import read_image, write_image
+    from guardrail.logs import quiet_progress_bars
     from guardrail.reference.report import load_calibration
 
     settings = AuditSettings(
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"the environment variable {args.remote_api_key_env} is not set")
         model_settings._remote_api_key = key
     auditor = ModelAuditor(model_settings)
+    quiet_progress_bars()  # no loading bars when stderr is not a terminal
     loaded = auditor.load()
     tokenizer = loaded["tokenizer"]
     if args.prompt is None:
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         decode,
         settings=settings,
         thresholds=calibration.thresholds,
-        progress=True,
+        progress=sys.stderr.isatty(),  # a bar on a terminal, never in a log file
     )
     args.out.mkdir(parents=True, exist_ok=True)
     write_image(args.out / "image.png", _upscale(image))

@@ -69,14 +69,13 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from guardrail.api import create_app
-    from guardrail.children import LOG_FORMAT
+    from guardrail.logs import configure_logging, uvicorn_log_config
     from guardrail.runtime import build_runtime
     from guardrail.supervisor import Supervisor
     from storage.engine import check_migrated
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied request
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
+    configure_logging(settings.log_format)
     sock = _bind(settings.host, settings.port)
     runtime = build_runtime(settings)
     check_migrated(runtime.engine)
@@ -97,8 +96,9 @@ def _serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(
         uvicorn.Config(
             app,
-            log_level="warning",
-            access_log=False,
+            # uvicorn's loggers hand their records to the root logger: one format per process
+            log_config=uvicorn_log_config(access_log=settings.access_log),
+            access_log=settings.access_log,
             # requests in flight (an ingest decoding a large image) get the same grace as
             # audits: cut short, a client would get a 500 for a sample committed after it
             timeout_graceful_shutdown=max(10, int(settings.stop_grace_seconds)),
@@ -125,13 +125,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
-    from guardrail.children import LOG_FORMAT
+    from guardrail.logs import configure_logging
     from guardrail.runtime import build_runtime
     from guardrail.supervisor import Supervisor
     from storage.engine import check_migrated
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     settings = _settings(args, workers=args.workers)
+    configure_logging(settings.log_format)
     runtime = build_runtime(settings)
     check_migrated(runtime.engine)
     if args.metrics_port:

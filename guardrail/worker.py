@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from detectors.errors import DetectorError
 from guardrail.auditor import AuditInputError, ModelAuditor
 from guardrail.canonical import decode_for_audit
+from guardrail.logs import log_context
 from guardrail.metrics import Metrics, category_label
 from guardrail.otel import AuditTrace, audit_trace, word_evaluations
 from storage import queue
@@ -155,11 +156,17 @@ class Worker:
             sample = session.get(Sample, sample_id)
             assert sample is not None  # the foreign key guarantees it
             model, text, token_ids = sample.model, sample.generated_text, list(sample.token_ids)
+            request_id = sample.request_id
             trace = audit_trace(sample)
             sample.status = SampleStatus.AUDITING
         self.current_job = job_id
         try:
-            return self._audit(job_id, sample_id, model, text, token_ids, image_data, prompt, trace)
+            # every log line of this audit names its sample (and the client's request id)
+            with log_context(request_id=request_id, sample_id=sample_id):
+                log.info("worker %s: auditing job %s (model %s)", self.owner, job_id, model)
+                return self._audit(
+                    job_id, sample_id, model, text, token_ids, image_data, prompt, trace
+                )
         finally:
             self._count_remote(model)
             self.current_job = None
@@ -253,6 +260,14 @@ class Worker:
                 result.remote.failures,
                 result.remote.seconds,
             )
+        log.info(
+            "worker %s: job %s audited: %d words, %d forward passes, %.2f s",
+            self.owner,
+            job_id,
+            len(result.verdicts),
+            result.forward_passes,
+            result.seconds,
+        )
         m = self.metrics
         m.audits.labels(model=model).inc()
         m.audit_duration.labels(model=model).observe(result.seconds)

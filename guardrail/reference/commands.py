@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ def register(commands: Any) -> None:
         type=int,
         default=20,
         help="largest prompt_logprobs a request may ask for (as vLLM's --max-logprobs)",
+    )
+    serve.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON"
     )
     serve.set_defaults(handler=_serve)
 
@@ -104,11 +108,24 @@ def _audit_settings(args: argparse.Namespace) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from guardrail.logs import configure_logging, quiet_progress_bars, uvicorn_log_config
     from guardrail.reference.upstream import create_upstream_app
 
+    configure_logging(args.log_format)
+    quiet_progress_bars()
     app = create_upstream_app(args.model, model_name=args.name, max_logprobs=args.max_logprobs)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_config=uvicorn_log_config(access_log=True)
+        )
+    )
+    # uvicorn re-raises SIGINT/SIGTERM to the handler that was there before it once it has
+    # stopped: record it, so that a stop is an exit status (0, 130 after SIGINT), as for serve
+    received: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda s, _f: received.append(s))
+    server.run()
+    return 130 if received and received[0] == signal.SIGINT else 0
 
 
 def _train(args: argparse.Namespace) -> int:

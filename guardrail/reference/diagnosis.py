@@ -75,7 +75,7 @@ def audit_scenes(
     tokenizer = llava.tokenizer
     decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
     out = []
-    for result in tqdm(results, desc="auditing", disable=not progress):
+    for result in tqdm(results, desc="auditing", disable=None if progress else True):
         scene = result.scene
         scorer = FastLlavaScorer(
             llava, scene.image, CAPTION_PROMPT, result.caption.token_ids, vision=vision

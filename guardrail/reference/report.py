@@ -74,7 +74,7 @@ def evaluate(
     started = time.perf_counter()
     llava = load_llava(model_dir)
     scenes = eval_scenes(seed, per_kind)
-    with tqdm(total=len(scenes), desc="captioning", disable=not progress) as bar:
+    with tqdm(total=len(scenes), desc="captioning", disable=None if progress else True) as bar:
         results = caption_scenes(llava, scenes, progress=bar)
     report: dict[str, Any] = {
         "seed": seed,

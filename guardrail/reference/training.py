@@ -143,7 +143,7 @@ def train(
     seeds = split_seeds(Split.TRAIN, config.seed * config.scenes, config.scenes)
     scenes = [
         generate_scene(s, config=world)
-        for s in tqdm(seeds, desc="drawing scenes", disable=not progress)
+        for s in tqdm(seeds, desc="drawing scenes", disable=None if progress else True)
     ]
     images = np.stack([s.image for s in scenes])
     processor = build_processor()
@@ -159,7 +159,9 @@ def train(
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.text_learning_rate, weight_decay=0.01
         )
-        for _ in tqdm(range(config.text_steps), desc="text pretraining", disable=not progress):
+        for _ in tqdm(
+            range(config.text_steps), desc="text pretraining", disable=None if progress else True
+        ):
             picks = rng.integers(0, len(scenes), config.batch_size)
             pairs = [(text_prompt, _corpus_caption(scenes[i], rng, config)) for i in picks]
             ids, mask, lab = batcher.batch(pairs)
@@ -174,7 +176,7 @@ def train(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.learning_rate, total_steps=config.steps
     )
-    bar = tqdm(range(config.steps), desc="training", disable=not progress)
+    bar = tqdm(range(config.steps), desc="training", disable=None if progress else True)
     running = None
     for step in bar:
         picks = rng.integers(0, len(scenes), config.batch_size)
