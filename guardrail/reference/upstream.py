@@ -43,6 +43,8 @@ def create_upstream_app(model_dir: Path, *, model_name: str = "reference") -> Fa
             raise HTTPException(400, "the body must be a JSON object")
         try:
             parsed = chat_input(body, "<image>")
+            if parsed.image_bytes is None:
+                raise ValueError("the reference upstream takes images as data URLs only")
             image = decode_image(parsed.image_bytes)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
