@@ -205,8 +205,8 @@ class Metrics:
             ),
             proxy_duration=Histogram(
                 "guardrail_proxy_request_duration_seconds",
-                "From sending a request upstream to the last byte of its answer relayed (a "
-                "stream's whole length)",
+                "From sending a request upstream to the end of its answer (a stream: its last "
+                "chunk relayed, so its whole length)",
                 ["route", "model"],
                 buckets=LATENCY_BUCKETS,
                 registry=r,

@@ -548,6 +548,11 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
                     status_code=response.status_code,
                     background=BackgroundTask(settle_later, exchange) if exchange else None,
                 )
+                if request.method == "HEAD":  # the length of the body a GET would get
+                    answer.raw_headers = [
+                        h for h in answer.raw_headers if h[0] != b"content-length"
+                    ]
+                    out_headers += [h for h in response.headers.raw if h[0] == b"content-length"]
                 answer.raw_headers.extend(out_headers)
                 answered(route, response.status_code)
                 return answer

@@ -61,7 +61,7 @@ class Echo:
             return JSONResponse(record, status_code=201, headers={"x-upstream": "yes"})
 
         return Starlette(
-            routes=[Route("/{path:path}", echo, methods=["GET", "POST", "PUT", "DELETE"])]
+            routes=[Route("/{path:path}", echo, methods=["GET", "HEAD", "POST", "PUT", "DELETE"])]
         )
 
 
@@ -119,6 +119,9 @@ def test_any_path_under_v1_is_forwarded_and_the_guardrail_routes_come_first(
         plain = bare.get(f"{url}/v1/models").json()["headers"]
     assert plain["accept-encoding"] == "identity"  # never a compression the client did not ask
     assert httpx.get(f"{url}/v1/responses/abc").json()["path"] == "/v1/responses/abc"
+    head = httpx.head(f"{url}/v1/responses/abc")
+    assert head.status_code == 201 and head.content == b""
+    assert int(head.headers["content-length"]) > 0  # the upstream's, not a zero of its own
 
     count = len(upstream.seen)
     assert httpx.get(f"{url}/healthz").status_code == 200
@@ -132,7 +135,7 @@ def test_any_path_under_v1_is_forwarded_and_the_guardrail_routes_come_first(
 
     get = runtime.metrics.registry.get_sample_value
     assert get("guardrail_proxy_requests_total", {"route": "embeddings", "code": "2xx"}) == 1
-    assert get("guardrail_proxy_requests_total", {"route": "responses", "code": "2xx"}) == 1
+    assert get("guardrail_proxy_requests_total", {"route": "responses", "code": "2xx"}) == 2
 
 
 def test_the_upstream_url_may_end_in_v1_or_not(
