@@ -347,3 +347,14 @@ def test_traceparents_and_route_labels() -> None:
     assert route_label("/v1/chat/completions") == "chat_completions"
     assert route_label("/v1/models/org/name") == "models"
     assert route_label("/v1/whatever") == "other"
+
+
+def test_model_names_as_servers_serve_them() -> None:
+    from detectors.reference import MODEL_DIR
+    from guardrail.config import ModelSettings
+
+    for name in ("llava-hf/llava-1.5-7b-hf", "Qwen/Qwen2.5-VL-7B-Instruct", "org/sub/name:v1"):
+        assert ModelSettings(name=name, path=MODEL_DIR).name == name
+    for bad in ("../x", "a/../b", "a//b", "/a", "a/", ".", "a b", "x" * 129, "a/./b"):
+        with pytest.raises(ValueError):
+            ModelSettings(name=bad, path=MODEL_DIR)
