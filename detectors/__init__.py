@@ -14,6 +14,7 @@ from detectors.explanation import Explanation, explain
 from detectors.language_prior import PriorThresholds, judge, judge_sample
 from detectors.regions import RegionPartition, grid_partition, slic_partition
 from detectors.types import (
+    DEFAULT_FILL,
     Attribution,
     CrossEvidence,
     Fill,
@@ -25,6 +26,7 @@ from detectors.types import (
 from detectors.version import __version__
 
 __all__ = [
+    "DEFAULT_FILL",
     "Attribution",
     "CrossEvidence",
     "EagleSearch",

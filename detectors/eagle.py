@@ -19,7 +19,7 @@ from detectors.search.efficient import efficient_greedy
 from detectors.search.evaluator import MaskEvaluator
 from detectors.search.exact import exact_greedy
 from detectors.search.trace import SearchTrace, to_attribution
-from detectors.types import Attribution, CrossEvidence, Fill, Target
+from detectors.types import DEFAULT_FILL, Attribution, CrossEvidence, Fill, Target
 from detectors.version import __version__
 
 __all__ = ["EagleSearch", "Strategy"]
@@ -55,7 +55,7 @@ class EagleSearch:
         budget: SearchBudget | None = None,
         weights: tuple[float, float] = (1.0, 1.0),
         *,
-        fill: Fill | str = Fill.BLACK,
+        fill: Fill | str = DEFAULT_FILL,
         strategy: Strategy = "auto",
         coverage: float = 0.9,
         candidates: int = 2,

@@ -7,7 +7,14 @@
     ├── InvalidTargetError       a target that cannot be explained (bad position, duplicate)
     ├── ScorerContractError      a scorer returned something other than (B, T) probabilities
     ├── ImageTokenError          a prompt's image tokens do not match the image features
-    └── MissingDependencyError   an optional dependency is needed for this call
+    ├── MissingDependencyError   an optional dependency is needed for this call
+    └── RemoteScorerError        a remote model server could not score (detectors.scorers.remote)
+        ├── RemoteTokenMismatchError      the server's prompt tokens are not the audited tokens
+        ├── RemoteUnsupportedError   the server lacks prompt_logprobs or continue_final_message
+        └── RemoteRequestError       the server refused a request (4xx other than 429)
+    RemoteUnavailableError       (not a DetectorError: retrying later may work) the server did not
+                                 answer in time, or kept answering 429/503/5xx past the retries
+
 
 Every message says what was wrong and what was expected.  `ValueError` subclasses are used where
 the caller passed a bad value, so code that catches `ValueError` keeps working.
@@ -23,6 +30,11 @@ __all__ = [
     "InvalidTargetError",
     "MissingDependencyError",
     "PartitionError",
+    "RemoteRequestError",
+    "RemoteScorerError",
+    "RemoteTokenMismatchError",
+    "RemoteUnavailableError",
+    "RemoteUnsupportedError",
     "ScorerContractError",
 ]
 
@@ -58,3 +70,27 @@ class ImageTokenError(DetectorError, ValueError):
 
 class MissingDependencyError(DetectorError, ImportError):
     """An optional dependency is needed for the requested call."""
+
+
+class RemoteScorerError(DetectorError):
+    """A remote model server could not score a masked image; retrying will not help."""
+
+
+class RemoteTokenMismatchError(RemoteScorerError):
+    """The tokens the server rendered at the end of its prompt are not the tokens the model
+    produced (the chat template or the tokenizer differs from the audited model's)."""
+
+
+class RemoteUnsupportedError(RemoteScorerError):
+    """The server does not support what a remote scorer needs (vLLM's `prompt_logprobs`,
+    `continue_final_message`, prompt token ids); the message names it."""
+
+
+class RemoteRequestError(RemoteScorerError):
+    """The server refused a request (a 4xx other than 429: bad key, unknown model, too long)."""
+
+
+class RemoteUnavailableError(Exception):
+    """The server did not answer, or kept answering 429/503/5xx beyond the bounded retries.
+
+    Not a `DetectorError`: the same audit may succeed later, so a worker retries its job."""

@@ -12,7 +12,7 @@ from detectors.eagle import EagleSearch
 from detectors.language_prior import PriorThresholds, judge, judge_sample
 from detectors.regions import RegionPartition, slic_partition
 from detectors.scorers.protocol import Scorer
-from detectors.types import Attribution, CrossEvidence, Fill, Target, Verdict
+from detectors.types import DEFAULT_FILL, Attribution, CrossEvidence, Fill, Target, Verdict
 
 __all__ = ["Explanation", "explain"]
 
@@ -41,7 +41,7 @@ def explain(
     budget: SearchBudget | None = None,
     partition: RegionPartition | None = None,
     n_regions: int = 64,
-    fill: Fill | str = Fill.BLACK,
+    fill: Fill | str = DEFAULT_FILL,
     thresholds: PriorThresholds | None = None,
     joint: bool = False,
     progress: bool = False,

@@ -13,7 +13,7 @@ from detectors.language_prior import PriorThresholds
 from detectors.objects import DEFAULT_VOCABULARY, ObjectMention, ObjectVocabulary, flag_objects
 from detectors.regions import RegionPartition, slic_partition
 from detectors.scorers.protocol import Scorer
-from detectors.types import Fill
+from detectors.types import DEFAULT_FILL, Fill
 
 __all__ = ["AuditSettings", "SampleAudit", "audit_sample"]
 
@@ -36,7 +36,7 @@ class AuditSettings:
     budget_fraction: float = 0.10
     max_forward_passes: int | None = None
     max_seconds: float | None = None
-    fill: Fill = Fill.MEAN
+    fill: Fill = DEFAULT_FILL
     batch_size: int = 16
 
     def budget(self, n_regions: int) -> SearchBudget:

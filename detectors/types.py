@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from detectors.regions import RegionPartition
 
 __all__ = [
+    "DEFAULT_FILL",
     "Attribution",
     "CrossEvidence",
     "Fill",
@@ -29,12 +30,18 @@ class Fill(str, enum.Enum):
 
     `BLACK` is the paper's choice.  A model that reads black as an object barely reacts to
     black-filled removals; `MEAN` (the image's mean colour) or `BLUR` then remove an object better.
+    `DEFAULT_FILL` (mean) is the default everywhere: `EagleSearch`, `explain`, `AuditSettings`,
+    `guardrail explain` and the sidecar; verdict thresholds are calibrated per fill
+    (`detectors.calibration`).
     """
 
     BLACK = "black"
     GREY = "grey"
     MEAN = "mean"
     BLUR = "blur"
+
+
+DEFAULT_FILL = Fill.MEAN
 
 
 class StopReason(str, enum.Enum):

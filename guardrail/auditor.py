@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from detectors.pipeline import AuditSettings, audit_sample
+from detectors.pipeline import audit_sample
 from detectors.types import Attribution, Verdict
 from guardrail.config import ModelSettings
 
@@ -40,14 +40,22 @@ class AuditResult:
     forward_passes: int
     seconds: float
     budget_exhausted: int  # words whose search stopped on its budget
+    remote: Any = None  # detectors.scorers.remote.RemoteStats of this audit, remote models only
 
 
 class ModelAuditor:
-    """One configured model, loaded on first use (thread-safe)."""
+    """One configured model, loaded on first use (thread-safe).
 
-    def __init__(self, settings: ModelSettings, *, threads: int | None = None) -> None:
+    A remote model (`scorer = "remote"`) loads only its tokenizer from `path`; masked images
+    are scored by its server through a `RemoteClient` (one per model and process, so its
+    request-rate cap is `remote_max_requests_per_second / rate_share`)."""
+
+    def __init__(
+        self, settings: ModelSettings, *, threads: int | None = None, rate_share: int = 1
+    ) -> None:
         self.settings = settings
         self.threads = threads
+        self.rate_share = max(1, rate_share)
         self._lock = threading.Lock()
         self._loaded: dict[str, Any] | None = None
 
@@ -69,10 +77,51 @@ class ModelAuditor:
     def loaded(self) -> bool:
         return self._loaded is not None
 
-    def _load(self) -> dict[str, Any]:
-        from guardrail.reference.report import load_thresholds
+    @property
+    def remote(self) -> bool:
+        return self.settings.scorer == "remote"
+
+    def remote_stats(self) -> Any:
+        """The remote client's counters (`RemoteStats`), or None (local, or not loaded)."""
+        loaded = self._loaded
+        client = loaded.get("client") if loaded is not None else None
+        return client.stats if client is not None else None
+
+    def _load_remote(self) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        from detectors.calibration import load_calibration
+        from detectors.scorers.loading import checkpoint_config
+        from detectors.scorers.remote import RemoteClient, RemoteServer
 
         s = self.settings
+        config = checkpoint_config(s.path)
+        text = config.get("text_config") or config
+        rate = s.remote_max_requests_per_second
+        if s.remote_url is None:
+            raise ValueError(f"model {s.name!r}: scorer = 'remote' needs remote_url")
+        server = RemoteServer(
+            url=s.remote_url,
+            model=s.remote_model or s.name,
+            api_key=s.remote_api_key,
+            concurrency=s.remote_concurrency,
+            max_requests_per_second=rate / self.rate_share if rate else None,
+            prompt_logprobs=s.remote_prompt_logprobs,
+        )
+        return {
+            "model": None,
+            "client": RemoteClient(server),
+            "vocab": text.get("vocab_size"),
+            "tokenizer": AutoTokenizer.from_pretrained(s.path, local_files_only=True),
+            "thresholds": load_calibration(s.path, s.audit_settings()).thresholds,
+        }
+
+    def _load(self) -> dict[str, Any]:
+        from detectors.calibration import load_calibration
+
+        s = self.settings
+        if self.remote:
+            return self._load_remote()
         if s.family == "llava":
             from detectors.scorers.llava import load_llava
             from detectors.scorers.llava_fast import llava_onnx_vision
@@ -93,11 +142,28 @@ class ModelAuditor:
             "model": model,
             "vision": vision,
             "tokenizer": tokenizer,
-            "thresholds": load_thresholds(s.path),
+            "thresholds": load_calibration(s.path, s.audit_settings()).thresholds,
         }
 
     def scorer(self, image: np.ndarray, prompt: str, token_ids: Sequence[int]) -> Any:
         loaded = self.load()
+        if self.remote:
+            from detectors.scorers.remote import RemoteScorer
+            from guardrail.chat import user_turn
+
+            tokenizer = loaded["tokenizer"]
+            text, image_first = user_turn(
+                self.prompt_for(prompt),
+                image_placeholder(self.settings.family),
+                self.settings.prompt,
+            )
+            return RemoteScorer(
+                loaded["client"],
+                text,
+                token_ids,
+                lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=False)),
+                image_first=image_first,
+            )
         if self.settings.family == "llava":
             from detectors.scorers.llava_fast import FastLlavaScorer
 
@@ -127,6 +193,14 @@ class ModelAuditor:
     def _check_tokens(
         self, loaded: dict[str, Any], image: np.ndarray, prompt: str, ids: Sequence[int]
     ) -> None:
+        if self.remote:  # the server checks the length; the vocabulary is known from config
+            vocab = loaded["vocab"] or len(loaded["tokenizer"])
+            bad = [t for t in ids if not 0 <= int(t) < int(vocab)]
+            if bad:
+                raise AuditInputError(
+                    f"token ids {bad[:5]} do not decode: the model's vocabulary has {vocab} tokens"
+                )
+            return
         model = loaded["model"].model
         text_config = model.config.get_text_config()
         vocab = int(text_config.vocab_size)
@@ -162,21 +236,20 @@ class ModelAuditor:
             return str(tokenizer.decode(list(pieces), skip_special_tokens=True))
 
         s = self.settings
+        client = loaded.get("client")
+        before = client.stats if client is not None else None
         audit = audit_sample(
             image,
             self.scorer(image, prompt, ids),
             ids,
             decode,
-            settings=AuditSettings(
-                n_regions=s.n_regions,
-                budget_fraction=s.budget_fraction,
-                max_seconds=s.max_seconds_per_token,
-            ),
+            settings=s.audit_settings(),
             thresholds=loaded["thresholds"],
         )
+        remote = client.stats.minus(before) if client is not None else None
         words = tuple((m.position, m.token_id, m.word, m.category) for m in audit.mentions)
         if audit.explanation is None:
-            return AuditResult(tuple(ids), (), (), (), 0, time.perf_counter() - started, 0)
+            return AuditResult(tuple(ids), (), (), (), 0, time.perf_counter() - started, 0, remote)
         attributions = tuple(audit.explanation.attributions)
         exhausted = sum(
             a.stopped_by in (StopReason.FORWARD_BUDGET, StopReason.TIME_BUDGET)
@@ -190,4 +263,5 @@ class ModelAuditor:
             forward_passes=audit.forward_passes,
             seconds=time.perf_counter() - started,
             budget_exhausted=exhausted,
+            remote=remote,
         )

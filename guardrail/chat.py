@@ -7,7 +7,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ChatFormatError", "ChatInput", "chat_input"]
+__all__ = ["ChatFormatError", "ChatInput", "chat_input", "image_messages", "user_turn"]
 
 
 class ChatFormatError(ValueError):
@@ -15,7 +15,7 @@ class ChatFormatError(ValueError):
     `multi_image` (several images), `image_unreadable` (an image part that is neither a
     base64 data URL nor an http(s) URL) or `messages_unreadable` (not the chat shape)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, message: str, reason: str = "messages_unreadable") -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -32,14 +32,18 @@ class ChatInput:
 
 
 def _data_url(url: str) -> bytes:
+    if not url.startswith("data:") or "," not in url:
+        raise ChatFormatError(
+            "images must be data URLs (data:image/png;base64,...)", reason="image_unreadable"
+        )
     header, _, payload = url.partition(",")
     if ";base64" not in header:
-        raise ChatFormatError("image_unreadable", "image data URLs must be base64-encoded")
+        raise ChatFormatError("image data URLs must be base64-encoded", reason="image_unreadable")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ChatFormatError(
-            "image_unreadable", f"the image data URL is not valid base64: {exc}"
+            f"the image data URL is not valid base64: {exc}", reason="image_unreadable"
         ) from None
 
 
@@ -47,13 +51,14 @@ def _image(part: dict[str, Any]) -> tuple[bytes | None, str | None]:
     url = part.get("image_url")
     url = url.get("url") if isinstance(url, dict) else url
     if not isinstance(url, str):
-        raise ChatFormatError("image_unreadable", "an image_url part without a URL")
+        raise ChatFormatError("an image_url part without a URL", reason="image_unreadable")
     if url.startswith("data:") and "," in url:
         return _data_url(url), None
     if url[:8].lower().startswith(("http://", "https://")):
         return None, url
     raise ChatFormatError(
-        "image_unreadable", "images must be data URLs (data:image/png;base64,...) or http(s) URLs"
+        "images must be data URLs (data:image/png;base64,...) or http(s) URLs",
+        reason="image_unreadable",
     )
 
 
@@ -68,12 +73,12 @@ def _turn(
         return []
     if not isinstance(content, list):
         raise ChatFormatError(
-            "messages_unreadable", "message content must be a string or a list of parts"
+            "message content must be a string or a list of parts", reason="messages_unreadable"
         )
     pieces: list[str] = []
     for part in content:
         if not isinstance(part, dict):
-            raise ChatFormatError("messages_unreadable", "content parts must be objects")
+            raise ChatFormatError("content parts must be objects", reason="messages_unreadable")
         if part.get("type") == "text":
             pieces.append(str(part.get("text", "")).strip())
         elif part.get("type") == "image_url":
@@ -95,7 +100,7 @@ def chat_input(body: dict[str, Any], placeholder: str, template: str | None = No
     """
     messages = body.get("messages")
     if not isinstance(messages, list):
-        raise ChatFormatError("messages_unreadable", "messages must be a list")
+        raise ChatFormatError("messages must be a list", reason="messages_unreadable")
     images: list[tuple[bytes | None, str | None]] = []
     turns: list[str] = []
     last_user: list[str] | None = None
@@ -106,18 +111,18 @@ def chat_input(body: dict[str, Any], placeholder: str, template: str | None = No
         pieces = _turn(message.get("content"), placeholder, images)
         text = " ".join(p for p in pieces if p)
         if message["role"] == "assistant" and len(images) != found:
-            raise ChatFormatError("messages_unreadable", "an assistant turn holds an image")
+            raise ChatFormatError("an assistant turn holds an image", reason="messages_unreadable")
         if message["role"] == "user":
             last_user = pieces
             turns.append(f"USER: {text}" if text else "USER:")
         else:
             turns.append(f"ASSISTANT: {text}" if text else "ASSISTANT:")
     if not images:
-        raise ChatFormatError("text_only", "no image in any turn")
+        raise ChatFormatError("no image in any turn", reason="text_only")
     if len(images) > 1:
-        raise ChatFormatError("multi_image", f"{len(images)} images; one image is audited")
+        raise ChatFormatError(f"{len(images)} images; one image is audited", reason="multi_image")
     if last_user is None:
-        raise ChatFormatError("messages_unreadable", "no user message")
+        raise ChatFormatError("no user message", reason="messages_unreadable")
     image_bytes, image_url = images[0]
     if template:
         text = " ".join(p for p in last_user if p and p != placeholder)
@@ -141,3 +146,31 @@ def image_messages(
             ],
         }
     ]
+
+
+DEFAULT_TEMPLATE = "USER: {prompt} ASSISTANT:"
+
+
+def user_turn(prompt: str, placeholder: str, template: str | None = None) -> tuple[str, bool]:
+    """The user turn's text inside a rendered `prompt`, and whether the image came before it:
+    the inverse of `chat_input`, for sending the conversation again to the model's server.
+
+    The prompt is matched against `template` (the model's `prompt` setting, `{prompt}` standing
+    for the text) or LLaVA's `USER: {prompt} ASSISTANT:`; the image placeholder may sit in the
+    template or in the text.  A prompt that matches neither is taken whole, placeholder removed.
+    """
+    pattern = template if template and "{prompt}" in template else DEFAULT_TEMPLATE
+    head, _, tail = pattern.partition("{prompt}")
+    if prompt.startswith(head) and prompt.endswith(tail) and len(prompt) >= len(head + tail):
+        inner = prompt[len(head) : len(prompt) - len(tail)]
+        if placeholder in head:
+            image_first = True
+        elif placeholder in tail:
+            image_first = False
+        else:
+            before, found, _ = inner.partition(placeholder)
+            image_first = not found or not before.strip()
+    else:
+        inner = prompt
+        image_first = not prompt.partition(placeholder)[0].strip()
+    return " ".join(inner.replace(placeholder, " ").split()), image_first

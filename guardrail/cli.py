@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from detectors.errors import DetectorError
+from detectors.errors import DetectorError, RemoteUnavailableError
 from guardrail import __version__
 from storage.engine import UnmigratedDatabaseError, failed_database
 
@@ -79,7 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.handler(args))
-    except (DetectorError, ValueError, OSError, UnmigratedDatabaseError) as exc:
+    except (
+        DetectorError,
+        RemoteUnavailableError,
+        ValueError,
+        OSError,
+        UnmigratedDatabaseError,
+    ) as exc:
         print(f"{type(exc).__name__}: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except (ArgumentError, OperationalError) as exc:

@@ -12,15 +12,26 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+if TYPE_CHECKING:
+    from detectors.pipeline import AuditSettings
 
 __all__ = ["ConfigError", "ModelSettings", "Settings", "load_settings", "masked"]
 
@@ -53,7 +64,10 @@ class ModelSettings(BaseModel):
         "`reference`, or a Hugging Face style `org/name` (segments of letters, digits and "
         "`_.:-`, joined by single slashes)",
     )
-    path: Path = Field(description="local checkpoint directory (never a hub id)")
+    path: Path = Field(
+        description="local checkpoint directory (never a hub id); for a remote model, a "
+        "directory with its config.json, tokenizer and processor files (no weights needed)"
+    )
     family: Literal["llava", "qwen2_5_vl"] = "llava"
     onnx: Path | None = Field(
         default=None,
@@ -82,7 +96,51 @@ class ModelSettings(BaseModel):
     )
     budget_fraction: float = Field(default=0.10, gt=0.0, le=1.0)
     max_seconds_per_token: float | None = Field(default=None, gt=0.0)
+    fill: Literal["black", "grey", "mean", "blur"] = Field(
+        default="mean",
+        description="what removed regions become; the model's thresholds must be calibrated "
+        "for it with its n_regions and budget_fraction (`guardrail reference calibrate`)",
+    )
     prompt: str | None = Field(default=None, description="prompt template with the image token")
+    scorer: Literal["local", "remote"] = Field(
+        default="local",
+        description="local: the weights in `path` run in the audit workers; remote: the "
+        "model's own server scores masked images (vLLM's prompt_logprobs)",
+    )
+    remote_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="the model server's base URL (default: upstream_url)",
+    )
+    remote_model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        pattern=r"^[^\s]+$",
+        description="the served model name, e.g. llava-hf/llava-1.5-7b-hf (default: name)",
+    )
+    remote_api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the NAME of an environment variable holding the server's API key",
+    )
+    remote_concurrency: int = Field(default=4, ge=1, le=256, description="requests in flight")
+    remote_max_requests_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        description="cap on requests per second to the server from one guardrail serve or "
+        "guardrail worker command, shared out among its audit processes",
+    )
+    remote_prompt_logprobs: int = Field(
+        default=0, ge=0, le=100, description="top-k log-probabilities asked beside each token's"
+    )
+    # read from the environment variable named by remote_api_key_env by `load_settings`
+    _remote_api_key: str | None = PrivateAttr(default=None)
+
+    @property
+    def remote_api_key(self) -> str | None:
+        return self._remote_api_key
 
     @field_validator("name")
     @classmethod
@@ -97,6 +155,27 @@ class ModelSettings(BaseModel):
         if not value.is_dir():
             raise ValueError(f"model directory {str(value)!r} does not exist")
         return value
+
+    @model_validator(mode="after")
+    def _calibrated(self) -> ModelSettings:
+        """The model's verdict thresholds must have been calibrated for these audit settings
+        (a model never calibrated gets the defaults, recorded as uncalibrated)."""
+        from detectors.calibration import load_calibration
+
+        load_calibration(self.path, self.audit_settings())  # raises CalibrationMismatchError
+        return self
+
+    def audit_settings(self) -> AuditSettings:
+        """How this model's samples are audited."""
+        from detectors.pipeline import AuditSettings
+        from detectors.types import Fill
+
+        return AuditSettings(
+            n_regions=self.n_regions,
+            budget_fraction=self.budget_fraction,
+            max_seconds=self.max_seconds_per_token,
+            fill=Fill(self.fill),
+        )
 
 
 def _default_models() -> list[ModelSettings]:
@@ -204,7 +283,61 @@ class Settings(BaseSettings):
     )
     scheduler: bool = Field(default=True, description="run reports, spike checks, retention")
     public_url: str = Field(default="http://127.0.0.1:8700", description="for links in alerts")
-    webhook_url: str | None = Field(default=None, description="spike alerts are POSTed here")
+    webhook_url: str | None = Field(
+        default=None,
+        description="spike alerts (firing and resolved) are POSTed here (GUARDRAIL_WEBHOOK_URL)",
+    )
+    webhook_format: Literal["generic", "slack", "alertmanager"] = Field(
+        default="generic",
+        description="the body's shape: the guardrail's own JSON, a Slack incoming-webhook "
+        "message or Alertmanager's webhook JSON, version 4 (GUARDRAIL_WEBHOOK_FORMAT)",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key: each request carries X-Guardrail-Signature: "
+        "t=<unix>,v1=<hex of HMAC(secret, '<t>.' + body)> (GUARDRAIL_WEBHOOK_SECRET; at "
+        "least 16 characters)",
+    )
+    webhook_send_resolved: bool = Field(
+        default=True,
+        description="notify when a spike clears too (GUARDRAIL_WEBHOOK_SEND_RESOLVED)",
+    )
+    webhook_receiver: str = Field(
+        default="guardrail",
+        min_length=1,
+        max_length=128,
+        description="the `receiver` of the alertmanager format (GUARDRAIL_WEBHOOK_RECEIVER)",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="per attempt: connect, send, answer (GUARDRAIL_WEBHOOK_TIMEOUT_SECONDS)",
+    )
+    webhook_max_attempts: int = Field(
+        default=12,
+        ge=1,
+        le=1000,
+        description="attempts before a notification is given up as `exhausted` "
+        "(GUARDRAIL_WEBHOOK_MAX_ATTEMPTS)",
+    )
+    webhook_max_age_seconds: float = Field(
+        default=86400.0,
+        gt=0,
+        description="a notification not delivered this long after the state change is given "
+        "up as `expired` (GUARDRAIL_WEBHOOK_MAX_AGE_SECONDS)",
+    )
+    webhook_backoff_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="first retry delay, doubled per attempt, with jitter; a Retry-After "
+        "answer on 429/503 wins (GUARDRAIL_WEBHOOK_BACKOFF_SECONDS)",
+    )
+    webhook_max_backoff_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="longest retry delay (GUARDRAIL_WEBHOOK_MAX_BACKOFF_SECONDS)",
+    )
     report_daily_cron: str = "0 6 * * *"
     report_weekly_cron: str = "0 6 * * mon"
     spike_check_seconds: float = Field(default=60.0, gt=0, description="spike check period")
@@ -244,12 +377,37 @@ class Settings(BaseSettings):
             parse_allowed_host(entry)  # raises ValueError naming the bad entry
         return value
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_webhook(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"webhook_url must be an http(s) URL, got: {value[:8]!r}...")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError(
+                f"webhook_secret must be at least 16 characters, got: "
+                f"{len(value.get_secret_value())}"
+            )
+        return value
+
     @model_validator(mode="after")
     def _unique_models(self) -> Settings:
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"models: duplicate names {duplicates}")
+        for m in self.models:
+            if m.scorer == "remote" and m.remote_url is None:
+                if self.upstream_url is None:
+                    raise ValueError(
+                        f"models: {m.name!r} has scorer = 'remote' but neither remote_url nor "
+                        "upstream_url is set"
+                    )
+                m.remote_url = self.upstream_url
         return self
 
     def model(self, name: str) -> ModelSettings | None:
@@ -309,6 +467,15 @@ def load_settings(
         if environ is not None:
             os.environ.clear()
             os.environ.update(saved)
+    for i, m in enumerate(settings.models):
+        if m.scorer == "remote" and m.remote_api_key_env:
+            key = env.get(m.remote_api_key_env)
+            if not key:
+                raise ConfigError(
+                    f"invalid configuration: models.{i}.remote_api_key_env: the environment "
+                    f"variable {m.remote_api_key_env} is not set"
+                )
+            m._remote_api_key = key
     settings.config_file = path
     return settings
 
@@ -366,6 +533,9 @@ def masked(settings: Settings) -> dict[str, Any]:
     for key in ("upstream_url", "public_url"):
         if isinstance(data.get(key), str):
             data[key] = _masked_http_url(data[key])
+    for model in data.get("models", []):
+        if isinstance(model.get("remote_url"), str):
+            model["remote_url"] = _masked_http_url(model["remote_url"])
     if settings.webhook_url:
         data["webhook_url"] = _masked_http_url(settings.webhook_url, hide_path=True)
     # the last 4 characters help tell tokens apart; a short token is shown not at all

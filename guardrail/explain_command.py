@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ __all__ = ["register"]
 
 def register(commands: Any) -> None:
     from detectors.reference import MODEL_DIR
+    from detectors.types import DEFAULT_FILL, Fill
 
     explain = commands.add_parser(
         "explain", help="flag the object words of an output and explain each with EAGLE"
@@ -35,7 +37,13 @@ def register(commands: Any) -> None:
     explain.add_argument(
         "--budget", type=float, default=0.10, help="passes per word, share of the exact search"
     )
-    explain.add_argument("--fill", default="mean", choices=["black", "grey", "mean", "blur"])
+    explain.add_argument(
+        "--fill",
+        default=DEFAULT_FILL.value,
+        choices=[f.value for f in Fill],
+        help="what removed regions become (default: %(default)s; the verdict thresholds are "
+        "calibrated per fill)",
+    )
     explain.add_argument(
         "--onnx", type=Path, help="vision encoder from `guardrail export-vision` (default: torch)"
     )
@@ -46,6 +54,19 @@ def register(commands: Any) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="weights dtype (half precision: for GPUs; loses the 1e-5 parity)",
     )
+    explain.add_argument(
+        "--remote",
+        metavar="URL",
+        help="score with the model's own server (vLLM's prompt_logprobs) at this base URL; "
+        "--model then only gives the tokenizer and processor files",
+    )
+    explain.add_argument(
+        "--remote-model", metavar="NAME", help="the served model name (default: reference)"
+    )
+    explain.add_argument(
+        "--remote-api-key-env", metavar="VAR", help="environment variable holding the API key"
+    )
+    explain.add_argument("--remote-concurrency", type=int, default=4, help="requests in flight")
     explain.set_defaults(handler=run)
 
 
@@ -58,20 +79,42 @@ def run(args: argparse.Namespace) -> int:
     from detectors.serialization import attribution_to_dict, verdict_to_dict
     from detectors.types import Fill
     from guardrail.auditor import ModelAuditor
-    from guardrail.config import ModelSettings
+    from guardrail.config import ConfigError, ModelSettings
     from guardrail.images import read_image, write_image
+    from guardrail.reference.report import load_calibration
 
+    settings = AuditSettings(
+        n_regions=args.regions, budget_fraction=args.budget, fill=Fill(args.fill)
+    )
+    # before loading anything: refuse settings the thresholds were not calibrated for
+    calibration = load_calibration(args.model, settings)
     image = read_image(args.image)
     family = model_family(args.model)
     # the sidecar's own loading: ONNX vision where it fits the image, the torch tower otherwise
     model = {"name": "explain", "path": args.model, "family": family, "onnx": args.onnx}
     model.update(device=args.device, dtype=args.dtype)
-    auditor = ModelAuditor(ModelSettings.model_validate(model))
+    if args.remote:
+        model.update(
+            scorer="remote",
+            remote_url=args.remote,
+            remote_model=args.remote_model or "reference",
+            remote_api_key_env=args.remote_api_key_env,
+            remote_concurrency=args.remote_concurrency,
+        )
+    model_settings = ModelSettings.model_validate(model)
+    if args.remote_api_key_env:  # the CLI reads the environment, the library never does
+        key = os.environ.get(args.remote_api_key_env)
+        if not key:
+            raise ConfigError(f"the environment variable {args.remote_api_key_env} is not set")
+        model_settings._remote_api_key = key
+    auditor = ModelAuditor(model_settings)
     loaded = auditor.load()
     tokenizer = loaded["tokenizer"]
     if args.prompt is None:
         args.prompt = CAPTION_PROMPT if family == "llava" else CAPTION_PROMPT_QWEN
-    if args.output is None:
+    if args.output is None and args.remote:
+        token_ids = _remote_generation(loaded["client"], image, auditor, args.prompt, tokenizer)
+    elif args.output is None:
         generation = loaded["model"].generate(image, args.prompt)
         token_ids = list(generation.token_ids)
     else:
@@ -79,16 +122,13 @@ def run(args: argparse.Namespace) -> int:
     decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
     output_text = decode(token_ids)
     scorer = auditor.scorer(image, args.prompt, token_ids)
-    settings = AuditSettings(
-        n_regions=args.regions, budget_fraction=args.budget, fill=Fill(args.fill)
-    )
     audit = audit_sample(
         image,
         scorer,
         token_ids,
         decode,
         settings=settings,
-        thresholds=loaded["thresholds"],
+        thresholds=calibration.thresholds,
         progress=True,
     )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,8 +162,13 @@ def run(args: argparse.Namespace) -> int:
         "token_ids": [int(t) for t in token_ids],
         "model": str(args.model),
         "scorer": scorer.name,
+        "calibration": calibration.provenance(),
         "words": words,
     }
+    client = loaded.get("client")
+    if client is not None:
+        report["remote"] = client.stats.as_dict()
+        client.close()
     (args.out / "explanation.json").write_text(json.dumps(report, indent=2) + "\n")
     write_image(args.out / "summary.png", panel(tiles))
     print(f"output: {output_text}")
@@ -140,6 +185,29 @@ def run(args: argparse.Namespace) -> int:
         print("no object words in the output")
     print(f"wrote {args.out / 'explanation.json'}, summary.png and {len(rows)} heatmap(s)")
     return 0
+
+
+def _remote_generation(client: Any, image: Any, auditor: Any, prompt: str, tokenizer: Any) -> Any:
+    """What the served model says about `image`: a plain chat request (greedy), its token ids
+    as the server returns them (`return_token_ids`) or, without them, the text re-tokenized."""
+    from detectors.scorers.remote import png_bytes
+    from guardrail.auditor import image_placeholder
+    from guardrail.chat import image_messages, user_turn
+
+    text, _ = user_turn(prompt, image_placeholder(auditor.settings.family), auditor.settings.prompt)
+    answer = client.post(
+        {
+            "model": client.server.model,
+            "messages": image_messages(png_bytes(image), text),
+            "max_tokens": 32,
+            "temperature": 0.0,
+            "return_token_ids": True,
+        }
+    )
+    choice = answer["choices"][0]
+    if isinstance(choice.get("token_ids"), list):
+        return [int(t) for t in choice["token_ids"]]
+    return tokenizer(choice["message"]["content"], add_special_tokens=False).input_ids
 
 
 def _upscale(rgb: Any, factor: int = 4) -> Any:

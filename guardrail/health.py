@@ -26,12 +26,30 @@ __all__ = ["add_health_routes", "read_backlog"]
 
 
 def read_backlog(runtime: Runtime) -> Backlog:
-    """The queue and the live workers, as the database says now."""
-    from storage import queue
+    """The queue, the live workers, the alert outbox and the spike state per model, as the
+    database says now."""
+    from sqlalchemy import select
+
+    from storage import outbox, queue
+    from storage.models import Alert
 
     with runtime.sessions() as session:
         d = queue.depth(session, live_within_seconds=runtime.settings.worker_liveness_seconds)
-    return Backlog(d.queued, d.running, d.oldest_age_seconds, d.live_workers)
+        o = outbox.depth(session)
+        firing = set(
+            session.execute(select(Alert.model).where(Alert.state == "firing").distinct())
+            .scalars()
+            .all()
+        )
+    return Backlog(
+        d.queued,
+        d.running,
+        d.oldest_age_seconds,
+        d.live_workers,
+        alerts_pending=o.pending,
+        alerts_oldest_age_seconds=o.oldest_age_seconds,
+        spikes=tuple((m.name, m.name in firing) for m in runtime.settings.models),
+    )
 
 
 def _problem(exc: Exception) -> str:

@@ -83,6 +83,9 @@ class Metrics:
     audit_duration: Histogram
     audit_forward_passes: Histogram
     budget_exhaustions: Counter
+    remote_requests: Counter
+    remote_request_failures: Counter
+    remote_request_seconds: Counter
     jobs_failed: Counter
     worker_restarts: Counter
     proxy_requests: Counter
@@ -93,6 +96,7 @@ class Metrics:
     image_fetches: Counter
     proxy_tee_pending: Gauge
     proxy_tee_pending_bytes: Gauge
+    alert_deliveries: Counter
     backlog: BacklogCollector
     children: ChildSnapshots = field(default_factory=lambda: ChildSnapshots())
 
@@ -100,10 +104,13 @@ class Metrics:
         """Export the counters that alerts take `increase()` of at 0 from the start: a series
         born at its first increment hides that increment from `increase()`, so the first crash
         would never page."""
+        from guardrail.alert_delivery import Outcome
         from storage.queue import FailureReason
 
         for kind in ("worker", "scheduler"):
             self.worker_restarts.labels(kind=kind)
+        for outcome in Outcome.ALL:
+            self.alert_deliveries.labels(outcome=outcome)
         for model in models:
             for reason in (
                 FailureReason.INVALID_INPUT,
@@ -184,6 +191,25 @@ class Metrics:
                 ["model"],
                 registry=r,
             ),
+            remote_requests=Counter(
+                "guardrail_remote_requests_total",
+                "Requests sent to a remote model's server to score masked images (retries "
+                "included; one per forward pass otherwise)",
+                ["model"],
+                registry=r,
+            ),
+            remote_request_failures=Counter(
+                "guardrail_remote_request_failures_total",
+                "Requests to a remote model's server answered with an error or not answered",
+                ["model"],
+                registry=r,
+            ),
+            remote_request_seconds=Counter(
+                "guardrail_remote_request_seconds_total",
+                "Seconds spent in requests to a remote model's server (summed over threads)",
+                ["model"],
+                registry=r,
+            ),
             jobs_failed=Counter(
                 "guardrail_jobs_failed_total",
                 "Audit jobs that ended failed, by reason (invalid_input, error, worker_crashed)",
@@ -247,6 +273,13 @@ class Metrics:
                 "Bytes held by proxied exchanges waiting for ingest (proxy_max_pending_bytes)",
                 registry=r,
             ),
+            alert_deliveries=Counter(
+                "guardrail_alert_deliveries_total",
+                "Webhook delivery attempts of spike notifications, by outcome (delivered, "
+                "retry; given up: rejected, exhausted, expired)",
+                ["outcome"],
+                registry=r,
+            ),
             backlog=BacklogCollector(registry=r),
         )
 
@@ -259,14 +292,18 @@ class Backlog:
     running: int
     oldest_age_seconds: float
     live_workers: int
+    alerts_pending: int = 0  # notifications in the alert outbox, not delivered nor given up
+    alerts_oldest_age_seconds: float = 0.0
+    spikes: tuple[tuple[str, bool], ...] = ()  # (model, spike alert firing) per configured model
 
 
 class BacklogCollector(Collector):
-    """`guardrail_queue_depth`, `_running`, `_oldest_job_age_seconds`, `guardrail_workers_live`
-    and `guardrail_database_up`, read from the database at scrape time (cached for
-    `cache_seconds`, so that several scrapers cost one query).  Exports nothing until a reader
-    is set (`serve` sets one; workers never do, so the global depth is never double-counted by
-    a worker)."""
+    """`guardrail_queue_depth`, `_running`, `_oldest_job_age_seconds`, `guardrail_workers_live`,
+    the alert outbox (`guardrail_alert_outbox_pending`, `_oldest_age_seconds`), the spike state
+    (`guardrail_hallucination_spike{model}`) and `guardrail_database_up`, read from the database
+    at scrape time (cached for `cache_seconds`, so that several scrapers cost one query).
+    Exports nothing until a reader is set (`serve` sets one; workers never do, so the global
+    depth is never double-counted by a worker)."""
 
     def __init__(self, registry: CollectorRegistry | None = None, cache_seconds: float = 2.0):
         self.reader: Callable[[], Backlog] | None = None
@@ -313,6 +350,24 @@ class BacklogCollector(Collector):
             "Audit workers with a recent heartbeat in the database",
             value=b.live_workers,
         )
+        yield GaugeMetricFamily(
+            "guardrail_alert_outbox_pending",
+            "Spike notifications waiting for webhook delivery (not delivered, not given up)",
+            value=b.alerts_pending,
+        )
+        yield GaugeMetricFamily(
+            "guardrail_alert_outbox_oldest_age_seconds",
+            "Age of the oldest spike notification waiting for webhook delivery",
+            value=b.alerts_oldest_age_seconds,
+        )
+        spike = GaugeMetricFamily(
+            "guardrail_hallucination_spike",
+            "1 while the guardrail's spike check has a firing alert for the model, else 0",
+            labels=["model"],
+        )
+        for model, firing in b.spikes:
+            spike.add_metric([model], 1 if firing else 0)
+        yield spike
         yield GaugeMetricFamily("guardrail_database_up", _DB_UP_HELP, value=1 if up else 0)
 
 

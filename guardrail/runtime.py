@@ -35,7 +35,12 @@ class Runtime:
 def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime:
     url = settings.database_url.get_secret_value()
     engine = make_engine(url)
-    auditors = {m.name: ModelAuditor(m, threads=settings.torch_threads) for m in settings.models}
+    # a remote model's request-rate cap is shared out among this command's audit processes
+    share = max(1, settings.workers)
+    auditors = {
+        m.name: ModelAuditor(m, threads=settings.torch_threads, rate_share=share)
+        for m in settings.models
+    }
     metrics = metrics or Metrics.create()
     metrics.start_series([m.name for m in settings.models])
     return Runtime(

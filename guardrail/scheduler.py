@@ -1,7 +1,9 @@
 """Scheduled work, run by exactly one process of a deployment (APScheduler 3.x).
 
 Jobs: daily and weekly audit reports (cron), the hallucination spike check (every minute),
-retention (delete what is older than `retention_days`, in batches) and the lease reaper.
+retention (delete what is older than `retention_days`, in batches) and the lease reaper; beside
+them, in every scheduler process (leader or not: leases keep two from sending the same row),
+a thread delivers the alert outbox to the webhook (`guardrail.alert_delivery`).
 Each is idempotent per period: a report is stored once per kind and period, an alert fires once
 per episode (hysteresis: it resolves only when the rate falls below `spike_resolve_fraction` of
 the threshold).  With PostgreSQL the scheduler runs in the process holding an advisory lock;
@@ -13,18 +15,18 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 from sqlalchemy import Integer as _Int
 from sqlalchemy import delete, func, select, text
 
+from guardrail.alert_delivery import AlertDeliverer
 from guardrail.reports import HALLUCINATED
 from guardrail.runtime import Runtime
+from storage import outbox
 from storage.models import (
     Alert,
     FlaggedToken,
@@ -39,7 +41,6 @@ __all__ = [
     "Retained",
     "Scheduler",
     "check_spikes",
-    "deliver_alert",
     "reap_leases",
     "retain",
 ]
@@ -93,7 +94,12 @@ def _top_objects(runtime: Runtime, model: str, since: datetime) -> list[list[Any
 
 
 def check_spikes(runtime: Runtime, now: datetime | None = None) -> list[Alert]:
-    """Fire or resolve the spike alert of every model; returns the alerts that changed."""
+    """Fire or resolve the spike alert of every model; returns the alerts that changed.
+
+    With a `webhook_url`, each change writes its notification to the alert outbox in the same
+    transaction (`firing`, and `resolved` with `webhook_send_resolved`); an `AlertDeliverer`
+    sends them, never this check.  A firing alert's report is rendered first, so that its
+    notification links it."""
     s = runtime.settings
     now = now or datetime.now(UTC)
     changed = []
@@ -103,11 +109,15 @@ def check_spikes(runtime: Runtime, now: datetime | None = None) -> list[Alert]:
         # the baseline is the period before the short window
         base = _window(runtime, model.name, now - timedelta(hours=s.spike_baseline_hours), start)
         threshold = max(s.spike_ratio * base.rate, s.spike_floor)
+        fires = short.tokens >= s.spike_min_tokens and short.rate > threshold
+        report_id = None
+        if fires and _firing(runtime, model.name) is None:
+            report_id = _spike_report(runtime, model.name, now)
         with runtime.sessions.begin() as session:
             firing = session.execute(
                 select(Alert).where(Alert.model == model.name, Alert.state == "firing")
             ).scalar_one_or_none()
-            if firing is None and short.tokens >= s.spike_min_tokens and short.rate > threshold:
+            if firing is None and fires:
                 alert = Alert(
                     model=model.name,
                     state="firing",
@@ -122,26 +132,36 @@ def check_spikes(runtime: Runtime, now: datetime | None = None) -> list[Alert]:
                         "top_objects": _top_objects(
                             runtime, model.name, now - timedelta(minutes=s.spike_window_minutes)
                         ),
+                        **({"report_id": report_id} if report_id else {}),
                     },
                 )
                 session.add(alert)
                 session.flush()
+                if s.webhook_url:
+                    outbox.add(session, alert.id, "firing", now=now)
                 changed.append(alert)
             elif firing is not None and short.rate < s.spike_resolve_fraction * firing.details.get(
                 "threshold", threshold
             ):
                 firing.state = "resolved"
                 firing.resolved_at = now
+                firing.details = {**firing.details, "resolved_rate": short.rate}
+                if s.webhook_url and s.webhook_send_resolved:
+                    outbox.add(session, firing.id, "resolved", now=now)
                 changed.append(firing)
-    for alert in changed:
-        if alert.state == "firing":
-            _attach_report(runtime, alert.id, now)
-            deliver_alert(runtime, alert.id)
     return changed
 
 
-def _attach_report(runtime: Runtime, alert_id: int, now: datetime) -> None:
-    """An audit report of the spike's baseline window, linked from the alert."""
+def _firing(runtime: Runtime, model: str) -> int | None:
+    with runtime.sessions() as session:
+        return session.execute(
+            select(Alert.id).where(Alert.model == model, Alert.state == "firing")
+        ).scalar_one_or_none()
+
+
+def _spike_report(runtime: Runtime, model: str, now: datetime) -> str | None:
+    """An audit report of the spike's baseline window, linked from the alert; None (logged)
+    when it cannot be rendered: the alert fires anyway."""
     from guardrail.report_command import make_report
 
     s = runtime.settings
@@ -149,58 +169,9 @@ def _attach_report(runtime: Runtime, alert_id: int, now: datetime) -> None:
     try:
         report_id, _ = make_report(runtime, since, now, "spike")
     except Exception:
-        log.exception("could not render the report for spike alert %s", alert_id)
-        return
-    with runtime.sessions.begin() as session:
-        alert = session.get(Alert, alert_id)
-        if alert is not None:
-            alert.details = {**alert.details, "report_id": report_id}
-
-
-def deliver_alert(
-    runtime: Runtime, alert_id: int, *, attempts: int = 3, backoff: float = 1.0
-) -> bool:
-    """POST the alert to the webhook with retries; the outcome is recorded, never raised."""
-    s = runtime.settings
-    with runtime.sessions() as session:
-        alert = session.get(Alert, alert_id)
-        if alert is None or alert.delivered_at is not None or not s.webhook_url:
-            return False
-        body = {
-            "alert": "GuardrailHallucinationSpike",
-            "model": alert.model,
-            "started_at": alert.started_at.isoformat(),
-            "window_minutes": alert.details.get("window_minutes"),
-            "rate": alert.rate,
-            "baseline": alert.baseline,
-            "threshold": alert.details.get("threshold"),
-            "audited_tokens": alert.tokens,
-            "top_objects": alert.details.get("top_objects", []),
-            "report": f"{s.public_url.rstrip('/')}/reports/{alert.details.get('report_id')}",
-        }
-    error = None
-    for attempt in range(1, attempts + 1):
-        try:
-            response = httpx.post(s.webhook_url, json=body, timeout=10)
-            if response.status_code < 300:
-                error = None
-                break
-            error = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        if attempt < attempts:
-            time.sleep(backoff * 2 ** (attempt - 1))
-    with runtime.sessions.begin() as session:
-        alert = session.get(Alert, alert_id)
-        assert alert is not None
-        alert.delivery_attempts += attempt
-        if error is None:
-            alert.delivered_at = datetime.now(UTC)
-            alert.delivery_error = None
-        else:
-            alert.delivery_error = error
-            log.warning("spike alert %s not delivered: %s", alert_id, error)
-    return error is None
+        log.exception("could not render the report for the spike alert of %s", model)
+        return None
+    return report_id
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -363,7 +334,7 @@ class Scheduler:
         # retention also runs as soon as the scheduler starts: a service restarted more often
         # than the period would otherwise never run it
         periodic: tuple[tuple[str, Any, float, bool], ...] = (
-            ("spike_check", check_spikes, s.spike_check_seconds, False),
+            ("spike_check", self._check_spikes, s.spike_check_seconds, False),
             ("retention", retain, 3600, True),
             ("lease_reaper", reap_leases, 60, False),
         )
@@ -381,6 +352,12 @@ class Scheduler:
             )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._elect, name="scheduler-election", daemon=True)
+        self.deliverer = AlertDeliverer.for_runtime(runtime)
+        self._delivery: threading.Thread | None = None
+        if self.deliverer is not None:
+            self._delivery = threading.Thread(
+                target=self.deliverer.run, args=(self._stop,), name="alert-delivery", daemon=True
+            )
 
     def _guarded(self, name: str, fn: Callable[[Runtime], object]) -> Callable[[], None]:
         """`fn(runtime)` run only while leading, its failures logged; named `name` (the
@@ -397,6 +374,10 @@ class Scheduler:
         # not functools.wraps: APScheduler checks the call against `__wrapped__`'s signature
         run.__name__ = run.__qualname__ = name
         return run
+
+    def _check_spikes(self, runtime: Runtime) -> None:
+        if check_spikes(runtime) and self.deliverer is not None:
+            self.deliverer.wake.set()  # deliver now, not at the next poll
 
     @staticmethod
     def _period(days: int) -> tuple[datetime, datetime]:
@@ -424,8 +405,15 @@ class Scheduler:
         self.election.try_lead()
         self.scheduler.start()
         self._thread.start()
+        if self._delivery is not None:
+            self._delivery.start()
 
     def stop(self) -> None:
         self._stop.set()
         self.scheduler.shutdown(wait=False)
+        if self.deliverer is not None and self._delivery is not None:
+            self.deliverer.wake.set()
+            # an attempt in flight ends within its timeout; its lease covers it otherwise
+            self._delivery.join(timeout=self.deliverer.policy.timeout_seconds + 5)
+            self.deliverer.close()
         self.election.release()

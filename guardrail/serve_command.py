@@ -131,7 +131,7 @@ def _worker(args: argparse.Namespace) -> int:
     from storage.engine import check_migrated
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    settings = _settings(args)
+    settings = _settings(args, workers=args.workers)
     runtime = build_runtime(settings)
     check_migrated(runtime.engine)
     if args.metrics_port:

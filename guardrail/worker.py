@@ -18,7 +18,9 @@ import socket
 import threading
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,7 +29,7 @@ from guardrail.auditor import AuditInputError, ModelAuditor
 from guardrail.canonical import decode_for_audit
 from guardrail.metrics import Metrics, category_label
 from storage import queue
-from storage.models import Sample, SampleStatus
+from storage.models import Sample, SampleStatus, utcnow
 from storage.repositories import save_audit
 
 __all__ = ["Worker"]
@@ -48,6 +50,7 @@ class Worker:
         poll_seconds: float = 0.5,
         owner: str | None = None,
         heartbeat_seconds: float = 5.0,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.sessions = sessions
         self.auditors = auditors
@@ -55,10 +58,12 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
+        self.clock = clock  # the queue's notion of now (tests pass a fake one)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stop = threading.Event()
         self.current_job: int | None = None
         self.jobs_done = 0  # audits completed, failed or released by this worker
+        self._remote_seen: dict[str, Any] = {}  # model -> RemoteStats already counted
 
     def run(self) -> None:
         """Audit jobs until `stop` is set, recording a heartbeat row meanwhile."""
@@ -89,7 +94,7 @@ class Worker:
         if job_id is None:
             return False
         with self.sessions.begin() as session:
-            released = queue.release(session, job_id, self.owner)
+            released = queue.release(session, job_id, self.owner, now=self.clock())
         if released:
             log.info("worker %s: released job %s", self.owner, job_id)
         return released
@@ -104,6 +109,7 @@ class Worker:
                         hostname=socket.gethostname(),
                         pid=os.getpid(),
                         job_id=self.current_job,
+                        now=self.clock(),
                     )
             except Exception:
                 log.warning("worker %s: could not record its heartbeat", self.owner)
@@ -113,7 +119,8 @@ class Worker:
     def run_once(self) -> bool:
         """Claim and audit one job; False when the queue had none."""
         with self.sessions.begin() as session:
-            for failed in queue.fail_abandoned(session):
+            now = self.clock()
+            for failed in queue.fail_abandoned(session, now):
                 log.warning(
                     "worker %s: job %s (sample %s) failed: its worker died on each of %d attempts",
                     self.owner,
@@ -124,13 +131,18 @@ class Worker:
                 self.metrics.jobs_failed.labels(
                     model=failed.model, reason=queue.FailureReason.WORKER_CRASHED
                 ).inc()
-            job = queue.claim(session, self.owner, lease_seconds=self.lease_seconds)
+            job = queue.claim(session, self.owner, lease_seconds=self.lease_seconds, now=now)
             if job is None:
                 return False
             job_id, sample_id = job.id, job.sample_id
             # the heartbeat row says which job this worker holds from the claim on
             queue.beat(
-                session, self.owner, hostname=socket.gethostname(), pid=os.getpid(), job_id=job_id
+                session,
+                self.owner,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                job_id=job_id,
+                now=now,
             )
             image_data, prompt = job.image_data, job.prompt or ""
             sample = session.get(Sample, sample_id)
@@ -141,8 +153,22 @@ class Worker:
         try:
             return self._audit(job_id, sample_id, model, text, token_ids, image_data, prompt)
         finally:
+            self._count_remote(model)
             self.current_job = None
             self.jobs_done += 1
+
+    def _count_remote(self, model: str) -> None:
+        """Requests a remote model's client sent since the last job (failed audits included)."""
+        auditor = self.auditors.get(model)
+        stats = auditor.remote_stats() if auditor is not None else None
+        if stats is None:
+            return
+        seen = self._remote_seen.get(model)
+        delta = stats.minus(seen) if seen is not None else stats
+        self._remote_seen[model] = stats
+        self.metrics.remote_requests.labels(model=model).inc(delta.requests)
+        self.metrics.remote_request_failures.labels(model=model).inc(delta.failures)
+        self.metrics.remote_request_seconds.labels(model=model).inc(delta.seconds)
 
     def _audit(
         self,
@@ -177,7 +203,9 @@ class Worker:
                 isinstance(exc, ValueError) and "image" in str(exc)
             )
             with self.sessions.begin() as session:
-                status = queue.fail(session, job_id, self.owner, message, permanent=permanent)
+                status = queue.fail(
+                    session, job_id, self.owner, message, permanent=permanent, now=self.clock()
+                )
                 if status is not None and status.value == "failed":
                     failed = session.get(Sample, sample_id)
                     if failed is not None:
@@ -190,7 +218,7 @@ class Worker:
         heartbeat.set()
         beat.join()
         with self.sessions() as session, session.begin():
-            if not queue.complete(session, job_id, self.owner):
+            if not queue.complete(session, job_id, self.owner, now=self.clock()):
                 session.rollback()  # the lease was lost: another worker owns this job now
                 log.warning("worker %s: lost the lease of job %s", self.owner, job_id)
                 return True
@@ -203,6 +231,17 @@ class Worker:
                 result.attributions,
                 result.verdicts,
                 result.token_ids,
+            )
+        if result.remote is not None:
+            log.info(
+                "worker %s: job %s: %d requests to %s (%d retried, %d failed) in %.2f s",
+                self.owner,
+                job_id,
+                result.remote.requests,
+                result.attributions[0].scorer_name if result.attributions else model,
+                result.remote.retries,
+                result.remote.failures,
+                result.remote.seconds,
             )
         m = self.metrics
         m.audits.labels(model=model).inc()
@@ -222,7 +261,11 @@ class Worker:
             try:
                 with self.sessions.begin() as session:
                     if not queue.extend(
-                        session, job_id, self.owner, lease_seconds=self.lease_seconds
+                        session,
+                        job_id,
+                        self.owner,
+                        lease_seconds=self.lease_seconds,
+                        now=self.clock(),
                     ):
                         return
             except Exception:

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD = "0005"
+HEAD = "0006"
 
 
 class UnmigratedDatabaseError(RuntimeError):

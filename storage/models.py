@@ -29,6 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
     "Alert",
+    "AlertNotification",
     "AttributionRecord",
     "Base",
     "FlaggedToken",
@@ -217,7 +218,9 @@ class Report(Base):
 
 
 class Alert(Base):
-    """A hallucination-spike alert for one model: firing until resolved, delivered once."""
+    """A hallucination-spike alert for one model: firing until resolved; each change is
+    notified through the outbox (`AlertNotification`), and `delivered_at`, `delivery_attempts`
+    and `delivery_error` say how its firing notification went."""
 
     __tablename__ = "alerts"
 
@@ -233,6 +236,32 @@ class Alert(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
     delivery_error: Mapped[str | None] = mapped_column(Text)
+
+
+class AlertNotification(Base):
+    """One webhook notification of an alert's state change (firing or resolved): the outbox.
+
+    Written in the transaction that changes the alert, so no change is ever lost; claimed by a
+    deliverer with a lease (like a job), retried with backoff until delivered or given up."""
+
+    __tablename__ = "alert_notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(16))  # firing, resolved
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_after: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # why a failed notification was given up: rejected, exhausted, expired
+    failure_reason: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (Index("ix_alert_notifications_status_run_after", "status", "run_after"),)
 
 
 class WorkerRecord(Base):

@@ -8,6 +8,8 @@ waiting.  A job whose lease ran out (its worker died) is claimable again while i
 left; every claim counts an attempt, so a job that keeps killing its workers (a segfault, the
 OOM killer) fails with reason `worker_crashed` once `max_attempts` claims have died, instead of
 looping.  Workers record heartbeats in the `workers` table, so live workers can be counted.
+Every function that reads the time takes `now` (the wall clock when omitted), so tests drive
+leases, backoff and heartbeat windows with a fixed clock instead of sleeping.
 """
 
 from __future__ import annotations
@@ -165,25 +167,32 @@ def _owned(job_id: int, owner: str) -> ColumnElement[bool]:
     return and_(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
 
 
-def extend(session: Session, job_id: int, owner: str, *, lease_seconds: float = 60.0) -> bool:
+def extend(
+    session: Session,
+    job_id: int,
+    owner: str,
+    *,
+    lease_seconds: float = 60.0,
+    now: datetime | None = None,
+) -> bool:
     """Push the lease forward; False if `owner` no longer holds the job."""
     result = session.execute(
         update(Job)
         .where(_owned(job_id, owner))
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .values(lease_expires_at=(now or utcnow()) + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def complete(session: Session, job_id: int, owner: str) -> bool:
+def complete(session: Session, job_id: int, owner: str, *, now: datetime | None = None) -> bool:
     """Mark the job done; False if `owner` lost it (its work must not be committed)."""
     result = session.execute(
         update(Job)
         .where(_owned(job_id, owner))
         .values(
             status=JobStatus.DONE,
-            finished_at=utcnow(),
+            finished_at=now or utcnow(),
             lease_owner=None,
             image_data=None,
             prompt=None,
@@ -201,10 +210,12 @@ def fail(
     *,
     backoff_seconds: float = 5.0,
     permanent: bool = False,
+    now: datetime | None = None,
 ) -> JobStatus | None:
     """Record a failed attempt: back to the queue after an exponential backoff, or FAILED once
     `max_attempts` are spent or when the error is `permanent` (bad input: retrying cannot
     help).  None if `owner` no longer holds the job."""
+    now = now or utcnow()
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.lease_owner != owner or job.status != JobStatus.RUNNING:
         return None
@@ -214,11 +225,11 @@ def fail(
     if permanent or job.attempts >= job.max_attempts:
         job.status = JobStatus.FAILED
         job.failure_reason = FailureReason.INVALID_INPUT if permanent else FailureReason.ERROR
-        job.finished_at = utcnow()
+        job.finished_at = now
         job.image_data = job.prompt = None
     else:
         job.status = JobStatus.QUEUED
-        job.run_after = utcnow() + timedelta(seconds=backoff_seconds * 2 ** (job.attempts - 1))
+        job.run_after = now + timedelta(seconds=backoff_seconds * 2 ** (job.attempts - 1))
     session.flush()
     return job.status
 
@@ -237,7 +248,7 @@ def requeue_expired(session: Session, now: datetime | None = None) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def release(session: Session, job_id: int, owner: str) -> bool:
+def release(session: Session, job_id: int, owner: str, *, now: datetime | None = None) -> bool:
     """Give a job back without counting the attempt (a clean stop, not a failure); False if
     `owner` no longer holds it."""
     result = session.execute(
@@ -247,7 +258,7 @@ def release(session: Session, job_id: int, owner: str) -> bool:
             status=JobStatus.QUEUED,
             lease_owner=None,
             lease_expires_at=None,
-            run_after=utcnow(),
+            run_after=now or utcnow(),
             attempts=func.max(Job.attempts - 1, 0)
             if session.get_bind().dialect.name == "sqlite"
             else func.greatest(Job.attempts - 1, 0),
@@ -266,10 +277,16 @@ def release(session: Session, job_id: int, owner: str) -> bool:
 
 
 def beat(
-    session: Session, worker_id: str, *, hostname: str, pid: int, job_id: int | None = None
+    session: Session,
+    worker_id: str,
+    *,
+    hostname: str,
+    pid: int,
+    job_id: int | None = None,
+    now: datetime | None = None,
 ) -> None:
     """Record that worker `worker_id` is alive (and which job it audits)."""
-    now = utcnow()
+    now = now or utcnow()
     row = session.get(WorkerRecord, worker_id)
     if row is None:
         session.add(

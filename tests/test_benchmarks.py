@@ -99,3 +99,15 @@ def test_sidecar_load_benchmark_prints_json() -> None:
         assert isinstance(report[key], float), key
     assert report["failed_requests_during_db_outage"] == 0
     assert report["ingest_5xx_during_db_outage"] == 0
+
+
+def test_remote_scorer_benchmark_prints_json() -> None:
+    report = _run_json(
+        "remote_scorer.py", "--variants", "4", "--concurrency", "1", "2", "--repeats", "1"
+    )
+    rows = report["remote"]
+    assert isinstance(rows, list) and [r["concurrency"] for r in rows] == [1, 2]
+    assert all(r["failures"] == 0 and r["passes_per_second"] > 0 for r in rows)
+    assert float(report["max_abs_prob_diff"]) <= 1e-5  # type: ignore[arg-type]
+    for key in ("local_fast_passes_per_second", "request_overhead_ms_per_pass"):
+        assert isinstance(report[key], float), key

@@ -24,6 +24,12 @@ def register(commands: Any) -> None:
     serve.add_argument("--port", type=int, default=8701)
     serve.add_argument("--model", type=Path, default=MODEL_DIR)
     serve.add_argument("--name", default="reference", help="the model name it answers to")
+    serve.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="largest prompt_logprobs a request may ask for (as vLLM's --max-logprobs)",
+    )
     serve.set_defaults(handler=_serve)
 
     train = sub.add_parser("train", help="train the reference model (CPU, deterministic)")
@@ -57,6 +63,7 @@ def register(commands: Any) -> None:
     calibrate.add_argument("--start", type=int, default=0, help="first validation scene")
     calibrate.add_argument("--scenes", type=int, default=100, help="scenes of each kind")
     calibrate.add_argument("--model", type=Path, default=MODEL_DIR)
+    _audit_options(calibrate)
     calibrate.set_defaults(handler=_calibrate)
 
     evaluate = sub.add_parser("eval", help="measure captions, traps and verdicts on test scenes")
@@ -64,7 +71,34 @@ def register(commands: Any) -> None:
     evaluate.add_argument("--scenes", type=int, default=100, help="scenes of each kind")
     evaluate.add_argument("--model", type=Path, default=MODEL_DIR)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    _audit_options(evaluate)
     evaluate.set_defaults(handler=_eval)
+
+
+def _audit_options(parser: argparse.ArgumentParser) -> None:
+    """The audit settings that verdict thresholds are calibrated for."""
+    from detectors.types import DEFAULT_FILL, Fill
+
+    parser.add_argument(
+        "--fill", default=DEFAULT_FILL.value, choices=[f.value for f in Fill], help="removed pixels"
+    )
+    parser.add_argument("--regions", type=int, default=48, help="SLICO division number")
+    parser.add_argument(
+        "--budget", type=float, default=0.10, help="passes per word, share of the exact search"
+    )
+    parser.add_argument("--passes", type=int, help="a fixed pass budget per word instead")
+
+
+def _audit_settings(args: argparse.Namespace) -> Any:
+    from detectors.pipeline import AuditSettings
+    from detectors.types import Fill
+
+    return AuditSettings(
+        n_regions=args.regions,
+        budget_fraction=args.budget,
+        max_forward_passes=args.passes,
+        fill=Fill(args.fill),
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -72,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from guardrail.reference.upstream import create_upstream_app
 
-    app = create_upstream_app(args.model, model_name=args.name)
+    app = create_upstream_app(args.model, model_name=args.name, max_logprobs=args.max_logprobs)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -123,14 +157,19 @@ def _scene(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from guardrail.reference.report import calibrate_thresholds
 
-    print(json.dumps(calibrate_thresholds(args.model, start=args.start, per_kind=args.scenes)))
+    record = calibrate_thresholds(
+        args.model, start=args.start, per_kind=args.scenes, settings=_audit_settings(args)
+    )
+    print(json.dumps(record))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from guardrail.reference.report import evaluate
 
-    report = evaluate(args.model, seed=args.seed, per_kind=args.scenes)
+    report = evaluate(
+        args.model, seed=args.seed, per_kind=args.scenes, settings=_audit_settings(args)
+    )
     if args.json:
         # JSON has no NaN: an undefined figure (no positives, say) is null
         clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in report.items()}

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from detectors.calibration import (
+    THRESHOLDS_FILE,
+    Calibration,
+    CalibrationSet,
+    CalibrationSettings,
+)
+from detectors.calibration import load_calibration as calibration_of
 from detectors.language_prior import PriorThresholds
+from detectors.pipeline import AuditSettings
 from detectors.reference.world import Split, split_seeds
 from detectors.scorers.llava import LlavaModel, load_llava
 from detectors.scorers.vision import OnnxVision
 from guardrail.reference.evaluation import caption_metrics, caption_scenes, eval_scenes
 from guardrail.reference.training import weights_checksum
 
-__all__ = ["THRESHOLDS_FILE", "calibrate_thresholds", "evaluate", "load_thresholds"]
-
-THRESHOLDS_FILE = "thresholds.json"
+__all__ = [
+    "THRESHOLDS_FILE",
+    "calibrate_thresholds",
+    "evaluate",
+    "load_calibration",
+    "load_thresholds",
+]
 
 
 @contextmanager
@@ -34,13 +44,18 @@ def onnx_vision(llava: LlavaModel) -> Iterator[OnnxVision]:
         yield llava_onnx_vision(llava, path)
 
 
-def load_thresholds(model_dir: Path) -> PriorThresholds:
-    """The thresholds calibrated for this model (defaults if it was never calibrated)."""
-    file = Path(model_dir) / THRESHOLDS_FILE
-    if not file.is_file():
-        return PriorThresholds()
-    data = json.loads(file.read_text())
-    return PriorThresholds(**data["thresholds"])
+def load_calibration(
+    model_dir: Path, settings: AuditSettings | None = None, *, verify_weights: bool = False
+) -> Calibration:
+    """`detectors.calibration.load_calibration`; `verify_weights` also checks the weights'
+    SHA-256 against the one the thresholds were fitted on (reads all of `model.safetensors`)."""
+    sha = weights_checksum(Path(model_dir)) if verify_weights else None
+    return calibration_of(Path(model_dir), settings, model_sha256=sha)
+
+
+def load_thresholds(model_dir: Path, settings: AuditSettings | None = None) -> PriorThresholds:
+    """The thresholds of `load_calibration`."""
+    return load_calibration(model_dir, settings).thresholds
 
 
 def evaluate(
@@ -50,8 +65,10 @@ def evaluate(
     per_kind: int,
     verdicts: bool = True,
     progress: bool = True,
+    settings: AuditSettings | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the model in `model_dir` on `per_kind` scenes of each kind picked by `seed`."""
+    """Evaluate the model in `model_dir` on `per_kind` scenes of each kind picked by `seed`,
+    auditing with `settings` and the thresholds calibrated for them."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -69,29 +86,42 @@ def evaluate(
     if verdicts:
         from guardrail.reference.diagnosis import audit_scenes, diagnosis_metrics, mentions_of
 
+        calibration = load_calibration(model_dir, settings, verify_weights=True)
         with onnx_vision(llava) as vision:
-            audits = audit_scenes(llava, results, vision=vision, progress=progress)
+            audits = audit_scenes(
+                llava, results, settings=settings, vision=vision, progress=progress
+            )
             report["scorer"] = f"llava-fast({llava.name}; {vision.name})"
-        report.update(diagnosis_metrics(mentions_of(audits, load_thresholds(model_dir))))
+        report["calibration"] = calibration.provenance()
+        report.update(diagnosis_metrics(mentions_of(audits, calibration.thresholds)))
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
 
 
 def calibrate_thresholds(
-    model_dir: Path, *, start: int, per_kind: int, progress: bool = True
+    model_dir: Path,
+    *,
+    start: int,
+    per_kind: int,
+    progress: bool = True,
+    settings: AuditSettings | None = None,
 ) -> dict[str, Any]:
-    """Calibrate the verdict thresholds on validation scenes and store them with the model."""
+    """Calibrate the verdict thresholds on validation scenes, auditing with `settings`, and
+    store them with the model beside the calibrations for other settings."""
     from guardrail.reference.diagnosis import audit_scenes, calibrate
 
+    settings = settings or AuditSettings()
     seed = split_seeds(Split.VALIDATION, start, per_kind)[0]
     llava = load_llava(model_dir)
     results = caption_scenes(llava, eval_scenes(seed, per_kind))
     with onnx_vision(llava) as vision:
-        thresholds = calibrate(audit_scenes(llava, results, vision=vision, progress=progress))
-    record = {
-        "thresholds": asdict(thresholds),
-        "calibrated_on": {"split": "validation", "seed": seed, "scenes_per_kind": per_kind},
-        "sha256": weights_checksum(Path(model_dir)),
-    }
-    (Path(model_dir) / THRESHOLDS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return record
+        audits = audit_scenes(llava, results, settings=settings, vision=vision, progress=progress)
+    calibration = Calibration(
+        thresholds=calibrate(audits),
+        settings=CalibrationSettings.of(settings),
+        model_sha256=weights_checksum(Path(model_dir)),
+        fitted_on={"split": "validation", "seed": seed, "scenes_per_kind": per_kind},
+    )
+    file = Path(model_dir) / THRESHOLDS_FILE
+    CalibrationSet.load(file).with_calibration(calibration).save(file)
+    return calibration.as_dict()

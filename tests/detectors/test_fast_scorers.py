@@ -355,6 +355,8 @@ def test_a_float16_checkpoint_loads_in_float32_unless_asked(tmp_path: Path) -> N
 def test_half_precision_scores_stay_close_to_float32(
     reference: LlavaModel, tiny_qwen: QwenModel, dtype: str, bound: float
 ) -> None:
+    import torch
+
     image, generated, targets = _reference_sample(reference)
     batch = _batch(image, 48, 8, Fill.MEAN)
     want = FastLlavaScorer(reference, image, CAPTION_PROMPT, generated).score(batch, targets)
@@ -368,5 +370,6 @@ def test_half_precision_scores_stay_close_to_float32(
     qwen_batch = _batch(qwen_image, 16, 4, Fill.MEAN)
     want = FastQwenScorer(tiny_qwen, qwen_image, QWEN_PROMPT, ids).score(qwen_batch, qwen_targets)
     half_qwen = load_qwen(tiny_qwen.path, dtype=dtype)
+    assert {p.dtype for p in half_qwen.model.parameters()} == {getattr(torch, dtype)}
     got = FastQwenScorer(half_qwen, qwen_image, QWEN_PROMPT, ids).score(qwen_batch, qwen_targets)
     assert np.abs(got - want).max() <= bound

@@ -1,5 +1,5 @@
-"""Spike alerts (once per episode, hysteresis, webhook with retries), retention, the lease
-reaper and leader election."""
+"""Spike alerts (once per episode, hysteresis, notified through the outbox), retention, the
+lease reaper and leader election."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI, Request
 
+from guardrail.alert_delivery import AlertDeliverer
 from guardrail.background_server import BackgroundServer, free_port
 from guardrail.config import load_settings
 from guardrail.report_command import make_report
@@ -91,6 +92,9 @@ def test_a_spike_fires_once_is_delivered_and_resolves_with_hysteresis(tmp_path: 
         fired = check_spikes(runtime, NOW)
         assert [a.state for a in fired] == ["firing"]
         assert check_spikes(runtime, NOW + timedelta(minutes=1)) == []  # once per episode
+        deliverer = AlertDeliverer.for_runtime(runtime, clock=lambda: NOW + timedelta(hours=1))
+        assert deliverer is not None
+        assert deliverer.deliver_due() == 1
         assert len(received) == 1
         body = received[0]
         assert body["model"] == "reference" and body["rate"] == pytest.approx(0.5)
@@ -114,7 +118,8 @@ def test_a_spike_fires_once_is_delivered_and_resolves_with_hysteresis(tmp_path: 
             _audited(runtime, calm - timedelta(minutes=minute), ["grounded"] * 10)
         resolved = check_spikes(runtime, calm)
         assert [a.state for a in resolved] == ["resolved"]
-        assert len(received) == 1
+        assert deliverer.deliver_due() == 1
+        assert [r["status"] for r in received] == ["firing", "resolved"]
 
 
 def test_low_traffic_never_pages_and_a_failing_webhook_is_recorded(tmp_path: Path) -> None:
@@ -122,18 +127,13 @@ def test_low_traffic_never_pages_and_a_failing_webhook_is_recorded(tmp_path: Pat
     _audited(runtime, NOW - timedelta(minutes=3), ["language_prior"] * 10)
     assert check_spikes(runtime, NOW) == []  # 10 words < spike_min_tokens
     _audited(runtime, NOW - timedelta(minutes=2), ["language_prior"] * 30)
-    import guardrail.scheduler as scheduler
-
-    original = scheduler.deliver_alert
-    scheduler.deliver_alert = lambda rt, i: original(rt, i, backoff=0.01)  # type: ignore[assignment]
-    try:
-        fired = check_spikes(runtime, NOW)
-    finally:
-        scheduler.deliver_alert = original
+    fired = check_spikes(runtime, NOW)
     assert len(fired) == 1
+    deliverer = AlertDeliverer.for_runtime(runtime, clock=lambda: NOW)
+    assert deliverer is not None and deliverer.deliver_due() == 1
     with runtime.sessions() as session:
         alert = session.query(Alert).one()
-        assert alert.delivered_at is None and alert.delivery_attempts == 3
+        assert alert.delivered_at is None and alert.delivery_attempts == 1
         assert "ConnectError" in (alert.delivery_error or "")
 
 

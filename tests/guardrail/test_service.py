@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from guardrail.runtime import Runtime, build_runtime
 from guardrail.worker import Worker
 from storage import queue
 from storage.engine import upgrade
-from storage.models import Job, JobStatus, Sample
+from storage.models import Job, JobStatus, Sample, utcnow
 
 TOKEN = "s3cret-token-0001"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -164,10 +164,10 @@ def test_a_killed_workers_job_is_audited_exactly_once(tmp_path: Path) -> None:
     _, image_b64 = _trap()
     sample_id = client.post("/v1/samples", json=_body(image_b64), headers=AUTH).json()["id"]
     with runtime.sessions.begin() as session:  # a worker claims it, then dies (kill -9)
-        assert queue.claim(session, "dead-worker", lease_seconds=0.05) is not None
+        assert queue.claim(session, "dead-worker", lease_seconds=60) is not None
     survivor = Worker(runtime.sessions, runtime.auditors, runtime.metrics, lease_seconds=30)
     assert survivor.run_once() is False  # still leased
-    time.sleep(0.1)
+    survivor.clock = lambda: utcnow() + timedelta(seconds=61)  # the dead worker's lease ran out
     assert survivor.run_once() is True
     with runtime.sessions.begin() as session:
         assert not queue.complete(session, 1, "dead-worker")  # its late result is refused
