@@ -18,6 +18,7 @@ import hmac
 import json
 import math
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -44,7 +45,8 @@ from storage.repositories import get_sample, list_audits
 __all__ = ["SampleIn", "create_app", "request_body_limit"]
 
 FORCE_HEADER = "X-Guardrail-Audit"
-PROXY_PATH = "/v1/chat/completions"  # bounds its own body (guardrail.proxy)
+# the API's own prefixes under /v1; every other /v1 path is proxied (and bounds its own body)
+API_PREFIXES = frozenset({"samples", "audits", "reports"})
 
 MAX_TEXT_CHARS = 100_000
 MAX_TOKEN_IDS = 32_768
@@ -56,6 +58,10 @@ REQUEST_ID_PATTERN = r"^[!-~]{1,128}$"  # visible ASCII, no spaces
 _ID = re.compile(r"[0-9a-f]{32}")
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+def _proxied(path: str) -> bool:
+    return path.startswith("/v1/") and path[4:].split("/", 1)[0] not in API_PREFIXES
 
 
 def request_body_limit(settings: Settings) -> int:
@@ -133,6 +139,15 @@ class SampleIn(BaseModel):
         pattern=REQUEST_ID_PATTERN,
         description="the caller's id for the request: 1-128 visible ASCII characters",
     )
+    response_id: str | None = Field(
+        default=None,
+        pattern=REQUEST_ID_PATTERN,
+        description="the model server's id for its answer (chatcmpl-...): 1-128 visible "
+        "ASCII characters",
+    )
+    choice_index: int | None = Field(
+        default=None, ge=0, lt=2**31, description="which choice of the answer this output is"
+    )
     metadata: dict[str, Any] = Field(
         default_factory=dict,
         description=f"a JSON object: at most {MAX_METADATA_DEPTH} levels deep, "
@@ -140,7 +155,7 @@ class SampleIn(BaseModel):
     )
     audit: bool = Field(default=False, description="always audit this one")
 
-    @field_validator("model", "prompt", "output", "request_id", mode="before")
+    @field_validator("model", "prompt", "output", "request_id", "response_id", mode="before")
     @classmethod
     def _storable_text(cls, value: object) -> object:
         if isinstance(value, str) and (reason := unsafe_text_reason(value)):
@@ -196,6 +211,38 @@ def _checked_id(kind: str, value: str) -> str:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class _Correlation:
+    request_id: str | None
+    traceparent: str | None
+
+
+def _correlation(
+    x_request_id: Annotated[
+        str | None,
+        Header(description="the caller's request id (1-128 visible ASCII characters)"),
+    ] = None,
+    traceparent: Annotated[
+        str | None, Header(description="W3C trace context; stored when valid, else ignored")
+    ] = None,
+) -> _Correlation:
+    """The correlation headers of an ingest request: a malformed X-Request-Id is refused
+    (422, as the body field), a malformed traceparent ignored (W3C: start a new trace)."""
+    from guardrail.proxy import valid_request_id, valid_traceparent
+
+    if x_request_id is not None and valid_request_id(x_request_id) is None:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("header", "x-request-id"),
+                    "msg": "must be 1-128 visible ASCII characters",
+                }
+            ]
+        )
+    return _Correlation(x_request_id, valid_traceparent(traceparent))
+
+
 # auto_error=False: `authorize` answers 401/403 itself (and nothing when no tokens are set)
 _BEARER = HTTPBearer(
     auto_error=False,
@@ -220,7 +267,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     app.state.runtime = runtime
     install_error_contract(
-        app, max_request_bytes=request_body_limit(settings), body_limit_exempt={PROXY_PATH}
+        app, max_request_bytes=request_body_limit(settings), body_limit_exempt=_proxied
     )
     app.add_middleware(RequestContextMiddleware)  # outermost: every log line of a request
 
@@ -241,14 +288,19 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     auth = [Depends(authorize)]
 
-    async def ingest_json(body: SampleIn, image_bytes: bytes, force: bool) -> JSONResponse:
+    async def ingest_json(
+        body: SampleIn, image_bytes: bytes, force: bool, context: _Correlation
+    ) -> JSONResponse:
         request = IngestRequest(
             model=body.model,
             prompt=body.prompt,
             image_bytes=image_bytes,
             output=body.output,
             token_ids=body.token_ids,
-            request_id=body.request_id,
+            request_id=body.request_id or context.request_id,
+            response_id=body.response_id,
+            traceparent=context.traceparent,
+            choice_index=body.choice_index,
             metadata=body.metadata,
             force=force or body.audit,
         )
@@ -276,12 +328,14 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     async def post_sample(
         body: SampleIn,
+        context: Annotated[_Correlation, Depends(_correlation)],
         x_guardrail_audit: Annotated[str | None, Header()] = None,
     ) -> JSONResponse:
-        """Offer a model output (JSON, image as base64) for audit."""
+        """Offer a model output (JSON, image as base64) for audit.  `X-Request-Id` and a W3C
+        `traceparent` header are stored with the sample (`request_id` in the body wins)."""
         image_bytes = _decode_base64(body.image_base64)
         return await ingest_json(
-            body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always")
+            body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always"), context
         )
 
     @app.post(
@@ -299,7 +353,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         token_ids: Annotated[str | None, Form(description="JSON list of ints")] = None,
         request_id: Annotated[str | None, Form()] = None,
         metadata: Annotated[str | None, Form(description="JSON object")] = None,
+        response_id: Annotated[str | None, Form()] = None,
+        choice_index: Annotated[int | None, Form()] = None,
         x_guardrail_audit: Annotated[str | None, Header()] = None,
+        context: Annotated[_Correlation | None, Depends(_correlation)] = None,
     ) -> JSONResponse:
         """Offer a model output as a multipart upload (the same limits as the JSON route)."""
         fields = {
@@ -310,6 +367,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             "image_base64": "",
             "request_id": request_id,
             "metadata": _form_json("metadata", metadata, "a JSON object") or {},
+            "response_id": response_id,
+            "choice_index": choice_index,
         }
         try:
             body = SampleIn.model_validate(fields)
@@ -318,7 +377,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             raise RequestValidationError(errors) from None
         # bounded: one byte over the limit is enough for ingest to answer 413
         data = await image.read(settings.max_image_bytes + 1)
-        return await ingest_json(body, data, (x_guardrail_audit or "").lower() in ("1", "always"))
+        force = (x_guardrail_audit or "").lower() in ("1", "always")
+        return await ingest_json(body, data, force, context or _Correlation(None, None))
 
     @app.get("/v1/samples/{sample_id}", dependencies=auth, responses=_READ_ERRORS)
     def get_sample_status(
@@ -365,6 +425,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                     {
                         "sample_id": s.id,
                         "model": s.model,
+                        **_correlation_view(s),
                         "received_at": s.received_at.isoformat(),
                         "word": t.word,
                         "category": t.category,
@@ -376,8 +437,6 @@ def create_app(runtime: Runtime) -> FastAPI:
                     for s, t, v in rows
                 ]
             }
-
-    add_proxy_routes(app, runtime)
 
     @app.get("/v1/reports", dependencies=auth, responses=_LIST_ERRORS)
     def list_reports(limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
@@ -439,8 +498,17 @@ def create_app(runtime: Runtime) -> FastAPI:
     from guardrail.health import add_health_routes
 
     add_health_routes(app, runtime)
-
+    add_proxy_routes(app, runtime)  # last: the guardrail's own routes take precedence
     return app
+
+
+def _correlation_view(sample: Sample) -> dict[str, Any]:
+    return {
+        "request_id": sample.request_id,
+        "response_id": sample.response_id,
+        "traceparent": sample.traceparent,
+        "choice_index": sample.choice_index,
+    }
 
 
 def _sample_view(sample: Sample) -> dict[str, Any]:
@@ -482,7 +550,7 @@ def _sample_view(sample: Sample) -> dict[str, Any]:
         "model": sample.model,
         "status": sample.status.value,
         "received_at": sample.received_at.isoformat(),
-        "request_id": sample.request_id,
+        **_correlation_view(sample),
         "image_sha256": sample.image_sha256,
         "image_size": [sample.image_width, sample.image_height],
         "output": sample.generated_text,

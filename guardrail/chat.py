@@ -11,59 +11,125 @@ __all__ = ["ChatFormatError", "ChatInput", "chat_input", "image_messages", "user
 
 
 class ChatFormatError(ValueError):
-    """The messages hold no image, several images, or an image that is not a data URL."""
+    """The messages cannot be audited; `reason` says why: `text_only` (no image in any turn),
+    `multi_image` (several images), `image_unreadable` (an image part that is neither a
+    base64 data URL nor an http(s) URL) or `messages_unreadable` (not the chat shape)."""
+
+    def __init__(self, message: str, reason: str = "messages_unreadable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
 class ChatInput:
-    image_bytes: bytes
-    prompt: str  # the user turn with the image placeholder where the image was
+    """The one image of a conversation and the prompt around it.
+
+    `image_bytes` holds a data URL's image; `image_url` an http(s) URL to fetch instead."""
+
+    image_bytes: bytes | None
+    prompt: str  # the conversation with the image placeholder where the image was
+    image_url: str | None = None
 
 
 def _data_url(url: str) -> bytes:
     if not url.startswith("data:") or "," not in url:
-        raise ChatFormatError("images must be data URLs (data:image/png;base64,...)")
+        raise ChatFormatError(
+            "images must be data URLs (data:image/png;base64,...)", reason="image_unreadable"
+        )
     header, _, payload = url.partition(",")
     if ";base64" not in header:
-        raise ChatFormatError("image data URLs must be base64-encoded")
+        raise ChatFormatError("image data URLs must be base64-encoded", reason="image_unreadable")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ChatFormatError(f"the image data URL is not valid base64: {exc}") from None
+        raise ChatFormatError(
+            f"the image data URL is not valid base64: {exc}", reason="image_unreadable"
+        ) from None
 
 
-def chat_input(body: dict[str, Any], placeholder: str, template: str | None = None) -> ChatInput:
-    """The last user message's image and text.  The prompt is `template` with `{prompt}`
-    replaced by the text when given, else "USER: ... ASSISTANT:" with the placeholder where
-    the image part stands among the text parts."""
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise ChatFormatError("messages must be a list")
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    if not users:
-        raise ChatFormatError("no user message")
-    content = users[-1].get("content")
-    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-    if not isinstance(parts, list):
-        raise ChatFormatError("message content must be a string or a list of parts")
+def _image(part: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str):
+        raise ChatFormatError("an image_url part without a URL", reason="image_unreadable")
+    if url.startswith("data:") and "," in url:
+        return _data_url(url), None
+    if url[:8].lower().startswith(("http://", "https://")):
+        return None, url
+    raise ChatFormatError(
+        "images must be data URLs (data:image/png;base64,...) or http(s) URLs",
+        reason="image_unreadable",
+    )
+
+
+def _turn(
+    content: Any, placeholder: str, images: list[tuple[bytes | None, str | None]]
+) -> list[str]:
+    """A message's text parts with the placeholder where its images stand (images
+    collected)."""
+    if isinstance(content, str):
+        return [content.strip()]
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise ChatFormatError(
+            "message content must be a string or a list of parts", reason="messages_unreadable"
+        )
     pieces: list[str] = []
-    images: list[bytes] = []
-    for part in parts:
+    for part in content:
         if not isinstance(part, dict):
-            raise ChatFormatError("content parts must be objects")
+            raise ChatFormatError("content parts must be objects", reason="messages_unreadable")
         if part.get("type") == "text":
             pieces.append(str(part.get("text", "")).strip())
         elif part.get("type") == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            images.append(_data_url(str(url)))
+            images.append(_image(part))
             pieces.append(placeholder)
-    if len(images) != 1:
-        raise ChatFormatError(f"exactly one image is needed, found {len(images)}")
+    return pieces
+
+
+def chat_input(body: dict[str, Any], placeholder: str, template: str | None = None) -> ChatInput:
+    """The conversation's image (in any user turn) and the prompt the model saw.
+
+    Without `template` the prompt is the user and assistant turns as "USER: ... ASSISTANT:
+    ... USER: ... ASSISTANT:", the placeholder where the image stood (one user turn gives
+    "USER: <image> Describe the image. ASSISTANT:").  With `template`, `{prompt}` in it is
+    replaced by the text of the last user turn.
+
+    Raises:
+        ChatFormatError: no image, several images, an unreadable image or messages.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise ChatFormatError("messages must be a list", reason="messages_unreadable")
+    images: list[tuple[bytes | None, str | None]] = []
+    turns: list[str] = []
+    last_user: list[str] | None = None
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            continue  # system and tool turns carry no image and are not in the audit prompt
+        found = len(images)
+        pieces = _turn(message.get("content"), placeholder, images)
+        text = " ".join(p for p in pieces if p)
+        if message["role"] == "assistant" and len(images) != found:
+            raise ChatFormatError("an assistant turn holds an image", reason="messages_unreadable")
+        if message["role"] == "user":
+            last_user = pieces
+            turns.append(f"USER: {text}" if text else "USER:")
+        else:
+            turns.append(f"ASSISTANT: {text}" if text else "ASSISTANT:")
+    if not images:
+        raise ChatFormatError("no image in any turn", reason="text_only")
+    if len(images) > 1:
+        raise ChatFormatError(f"{len(images)} images; one image is audited", reason="multi_image")
+    if last_user is None:
+        raise ChatFormatError("no user message", reason="messages_unreadable")
+    image_bytes, image_url = images[0]
     if template:
-        text = " ".join(p for p in pieces if p and p != placeholder)
-        return ChatInput(images[0], template.replace("{prompt}", text))
-    return ChatInput(images[0], "USER: " + " ".join(p for p in pieces if p) + " ASSISTANT:")
+        text = " ".join(p for p in last_user if p and p != placeholder)
+        return ChatInput(image_bytes, template.replace("{prompt}", text), image_url)
+    # a conversation that ends on an assistant turn is a continuation of that turn
+    ending = "" if turns[-1].startswith("ASSISTANT") else " ASSISTANT:"
+    return ChatInput(image_bytes, " ".join(turns) + ending, image_url)
 
 
 def image_messages(

@@ -46,12 +46,24 @@ def _reference_model_dir() -> Path:
     return Path(MODEL_DIR)
 
 
+# `org/name` as vLLM and TGI serve Hugging Face ids; no empty, `.` or `..` segment, no leading
+# or trailing slash (the name becomes a metric label and a query value, never a path)
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.:-]+(?:/[A-Za-z0-9_.:-]+)*$"
+
+
 class ModelSettings(BaseModel):
     """One audited model, declared by name."""
 
     model_config = {"extra": "forbid"}
 
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    name: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=MODEL_NAME_PATTERN,
+        description="the name clients send as `model`, as the model server serves it: "
+        "`reference`, or a Hugging Face style `org/name` (segments of letters, digits and "
+        "`_.:-`, joined by single slashes)",
+    )
     path: Path = Field(
         description="local checkpoint directory (never a hub id); for a remote model, a "
         "directory with its config.json, tokenizer and processor files (no weights needed)"
@@ -129,6 +141,13 @@ class ModelSettings(BaseModel):
     @property
     def remote_api_key(self) -> str | None:
         return self._remote_api_key
+
+    @field_validator("name")
+    @classmethod
+    def _no_dot_segments(cls, value: str) -> str:
+        if any(segment in (".", "..") for segment in value.split("/")):
+            raise ValueError(f"a model name has no '.' or '..' segment, got: {value!r}")
+        return value
 
     @field_validator("path")
     @classmethod
@@ -236,6 +255,31 @@ class Settings(BaseSettings):
     proxy_max_body_bytes: int = Field(
         default=64 * 2**20, ge=1024, description="largest proxied request body (413 beyond)"
     )
+    proxy_connect_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="connecting to the upstream (504 beyond)"
+    )
+    proxy_read_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="the upstream's longest silence: before its headers, or between two "
+        "chunks of its answer (504 before the headers, the answer cut after)",
+    )
+    image_url_fetch: bool = Field(
+        default=False,
+        description="fetch http(s) image URLs of proxied chats for the audit (off: such "
+        "requests are counted as not applicable)",
+    )
+    image_url_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="hosts image URLs may be fetched from: names (`cdn.example.com`, "
+        "`*.example.com`), IP addresses or networks (`10.0.0.0/8`); empty: any host whose "
+        "addresses are public.  Loopback, private and link-local addresses are refused "
+        "unless listed here",
+    )
+    image_url_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=60, description="the whole fetch of one image URL, redirects included"
+    )
+    image_url_max_redirects: int = Field(default=3, ge=0, le=10)
     proxy_max_response_bytes: int = Field(
         default=8 * 2**20,
         ge=1024,
@@ -345,6 +389,33 @@ class Settings(BaseSettings):
         default=128, ge=1, le=4096, description="evaluation events per span (the rest counted)"
     )
     config_file: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _http_upstream(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+        except ValueError as exc:
+            raise ValueError(f"upstream_url is not a URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "upstream_url must be an http(s) URL such as http://127.0.0.1:8000 or "
+                f"http://127.0.0.1:8000/v1, got: {_masked_http_url(value)!r}"
+            )
+        return value
+
+    @field_validator("image_url_allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        from guardrail.image_fetch import parse_allowed_host
+
+        for entry in value:
+            parse_allowed_host(entry)  # raises ValueError naming the bad entry
+        return value
 
     @field_validator("webhook_url")
     @classmethod

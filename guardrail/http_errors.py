@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -373,20 +373,26 @@ class PayloadTooLargeError(ApiError):
 
 
 class BodyLimitMiddleware:
-    """At most `limit` body bytes per request (paths in `exempt` bound their own bodies).
+    """At most `limit` body bytes per request (paths in `exempt`, a set or a predicate, bound
+    their own bodies).
 
     A declared Content-Length over the limit is answered 413 before the app runs; otherwise
     `receive` counts the bytes as they stream and raises a 413 `ApiError` at the limit."""
 
-    def __init__(self, app: ASGIApp, *, limit: int, exempt: Iterable[str] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, *, limit: int, exempt: Iterable[str] | Callable[[str], bool] = ()
+    ) -> None:
         if limit < 0:
             raise ValueError(f"the body limit must be non-negative, got: {limit}")
         self.app = app
         self.limit = limit
-        self.exempt = frozenset(exempt)
+        if callable(exempt):
+            self.exempt: Callable[[str], bool] = exempt
+        else:
+            self.exempt = frozenset(exempt).__contains__
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt:
+        if scope["type"] != "http" or self.exempt(scope["path"]):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
@@ -477,7 +483,10 @@ _DESCRIPTIONS = {
 
 
 def install_error_contract(
-    app: FastAPI, *, max_request_bytes: int, body_limit_exempt: Iterable[str] = ()
+    app: FastAPI,
+    *,
+    max_request_bytes: int,
+    body_limit_exempt: Iterable[str] | Callable[[str], bool] = (),
 ) -> None:
     """Put the error contract, the URL guard and the body limit on `app` (call once, before
     the app serves)."""

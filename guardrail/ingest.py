@@ -78,6 +78,12 @@ class IngestRequest:
     output: str | None = None
     token_ids: list[int] | None = None
     request_id: str | None = None
+    response_id: str | None = None  # the upstream's answer id (chatcmpl-...)
+    traceparent: str | None = None  # W3C trace context, validated by the caller
+    choice_index: int | None = None  # which choice of the answer (n > 1)
+    # the digest the sampling key uses instead of the image's (a fetched URL's: the sampling
+    # decision was taken on it before fetching)
+    image_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     force: bool = False
 
@@ -133,7 +139,13 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
             "prompt template",
         )
     digest = hashlib.sha256(request.image_bytes).hexdigest()
-    key = request_key(model.name, request.request_id, digest, request.prompt, request.output or "")
+    key = request_key(
+        model.name,
+        request.request_id,
+        request.image_key or digest,
+        request.prompt,
+        request.output or "",
+    )
     decision = runtime.sampler.decide(model.name, key, force=request.force)
     if not decision.sampled:
         m.samples_skipped.labels(model=model.name, reason=decision.reason).inc()
@@ -158,6 +170,9 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
             generated_text=request.output or "",
             token_ids=request.token_ids,
             request_id=request.request_id,
+            response_id=request.response_id,
+            traceparent=request.traceparent,
+            choice_index=request.choice_index,
             metadata=request.metadata,
             prompt=request.prompt if settings.store_raw else None,
             image_data=image.png if settings.store_raw else None,

@@ -45,7 +45,25 @@ CATEGORIES: frozenset[str] = frozenset({*COCO_CATEGORIES, *DEFAULT_VOCABULARY.fo
 SKIP_REASONS = ("rate", "rate_limited", "no_image", "unknown_model", "ingest_error")
 AUDIT_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 PASSES_BUCKETS = (10, 25, 50, 100, 200, 400, 800, 1600, 3200, 6400)
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# the proxy's route label: the first path segment under /v1 when it is one of these, else other
+PROXY_ROUTES = (
+    "chat_completions",
+    "completions",
+    "embeddings",
+    "models",
+    "responses",
+    "moderations",
+    "audio",
+    "images",
+    "files",
+    "batches",
+    "rerank",
+    "score",
+    "tokenize",
+    "detokenize",
+    "other",
+)
 
 
 def category_label(category: str) -> str:
@@ -72,8 +90,12 @@ class Metrics:
     otel_spans: Counter
     otel_evaluations_truncated: Counter
     worker_restarts: Counter
-    proxy_upstream_latency: Histogram
+    proxy_requests: Counter
+    proxy_duration: Histogram
+    proxy_time_to_first_byte: Histogram
     proxy_fail_open_drops: Counter
+    proxy_not_applicable: Counter
+    image_fetches: Counter
     proxy_tee_pending: Gauge
     proxy_tee_pending_bytes: Gauge
     alert_deliveries: Counter
@@ -214,10 +236,25 @@ class Metrics:
                 ["kind"],
                 registry=r,
             ),
-            proxy_upstream_latency=Histogram(
-                "guardrail_proxy_upstream_latency_seconds",
-                "Latency of the upstream model behind the proxy",
-                ["model"],
+            proxy_requests=Counter(
+                "guardrail_proxy_requests_total",
+                "Requests forwarded by the proxy, by route and status class (2xx..5xx; the "
+                "proxy's own 502/504 included)",
+                ["route", "code"],
+                registry=r,
+            ),
+            proxy_duration=Histogram(
+                "guardrail_proxy_request_duration_seconds",
+                "From sending a request upstream to the end of its answer (a stream: its last "
+                "chunk relayed, so its whole length)",
+                ["route", "model"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            proxy_time_to_first_byte=Histogram(
+                "guardrail_proxy_time_to_first_byte_seconds",
+                "From sending a request upstream to the first byte of its answer's body",
+                ["route", "model"],
                 buckets=LATENCY_BUCKETS,
                 registry=r,
             ),
@@ -225,6 +262,19 @@ class Metrics:
                 "guardrail_proxy_fail_open_drops_total",
                 "Proxied responses that could not be teed to ingest (traffic still flowed)",
                 ["reason"],
+                registry=r,
+            ),
+            proxy_not_applicable=Counter(
+                "guardrail_proxy_not_applicable_total",
+                "Proxied chat answers the audit does not apply to, by reason (text_only, "
+                "multi_image, image_url_not_allowed, no_text): not failures",
+                ["reason"],
+                registry=r,
+            ),
+            image_fetches=Counter(
+                "guardrail_image_fetches_total",
+                "Image URLs the audit path was asked to fetch, by outcome",
+                ["outcome"],
                 registry=r,
             ),
             proxy_tee_pending=Gauge(

@@ -1,10 +1,17 @@
-"""The OpenAI-compatible proxy: `POST /v1/chat/completions` forwarded to the upstream model.
+"""The OpenAI-compatible proxy: every path under `/v1` forwarded to the upstream model server.
 
-The request is forwarded as the client sent it (the proxy does not judge it) and the answer
-(streamed or not) goes back to the client byte for byte; the request's image and the answer's
-text are then teed to ingest.  The proxy fails open: if parsing, ingest or the database fail,
-the client still gets the upstream's answer and `guardrail_proxy_fail_open_drops_total{reason}`
-counts what was not audited, exactly once for every 200 answer that was not handed to ingest.
+Requests go upstream as the client sent them (method, path, query, body and headers, less the
+hop-by-hop ones and the guardrail's own `X-Guardrail-*`), and answers come back byte for byte
+with their headers (a compressed answer stays compressed, with its `Content-Encoding`).  The
+guardrail's own routes (`/v1/samples`, `/v1/audits`, `/v1/reports`, `/healthz`, `/metrics`...)
+take precedence; only `POST /v1/chat/completions` is teed to the audit (`guardrail.tee`), after
+the answer went back.  The proxy fails open: if parsing, ingest or the database fail, the client
+still gets the upstream's answer and `guardrail_proxy_fail_open_drops_total{reason}` counts
+what was not audited.
+
+An `upstream_url` given with or without its `/v1` reaches the same paths.  Connecting is
+bounded by `proxy_connect_timeout_seconds` and each wait for the upstream by
+`proxy_read_timeout_seconds`; beyond either, before the answer started, the client gets a 504.
 
 Memory is bounded in bytes: a request body over `proxy_max_body_bytes` is refused with 413
 while it is being read; at most `proxy_max_response_bytes` of an answer are copied for the tee;
@@ -31,25 +38,35 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
-from guardrail.auditor import image_placeholder
-from guardrail.chat import ChatFormatError, chat_input
+from guardrail.answers import MAX_TEE_JSON_VALUES, json_values
 from guardrail.config import ModelSettings, Settings
-from guardrail.ingest import IngestError, IngestRequest, ingest
+from guardrail.image_fetch import ImageFetcher
+from guardrail.metrics import PROXY_ROUTES
 from guardrail.runtime import Runtime
+from guardrail.tee import Tee, TeedExchange
 
-__all__ = ["MAX_TEE_JSON_VALUES", "TeeBacklog", "add_proxy_routes"]
+__all__ = [
+    "CHAT_PATH",
+    "MAX_TEE_JSON_VALUES",
+    "TeeBacklog",
+    "add_proxy_routes",
+    "route_label",
+    "upstream_base",
+    "valid_request_id",
+    "valid_traceparent",
+]
 
 log = logging.getLogger("guardrail.proxy")
 
+CHAT_PATH = "/v1/chat/completions"
 _HOP = {
     b"host",
     b"content-length",
     b"connection",
     b"keep-alive",
     b"transfer-encoding",
-    b"accept-encoding",
-    b"content-encoding",
     b"upgrade",
     b"te",
     b"trailer",
@@ -57,17 +74,62 @@ _HOP = {
     b"proxy-authorization",
     b"proxy-connection",
 }
+# uvicorn writes its own `date` and `server` on every answer: the upstream's would be doubled
+_SERVER_OWN = {b"date", b"server"}
+_GUARDRAIL_HEADERS = b"x-guardrail-"
 FORCE_HEADER = "x-guardrail-audit"
-# A JSON document of N bytes can hold about N/2 values, and parsing it can take 50 times its
-# size in Python objects: documents with more values than this are not parsed for the tee.
-MAX_TEE_JSON_VALUES = 200_000
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+_ROUTES = frozenset(PROXY_ROUTES)
 # What a parsed JSON value costs beyond its bytes, counted against proxy_max_pending_bytes.
 _BYTES_PER_JSON_VALUE = 64
 # Bodies up to this size are parsed on the event loop; larger ones on a thread.
 _PARSE_ON_LOOP_BYTES = 64 * 1024
-_SSE_LINE = re.compile(r"\r\n|\r|\n")  # SSE line ends only (not str.splitlines's U+2028 etc.)
 _DIGITS = re.compile(r"[0-9]+")
 _QUERY_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))  # printable ASCII stays as sent
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_REQUEST_ID = re.compile(r"[!-~]{1,128}")  # visible ASCII, no spaces (as the samples API)
+
+
+def route_label(path: str) -> str:
+    """The bounded `route` label of a path under /v1: `chat_completions`, the first segment
+    when it is a known OpenAI endpoint (`models`, `completions`, `embeddings`...), else
+    `other`."""
+    rest = path.removeprefix("/v1/")
+    if rest.rstrip("/") == "chat/completions":
+        return "chat_completions"
+    first = rest.split("/", 1)[0]
+    return first if first in _ROUTES else "other"
+
+
+def upstream_base(url: str) -> str:
+    """The upstream's root: `upstream_url` without a trailing slash or `/v1` (the client's
+    paths start with /v1 and are sent as they are)."""
+    base = url.rstrip("/")
+    return base.removesuffix("/v1") if base.endswith("/v1") else base
+
+
+def valid_traceparent(value: str | None) -> str | None:
+    """A W3C `traceparent` header value when it is valid (lowercase hex, version not `ff`,
+    trace and parent ids not all zeros; fields a later version appends are dropped), else
+    None."""
+    if not value:
+        return None
+    value = value.strip()
+    found = _TRACEPARENT.match(value)
+    if found is None:
+        return None
+    version, trace_id, parent_id, _ = found.groups()
+    rest = value[found.end() :]
+    if version == "ff" or (version == "00" and rest) or (rest and not rest.startswith("-")):
+        return None
+    if trace_id == "0" * 32 or parent_id == "0" * 16:
+        return None
+    return found.group(0)
+
+
+def valid_request_id(value: str | None) -> str | None:
+    """The client's `X-Request-Id` when it is 1-128 visible ASCII characters, else None."""
+    return value if value is not None and _REQUEST_ID.fullmatch(value) else None
 
 
 class TeeBacklog:
@@ -105,100 +167,9 @@ class TeeBacklog:
         return self._bytes
 
 
-class _UnreadableAnswerError(ValueError):
-    """An answer whose text cannot be read (not the chat-completions shape)."""
-
-
-def _json_values(raw: bytes | str) -> int:
-    """An upper bound on the number of values in a JSON document (every value but the first
-    in a container follows a comma, every key a colon; the same characters in strings only
-    make the bound looser)."""
-    if isinstance(raw, str):
-        return raw.count(",") + raw.count(":") + raw.count("[") + raw.count("{") + 1
-    return raw.count(b",") + raw.count(b":") + raw.count(b"[") + raw.count(b"{") + 1
-
-
-def _json(raw: bytes | str) -> Any:
-    if _json_values(raw) > MAX_TEE_JSON_VALUES:
-        raise _UnreadableAnswerError(f"more than {MAX_TEE_JSON_VALUES} JSON values")
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep
-        raise _UnreadableAnswerError(f"not JSON: {exc}") from None
-
-
-def _first_choice(choice: Any) -> bool:
-    """Whether `choice` is the answer's first choice (index 0 or no index); raises for a
-    choice that is not an object."""
-    if not isinstance(choice, dict):
-        raise _UnreadableAnswerError("a choice is not a JSON object")
-    index = choice.get("index")
-    return index is None or (type(index) is int and index == 0)
-
-
-def _completion_text(raw: bytes) -> str:
-    """The assistant text of choice 0 of a (non-streamed) chat completion."""
-    data = _json(raw)
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not isinstance(choices, list):
-        raise _UnreadableAnswerError("the answer is not an object with a list of choices")
-    texts = []
-    for choice in choices:
-        if _first_choice(choice):
-            message = choice.get("message")
-            content = message.get("content") if isinstance(message, dict) else None
-            if not isinstance(content, str):
-                raise _UnreadableAnswerError("choice 0 has no message content text")
-            texts.append(content)
-    if not texts:
-        raise _UnreadableAnswerError("the answer has no choice 0")
-    return texts[0]
-
-
-def _sse_text(raw: bytes) -> str:
-    """The assistant text of choice 0 carried by a chat-completions event stream."""
-    pieces: list[str] = []
-    data: list[str] = []
-    for line in [*_SSE_LINE.split(raw.decode("utf-8", errors="replace")), ""]:
-        if not line:  # a blank line ends an event
-            if data:
-                _sse_event("\n".join(data), pieces)
-                data = []
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-    return "".join(pieces)
-
-
-def _sse_event(data: str, pieces: list[str]) -> None:
-    if data.strip() == "[DONE]":
-        return
-    event = _json(data)
-    if not isinstance(event, dict):
-        raise _UnreadableAnswerError("an event is not a JSON object")
-    choices = event.get("choices") or []
-    if not isinstance(choices, list):
-        raise _UnreadableAnswerError("an event's choices are not a list")
-    for choice in choices:
-        if not _first_choice(choice):
-            continue
-        delta = choice.get("delta")
-        if delta is None:
-            continue
-        if not isinstance(delta, dict):
-            raise _UnreadableAnswerError("a choice's delta is not a JSON object")
-        content = delta.get("content")
-        if content is None:
-            continue
-        if not isinstance(content, str):
-            raise _UnreadableAnswerError("a delta's content is not text")
-        pieces.append(content)
-
-
 @dataclass(frozen=True, slots=True)
 class _ChatRequest:
-    """A client's request as far as the tee needs it."""
+    """A client's chat request as far as the tee needs it."""
 
     body: dict[str, Any] | None  # None when it cannot be teed: `problem` says why
     model: ModelSettings | None
@@ -211,7 +182,7 @@ class _ChatRequest:
 
 
 def _chat_request(raw: bytes, settings: Settings) -> _ChatRequest:
-    values = _json_values(raw)
+    values = json_values(raw)
     if values > MAX_TEE_JSON_VALUES:
         return _ChatRequest(body=None, model=None, problem="request_unreadable", held_bytes=0)
     try:
@@ -229,7 +200,8 @@ def _chat_request(raw: bytes, settings: Settings) -> _ChatRequest:
 
 
 class _Exchange:
-    """One 200 answer on its way to the tee: a copy of at most `limit` bytes, settled once."""
+    """One 200 chat answer on its way to the tee: a copy of at most `limit` bytes, settled
+    once."""
 
     def __init__(
         self,
@@ -237,14 +209,18 @@ class _Exchange:
         limit: int,
         *,
         streamed: bool,
+        content_encoding: str,
         request_id: str | None,
+        traceparent: str | None,
         force: bool,
     ) -> None:
         self.request = request
         self.problem = request.problem
         self.limit = limit
         self.streamed = streamed
+        self.content_encoding = content_encoding
         self.request_id = request_id
+        self.traceparent = traceparent
         self.force = force
         self.parts: list[bytes] = []
         self.size = 0
@@ -286,8 +262,29 @@ def _error(status: int, kind: str, message: str, headers: dict[str, str] | None 
     )
 
 
+def _timeout_message(exc: httpx.TimeoutException, settings: Settings) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return (
+            "the upstream model server could not be connected to within "
+            f"{settings.proxy_connect_timeout_seconds} s (proxy_connect_timeout_seconds)"
+        )
+    if isinstance(exc, httpx.PoolTimeout):
+        return (
+            "no connection to the upstream model server came free within "
+            f"{settings.proxy_connect_timeout_seconds} s (proxy_connect_timeout_seconds)"
+        )
+    return (
+        f"the upstream model server did not answer within {settings.proxy_read_timeout_seconds}"
+        " s (proxy_read_timeout_seconds)"
+    )
+
+
 def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
-    """Add `POST /v1/chat/completions`; the tee backlog is `app.state.proxy_backlog`."""
+    """Add `POST /v1/chat/completions` (teed) and every other path under /v1 (forwarded).
+
+    Call it after the app's own routes: a path under /v1 that one of them serves for another
+    method answers 405, one under their prefixes that none serves 404, and neither is
+    forwarded.  The tee backlog is `app.state.proxy_backlog`."""
     settings = runtime.settings
     metrics = runtime.metrics
     clients: dict[str, httpx.AsyncClient] = {}
@@ -297,80 +294,79 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
     app.state.proxy_backlog = backlog
     metrics.proxy_tee_pending.set_function(lambda: backlog.pending_count)
     metrics.proxy_tee_pending_bytes.set_function(lambda: backlog.pending_bytes)
+    fetcher = ImageFetcher(
+        enabled=settings.image_url_fetch,
+        allowed_hosts=settings.image_url_allowed_hosts,
+        max_bytes=settings.max_image_bytes,
+        timeout_seconds=settings.image_url_timeout_seconds,
+        max_redirects=settings.image_url_max_redirects,
+        count=lambda outcome: metrics.image_fetches.labels(outcome=outcome).inc(),
+    )
+    tee = Tee(runtime, fetcher)
+    own_routes = list(app.router.routes)
+    own_prefixes = {
+        path.removeprefix("/v1/").split("/", 1)[0]
+        for path in (getattr(r, "path", "") for r in own_routes)
+        if path.startswith("/v1/")
+    }
 
     def client() -> httpx.AsyncClient:
         if "c" not in clients:
-            clients["c"] = httpx.AsyncClient(
-                base_url=str(settings.upstream_url).rstrip("/"),
-                timeout=httpx.Timeout(300.0, connect=10.0),
-            )
-        return clients["c"]
-
-    def drop(reason: str) -> None:
-        metrics.proxy_fail_open_drops.labels(reason=reason).inc()
-
-    def tee(exchange: _Exchange, answer: bytes) -> None:
-        """Hand the exchange to ingest; never raises (fail open)."""
-        request, model = exchange.request, exchange.request.model
-        try:
-            try:
-                text = _sse_text(answer) if exchange.streamed else _completion_text(answer)
-            except _UnreadableAnswerError:
-                drop("response_unreadable")
-                return
-            if request.body is None or model is None:  # settled as a drop instead (not here)
-                drop(request.problem or "request_unreadable")
-                return
-            auditor = runtime.auditors[model.name]
-            parsed = chat_input(request.body, image_placeholder(model.family), model.prompt)
-            ingest(
-                runtime,
-                IngestRequest(
-                    model=model.name,
-                    prompt=auditor.prompt_for(parsed.prompt),
-                    image_bytes=parsed.image_bytes,
-                    output=text,
-                    request_id=exchange.request_id,
-                    metadata={"source": "proxy"},
-                    force=exchange.force,
+            upstream = httpx.AsyncClient(
+                base_url=upstream_base(str(settings.upstream_url)),
+                timeout=httpx.Timeout(
+                    settings.proxy_read_timeout_seconds,
+                    connect=settings.proxy_connect_timeout_seconds,
+                    pool=settings.proxy_connect_timeout_seconds,
                 ),
             )
-        except ChatFormatError:
-            drop("no_image")
-        except IngestError as exc:  # 503: decoding is saturated; else the sample is refused
-            drop("ingest_busy" if exc.status == 503 else "rejected")
-        except ValueError:  # text the storage cannot encode
-            drop("rejected")
-        except Exception as exc:  # the database or anything else: traffic must still flow
-            log.warning("proxy: could not tee a sample to ingest: %s", str(exc).splitlines()[0])
-            drop("ingest_error")
+            upstream.headers.clear()  # no User-Agent, Accept or Accept-Encoding of httpx's own
+            clients["c"] = upstream
+        return clients["c"]
 
-    def run_and_release(size: int, fn: Callable[..., None], *args: Any) -> None:
+    def answered(route: str, status: int) -> None:
+        metrics.proxy_requests.labels(route=route, code=f"{status // 100}xx").inc()
+
+    def run_and_release(size: int, exchange: TeedExchange) -> None:
         try:
-            fn(*args)
+            tee(exchange)
         finally:
             backlog.release(size)
 
     def settle(exchange: _Exchange, *, complete: bool) -> None:
-        """Count the exchange's outcome once: handed to ingest, or dropped with a reason.
+        """Count the exchange's outcome once: handed to the tee, or dropped with a reason.
         Never waits: the tee runs on the ingest executor."""
         if exchange.settled:
             return
         exchange.settled = True
+        request = exchange.request
         if exchange.problem is not None or not complete:
-            drop(exchange.problem or "stream_interrupted")
+            tee.drop(exchange.problem or "stream_interrupted")
+            return
+        if request.body is None or request.model is None:  # a problem was set (not here)
+            tee.drop("request_unreadable")
             return
         answer = exchange.answer()
         exchange.parts = []
-        size = exchange.request.held_bytes + len(answer)
+        size = request.held_bytes + len(answer)
         if not backlog.reserve(size):
-            drop("backlog")
+            tee.drop("backlog")
             return
+        teed = TeedExchange(
+            body=request.body,
+            model=request.model,
+            answer=answer,
+            content_encoding=exchange.content_encoding,
+            streamed=exchange.streamed,
+            request_id=exchange.request_id,
+            traceparent=exchange.traceparent,
+            force=exchange.force,
+        )
         try:
-            runtime.ingest_executor.submit(run_and_release, size, tee, exchange, answer)
+            runtime.ingest_executor.submit(run_and_release, size, teed)
         except RuntimeError:  # the executor is shutting down
             backlog.release(size)
-            drop("shutting_down")
+            tee.drop("shutting_down")
 
     async def settle_later(exchange: _Exchange) -> None:
         settle(exchange, complete=True)
@@ -380,6 +376,7 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
         first: deque[bytes],
         rest: AsyncIterator[bytes],
         exchange: _Exchange | None,
+        done: Callable[[], None],
     ) -> AsyncIterator[bytes]:
         complete = False
         try:
@@ -396,12 +393,36 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
         finally:
             if exchange is not None:  # counted first: closing may fail on a dying loop
                 settle(exchange, complete=complete)
+            done()
             await response.aclose()
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> Response:
-        """OpenAI-compatible chat completions, forwarded to the configured upstream."""
+    def not_forwarded(request: Request) -> Response | None:
+        """405 or 404 for a path under one of the guardrail's own /v1 prefixes."""
+        path = request.scope["path"]
+        if path.removeprefix("/v1/").split("/", 1)[0] not in own_prefixes:
+            return None
+        allowed: set[str] = set()
+        for route in own_routes:
+            match, _ = route.matches(request.scope)
+            if match != Match.NONE:
+                allowed |= set(getattr(route, "methods", None) or ())
+        if allowed:
+            return _error(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed here (allowed: {', '.join(sorted(allowed))})",
+                {"Allow": ", ".join(sorted(allowed))},
+            )
+        return _error(404, "not_found", "there is no endpoint at this path (see /docs)")
+
+    async def forward(request: Request) -> Response:
+        path = request.scope["path"]
+        route = route_label(path)
+        refused = not_forwarded(request)
+        if refused is not None:
+            return refused
         if not settings.upstream_url:
+            answered(route, 503)
             return _error(
                 503,
                 "upstream_not_configured",
@@ -414,6 +435,7 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is left to read it
         if body is None:
+            answered(route, 413)
             # no `Connection: close`: the server reads and discards the rest of the body, so
             # a client still sending gets this answer instead of a reset connection (and an
             # OpenAI client does not retry the upload)
@@ -423,45 +445,77 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
                 f"the request body is over {limit} bytes (proxy_max_body_bytes); "
                 "send a smaller request",
             )
-        if len(body) <= _PARSE_ON_LOOP_BYTES:
-            chat = _chat_request(body, settings)
-        else:
-            chat = await asyncio.to_thread(_chat_request, body, settings)
+        teed = route == "chat_completions" and request.method == "POST"
+        chat = None
+        if teed:
+            if len(body) <= _PARSE_ON_LOOP_BYTES:
+                chat = _chat_request(body, settings)
+            else:
+                chat = await asyncio.to_thread(_chat_request, body, settings)
+        model = chat.label if chat is not None else "other"
+        raw_path = request.scope.get("raw_path") or path.encode()
         query = request.scope.get("query_string", b"")
-        url = "/v1/chat/completions"
-        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _HOP]
+        target = quote_from_bytes(raw_path, _QUERY_SAFE)
+        if query:
+            target += "?" + quote_from_bytes(query, _QUERY_SAFE)
+        headers = [
+            (k, v)
+            for k, v in request.headers.raw
+            if k.lower() not in _HOP and not k.lower().startswith(_GUARDRAIL_HEADERS)
+        ]
+        if teed or not any(k.lower() == b"accept-encoding" for k, _ in headers):
+            # identity for the teed route: the tee reads the answer without inflating it
+            headers = [(k, v) for k, v in headers if k.lower() != b"accept-encoding"]
+            headers.append((b"accept-encoding", b"identity"))
         upstream = client().build_request(
-            "POST",
-            httpx.URL(url, query=quote_from_bytes(query, _QUERY_SAFE).encode()) if query else url,
-            content=body,
-            # identity: no decompression work (or bombs) in the proxy, chunks stay small
-            headers=[*headers, (b"accept-encoding", b"identity")],
+            request.method, httpx.URL(target), content=body, headers=headers
         )
         del body  # the upstream request holds it until sent
         started = time.perf_counter()
         try:
             response = await client().send(upstream, stream=True)
+        except httpx.TimeoutException as exc:
+            answered(route, 504)
+            return _error(504, "upstream_timeout", _timeout_message(exc, settings))
         except httpx.HTTPError as exc:
+            answered(route, 502)
             return _error(
                 502,
                 "upstream_unavailable",
                 f"the upstream model server could not be reached: {type(exc).__name__}: {exc}",
             )
-        metrics.proxy_upstream_latency.labels(model=chat.label).observe(
-            time.perf_counter() - started
-        )
-        out_headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP]
+        out_headers = [
+            (k, v)
+            for k, v in response.headers.raw
+            if k.lower() not in _HOP and k.lower() not in _SERVER_OWN
+        ]
         streamed = "text/event-stream" in response.headers.get("content-type", "")
         exchange = None
-        if response.status_code == 200:
+        if teed and chat is not None and response.status_code == 200:
             exchange = _Exchange(
                 chat,
                 settings.proxy_max_response_bytes,
                 streamed=streamed,
-                request_id=request.headers.get("x-request-id"),
+                content_encoding=response.headers.get("content-encoding", ""),
+                request_id=valid_request_id(request.headers.get("x-request-id")),
+                traceparent=valid_traceparent(request.headers.get("traceparent")),
                 force=request.headers.get(FORCE_HEADER, "").lower() in ("1", "always"),
             )
-        rest = response.aiter_bytes()
+        first_byte: list[float] = []
+
+        async def timed(raw: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            async for chunk in raw:
+                if chunk and not first_byte:
+                    first_byte.append(time.perf_counter())
+                yield chunk
+
+        def done() -> None:
+            end = time.perf_counter()
+            ttfb = (first_byte[0] if first_byte else end) - started
+            metrics.proxy_time_to_first_byte.labels(route=route, model=model).observe(ttfb)
+            metrics.proxy_duration.labels(route=route, model=model).observe(end - started)
+
+        rest = timed(response.aiter_raw())  # as sent: still compressed if it was
         first: deque[bytes] = deque()
         if not streamed:  # small answers go back whole, with their Content-Length
             size, whole = 0, True
@@ -474,6 +528,10 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
                         break
             except httpx.HTTPError as exc:
                 await response.aclose()
+                if isinstance(exc, httpx.TimeoutException):
+                    answered(route, 504)
+                    return _error(504, "upstream_timeout", _timeout_message(exc, settings))
+                answered(route, 502)
                 return _error(
                     502,
                     "upstream_unavailable",
@@ -481,6 +539,7 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
                 )
             if whole:
                 await response.aclose()
+                done()
                 content = b"".join(first)
                 if exchange is not None:
                     exchange.keep(content)
@@ -489,11 +548,29 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
                     status_code=response.status_code,
                     background=BackgroundTask(settle_later, exchange) if exchange else None,
                 )
+                if request.method == "HEAD":  # the length of the body a GET would get
+                    answer.raw_headers = [
+                        h for h in answer.raw_headers if h[0] != b"content-length"
+                    ]
+                    out_headers += [h for h in response.headers.raw if h[0] == b"content-length"]
                 answer.raw_headers.extend(out_headers)
+                answered(route, response.status_code)
                 return answer
         # streamed, or too large to hold: relayed as it comes
         relayed = StreamingResponse(
-            relay(response, first, rest, exchange), status_code=response.status_code
+            relay(response, first, rest, exchange, done), status_code=response.status_code
         )
         relayed.raw_headers.extend(out_headers)
+        answered(route, response.status_code)
         return relayed
+
+    @app.post(CHAT_PATH, response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        """OpenAI-compatible chat completions, forwarded to the configured upstream and
+        teed to the audit."""
+        return await forward(request)
+
+    # every other path under /v1 (models, completions, embeddings, responses...): forwarded
+    app.add_api_route(
+        "/v1/{path:path}", forward, methods=_METHODS, include_in_schema=False, response_model=None
+    )

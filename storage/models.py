@@ -78,6 +78,11 @@ class Sample(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     model: Mapped[str] = mapped_column(String(128), index=True)
     request_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    # correlation with the request's other records: the upstream's answer id (chatcmpl-...),
+    # the W3C traceparent the client sent, and which choice of the answer this is
+    response_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    traceparent: Mapped[str | None] = mapped_column(String(55), index=True)
+    choice_index: Mapped[int | None] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     status: Mapped[SampleStatus] = mapped_column(
         Enum(SampleStatus, native_enum=False, length=16), default=SampleStatus.QUEUED

@@ -70,12 +70,18 @@ def add_sample(
     metadata: dict[str, Any] | None = None,
     prompt: str | None = None,
     image_data: bytes | None = None,
+    response_id: str | None = None,
+    traceparent: str | None = None,
+    choice_index: int | None = None,
 ) -> Sample:
     """A new sample (pass `prompt` and `image_data` only when the operator stores raw data)."""
     width, height = image_size
     sample = Sample(
         model=model,
         request_id=request_id,
+        response_id=response_id,
+        traceparent=traceparent,
+        choice_index=choice_index,
         image_sha256=image_sha256,
         image_width=width,
         image_height=height,
