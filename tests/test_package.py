@@ -21,6 +21,7 @@ def test_import_detectors_does_not_import_heavy_frameworks() -> None:
 def test_public_api_is_pinned() -> None:
     assert sorted(detectors.__all__) == sorted(
         [
+            "DEFAULT_FILL",
             "Attribution",
             "CrossEvidence",
             "EagleSearch",
