@@ -92,15 +92,15 @@ class WordEvaluation:
 
 
 def audit_trace(sample: Any) -> AuditTrace:
-    """The correlation keys of a `storage.models.Sample` (the columns the proxy stores are read
-    where the schema has them)."""
-    choice = getattr(sample, "choice_index", None)
+    """The correlation keys of a `storage.models.Sample` (stored by the proxy and the ingest
+    API)."""
+    choice = sample.choice_index
     return AuditTrace(
         sample_id=str(sample.id),
         model=str(sample.model),
-        request_id=getattr(sample, "request_id", None),
-        traceparent=getattr(sample, "traceparent", None),
-        response_id=getattr(sample, "response_id", None),
+        request_id=sample.request_id,
+        traceparent=sample.traceparent,
+        response_id=sample.response_id,
         choice_index=int(choice) if choice is not None else None,
     )
 

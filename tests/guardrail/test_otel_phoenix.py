@@ -221,14 +221,12 @@ def test_a_real_audit_shows_in_phoenix_inside_the_client_trace(
     assert span["attributes"]["guardrail.request.id"] == "req-phoenix-1"
     assert span["attributes"]["guardrail.words.audited"] == 4
     _check_evaluations(span, tokens)
-    if "traceparent" in view:  # the schema stores the client's trace context
-        assert view["traceparent"] == traceparent
-        assert span["context"]["trace_id"] == trace_id
-        assert span["parent_id"] == client_span_id
-        trace = _spans(phoenix, trace_id=trace_id)
-        assert {s["name"] for s in trace} == {"ChatCompletion", "guardrail.audit"}
-    else:  # a schema from before the correlation columns: a trace of its own
-        assert span["parent_id"] is None and span["context"]["trace_id"] != trace_id
+    # the sample stores the client's trace context: the verdict span is in the client's trace
+    assert view["traceparent"] == traceparent
+    assert span["context"]["trace_id"] == trace_id
+    assert span["parent_id"] == client_span_id
+    trace = _spans(phoenix, trace_id=trace_id)
+    assert {s["name"] for s in trace} == {"ChatCompletion", "guardrail.audit"}
 
     # the same verdicts with the correlation keys the proxy stores: a second client request,
     # not sampled by the client (flags 00), answered with a chatcmpl id as its choice 1
