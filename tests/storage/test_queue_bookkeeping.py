@@ -9,6 +9,7 @@ in a second session and check that the queue skips the locked row instead of wai
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
@@ -48,8 +49,9 @@ def _at(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=T0.tzinfo)
 
 
-def _sample(session: Session, model: str = "reference") -> str:
-    sample = Sample(
+def _new_sample(model: str = "reference") -> Sample:
+    return Sample(
+        id=uuid.uuid4().hex,
         model=model,
         image_sha256="0" * 64,
         image_width=96,
@@ -59,6 +61,10 @@ def _sample(session: Session, model: str = "reference") -> str:
         extra={},
         received_at=T0,
     )
+
+
+def _sample(session: Session, model: str = "reference") -> str:
+    sample = _new_sample(model)
     session.add(sample)
     session.flush()
     return sample.id
@@ -72,22 +78,28 @@ def _jobs(
     run_after: datetime = T0,
     model: str = "reference",
 ) -> list[int]:
-    """`n` queued jobs, each with its own sample, created and runnable at `run_after`."""
+    """`n` queued jobs, each with its own sample, created and runnable at `run_after` (written
+    in one flush: the crowd tests make hundreds)."""
     upgrade(engine)
-    ids = []
     with session_factory(engine).begin() as session:
-        for _ in range(n):
-            job = enqueue(
-                session,
-                _sample(session, model),
+        samples = [_new_sample(model) for _ in range(n)]
+        session.add_all(samples)
+        session.flush()
+        jobs = [
+            Job(
+                sample_id=sample.id,
                 max_attempts=max_attempts,
                 image_data=b"\x89PNG",
                 prompt="what is on the table?",
+                run_after=run_after,
+                created_at=run_after,
             )
-            job.run_after = run_after
-            job.created_at = run_after
-            session.flush()
-            ids.append(job.id)
+            for sample in samples
+        ]
+        session.add_all(jobs)
+        session.flush()
+        ids = [job.id for job in jobs]
+    assert ids == sorted(ids)  # written in order: the tie-break tests rely on it
     return ids
 
 
