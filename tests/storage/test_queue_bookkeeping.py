@@ -10,11 +10,13 @@ in a second session and check that the queue skips the locked row instead of wai
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, event, select, text, update
 from sqlalchemy.orm import Session
 
 from storage.engine import make_engine, session_factory, upgrade
@@ -140,17 +142,18 @@ def test_claim_takes_the_earliest_runnable_job_and_only_that_one(engine: Engine)
 
 
 def test_claim_breaks_a_tie_on_run_after_by_job_id(engine: Engine) -> None:
-    first, second = _jobs(engine, 2)
+    upgrade(engine)
     sessions = session_factory(engine)
     with sessions.begin() as session:
-        # rewrite the first row: on PostgreSQL its new version now lies after the second's,
-        # so an unordered scan would meet the second job first
-        session.execute(update(Job).where(Job.id == first).values(last_error="touched"))
+        # the higher id is written first: on PostgreSQL an unordered scan meets it first
+        for job_id in (2, 1):
+            sample = _new_sample()
+            session.add(sample)
+            session.flush()
+            session.add(Job(id=job_id, sample_id=sample.id, run_after=T0, created_at=T0))
+            session.flush()
     with sessions.begin() as session:
-        job = claim(session, "w", now=T0)
-        assert job is not None and job.id == first
-        job = claim(session, "w", now=T0)
-        assert job is not None and job.id == second
+        assert [claim(session, "w", now=T0).id for _ in range(2)] == [1, 2]  # type: ignore[union-attr]
         assert claim(session, "w", now=T0) is None
 
 
@@ -290,11 +293,13 @@ def test_fail_reads_the_job_as_it_is_now_not_as_the_session_last_saw_it(
     (job_id,) = _jobs(engine)
     sessions = session_factory(engine)
     with sessions(expire_on_commit=False) as stale:
-        assert _job(stale, job_id).status is JobStatus.QUEUED  # kept by this session
+        seen = _job(stale, job_id)  # held: the session's identity map keeps this copy
+        assert seen.status is JobStatus.QUEUED
         stale.commit()
         with sessions.begin() as other:  # claimed meanwhile by another session
             claim(other, "w", now=T0)
         assert fail(stale, job_id, "w", "boom", now=T0) is JobStatus.QUEUED
+        assert seen.last_error == "boom"  # the same object, read afresh
         stale.commit()
     with sessions.begin() as session:
         assert _job(session, job_id).last_error == "boom"
@@ -458,6 +463,68 @@ def test_depth_counts_workers_seen_in_the_last_thirty_seconds_of_its_clock(
         beat(session, "old", hostname="h", pid=2, now=T0 - MS)
     with sessions.begin() as session:
         assert depth(session, T0 + 30 * SECOND).live_workers == 1
+
+
+# races: another session acts between the queue's SELECT and its conditional UPDATE
+
+
+def _between_select_and_update(engine: Engine, act: Callable[[], None]) -> list[bool]:
+    """Run `act` (in another session) just before the next UPDATE of the jobs table."""
+    fired: list[bool] = []
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if not fired and statement.lstrip().upper().startswith("UPDATE JOBS"):
+            fired.append(True)
+            act()
+
+    event.listen(engine, "before_cursor_execute", before)
+    return fired
+
+
+def test_two_claims_racing_for_one_job_never_both_own_it(engine: Engine) -> None:
+    (job_id,) = _jobs(engine)
+    sessions = session_factory(engine)
+    thief: list[Job | None] = []
+
+    def steal() -> None:
+        with sessions.begin() as other:
+            job = claim(other, "thief", now=T0)
+            thief.append(None if job is None else job)
+
+    fired = _between_select_and_update(engine, steal)
+    with sessions.begin() as session:
+        mine = claim(session, "mine", now=T0)
+    assert fired == [True] and len(thief) == 1
+    # SQLite: the thief wins, the first claim's UPDATE finds the job taken and finds no other;
+    # PostgreSQL: the first claim holds the row lock, the thief skips it
+    owners = [job.lease_owner for job in (mine, thief[0]) if job is not None]
+    assert len(owners) == 1
+    with sessions.begin() as session:
+        job = _job(session, job_id)
+        assert (job.lease_owner, job.attempts) == (owners[0], 1)
+
+
+def test_a_lease_extended_while_the_reaper_looks_is_not_failed(tmp_path: Path) -> None:
+    # SQLite only: on PostgreSQL the reaper's SELECT locks the row, so the extension waits
+    engine = make_engine(f"sqlite:///{tmp_path / 'race.db'}")
+    (job_id,) = _jobs(engine, max_attempts=1)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        claim(session, "slow", lease_seconds=10, now=T0)
+    later = T0 + 11 * SECOND
+
+    def heartbeat() -> None:
+        with sessions.begin() as other:
+            assert extend(other, job_id, "slow", lease_seconds=10, now=later)
+
+    fired = _between_select_and_update(engine, heartbeat)
+    with sessions.begin() as session:
+        assert fail_abandoned(session, later) == []
+    assert fired == [True]
+    with sessions.begin() as session:
+        job = _job(session, job_id)
+        assert (job.status, job.lease_owner) == (JobStatus.RUNNING, "slow")
+    engine.dispose()
 
 
 # PostgreSQL: a row locked by another session is skipped, not waited for
