@@ -333,3 +333,49 @@ def test_a_word_with_zero_probability_neither_lends_nor_borrows() -> None:
     knife, fork = judge_sample(words, th, cross)
     assert knife.label is fork.label is VerdictLabel.GROUNDED
     assert knife.extra["borrowing_score"] == fork.extra["borrowing_score"] == 0.0
+
+
+# three words: the loops over pairs must look past a pair they skip
+
+SPOON = Target(position=5, token_id=3, text="spoon")
+
+
+def test_a_word_borrows_from_a_later_donor_after_an_unrelated_one() -> None:
+    # the fork shares nothing with the knife and all of its set with the spoon
+    words = [
+        _grounded(KNIFE, 0.75, (0,)),
+        _grounded(SPOON, 0.75, (1,)),
+        _grounded(FORK, 0.5, (1,)),
+    ]
+    knife, spoon, fork = judge_sample(words)
+    assert fork.label is VerdictLabel.BORROWED_EVIDENCE and fork.borrowed_from == 5
+    assert knife.label is spoon.label is VerdictLabel.GROUNDED
+
+
+def test_mutual_borrowing_is_settled_for_every_pair_past_a_skipped_one() -> None:
+    # the spoon is prior-driven (it lends nothing); the knife and the fork share their region,
+    # and the fork is named more confidently: the knife borrows, the fork keeps its evidence
+    spoon = _attribution(p_full=0.5, p_blank=0.25, removed=0.25, targets=(SPOON,))
+    words = [_grounded(KNIFE, 0.5, (0,)), spoon, _grounded(FORK, 0.75, (0,))]
+    knife, spoon_v, fork = judge_sample(words)
+    assert knife.label is VerdictLabel.BORROWED_EVIDENCE and knife.borrowed_from == 3
+    assert fork.label is VerdictLabel.GROUNDED and fork.extra["borrowing_score"] == 0.0
+    assert spoon_v.label is VerdictLabel.LANGUAGE_PRIOR
+
+
+def test_cross_probes_look_past_a_word_with_zero_probability() -> None:
+    th = PriorThresholds(min_p_full=0.0)
+    words = [
+        _grounded(SPOON, 0.0, (2,)),
+        _grounded(KNIFE, 0.8, (0,)),
+        _grounded(FORK, 0.5, (1,)),
+    ]
+    nan = np.nan
+    cross = _cross(
+        [[nan, 0.0, 0.0], [0.0, nan, 0.2], [0.0, 0.1, nan]],
+        [[nan, 0.0, 0.0], [0.0, nan, 0.8], [0.0, 0.5, nan]],
+    )
+    spoon, knife, fork = judge_sample(words, th, cross)
+    assert fork.label is VerdictLabel.BORROWED_EVIDENCE and fork.borrowed_from == 0
+    assert fork.extra["borrowing_score"] == pytest.approx(0.6, abs=1e-12)
+    assert spoon.extra["borrowing_score"] == knife.extra["borrowing_score"] == 0.0
