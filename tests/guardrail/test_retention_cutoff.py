@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from guardrail.config import load_settings
 from guardrail.runtime import Runtime, build_runtime
@@ -87,6 +89,22 @@ def test_what_is_exactly_thirty_days_old_is_kept_by_default(
     assert caplog.messages == []  # nothing deleted, nothing said
 
 
+@pytest.mark.parametrize("only", ["samples", "reports", "alerts"])
+def test_a_pass_that_deletes_one_kind_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, only: str
+) -> None:
+    runtime = _runtime(tmp_path, retention_days=2)
+    _rows(runtime, NOW - timedelta(days=3))
+    with runtime.sessions.begin() as session:  # keep one kind of expired row only
+        for model in (Sample, Report, Alert):
+            if model.__tablename__ != only:
+                session.query(model).delete()
+    with caplog.at_level(logging.INFO, logger="guardrail.scheduler"):
+        retained = retain(runtime, NOW)
+    assert getattr(retained, only) == 2
+    assert len(caplog.messages) == 1 and caplog.messages[0].startswith("retention deleted")
+
+
 @pytest.mark.parametrize("batch", [1, 2, 3, 500])
 def test_every_expired_row_goes_whatever_the_batch(tmp_path: Path, batch: int) -> None:
     runtime = _runtime(tmp_path, retention_days=2)
@@ -96,3 +114,26 @@ def test_every_expired_row_goes_whatever_the_batch(tmp_path: Path, batch: int) -
     assert retain(runtime, NOW, batch=batch) == Retained(samples=10, reports=10, alerts=10)
     samples, reports, alerts, jobs = _left(runtime)
     assert (len(samples), len(reports), len(alerts), jobs) == (2, 2, 2, 2)
+
+
+def test_each_transaction_deletes_at_most_one_batch(tmp_path: Path) -> None:
+    # the API must never wait for one long delete: ten expired rows of each kind in batches of
+    # three take four transactions each, and a fifth that finds nothing left
+    runtime = _runtime(tmp_path, retention_days=2)
+    for day in range(3, 8):
+        _rows(runtime, NOW - timedelta(days=day))
+    lookups: list[str] = []
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        words = statement.split()
+        if words[:2] in (
+            ["SELECT", "samples.id"],
+            ["SELECT", "reports.id"],
+            ["SELECT", "alerts.id"],
+        ):
+            assert "LIMIT" in statement
+            lookups.append(words[1])
+
+    event.listen(runtime.engine, "before_cursor_execute", before)
+    assert retain(runtime, NOW, batch=3) == Retained(samples=10, reports=10, alerts=10)
+    assert lookups == ["samples.id"] * 5 + ["reports.id"] * 5 + ["alerts.id"] * 5

@@ -165,3 +165,10 @@ def test_a_rate_just_under_the_resolve_line_resolves(tmp_path: Path) -> None:
     assert check_spikes(runtime, later) == []
     _audited(runtime, later - MINUTE, [G])  # 1 of 5: 20%
     assert [a.state for a in check_spikes(runtime, later)] == ["resolved"]
+
+
+def test_another_models_spike_does_not_page_this_one(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path)
+    _audited(runtime, NOW - MINUTE, [LP, G, G, G, G, G, G, G])  # 12.5%: quiet
+    _audited(runtime, NOW - MINUTE, [LP] * 8, model="other")  # not a model of this deployment
+    assert check_spikes(runtime, NOW) == []
