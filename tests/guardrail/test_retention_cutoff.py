@@ -4,6 +4,8 @@ kept, anything older goes, in batches of any size, and the pass says what it del
 from __future__ import annotations
 
 import logging
+import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -137,3 +139,19 @@ def test_each_transaction_deletes_at_most_one_batch(tmp_path: Path) -> None:
     event.listen(runtime.engine, "before_cursor_execute", before)
     assert retain(runtime, NOW, batch=3) == Retained(samples=10, reports=10, alerts=10)
     assert lookups == ["samples.id"] * 5 + ["reports.id"] * 5 + ["alerts.id"] * 5
+
+
+def test_without_a_clock_retention_reads_utc_whatever_the_local_zone(tmp_path: Path) -> None:
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "Pacific/Honolulu"  # ten hours behind UTC
+    time.tzset()
+    try:
+        runtime = _runtime(tmp_path, retention_days=30)
+        _rows(runtime, datetime.now(UTC) - timedelta(days=30, hours=1))  # expired for an hour
+        assert retain(runtime) == Retained(samples=2, reports=2, alerts=2)
+    finally:
+        if saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()

@@ -8,15 +8,20 @@ fired, strict).  No webhook is configured: delivery is tested in `test_scheduler
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from guardrail.config import load_settings
 from guardrail.runtime import Runtime, build_runtime
 from guardrail.scheduler import check_spikes
 from storage.engine import upgrade
-from storage.models import Alert, FlaggedToken, Sample, VerdictRecord
+from storage.models import Alert, FlaggedToken, Report, Sample, VerdictRecord
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -25,6 +30,7 @@ G, LP = "grounded", "language_prior"
 
 
 def _runtime(tmp_path: Path, **overrides: Any) -> Runtime:
+    """A deployment on SQLite whose spike check fires on one word (unless overridden)."""
     settings = {"spike_min_tokens": 1, "spike_floor": 0.25, "spike_ratio": 2.0} | overrides
     runtime = build_runtime(
         load_settings(environ={}, database_url=f"sqlite:///{tmp_path / 'g.db'}", **settings)
@@ -102,7 +108,9 @@ def test_the_windows_include_their_start_and_exclude_their_end(tmp_path: Path) -
     (fired,) = check_spikes(runtime, NOW)
     # short: 2 words at 100%; baseline: 1 of 8; threshold max(2 x 1/8, 0.1) = 1/4
     assert (fired.tokens, fired.rate, fired.baseline) == (2, 1.0, 0.125)
-    assert _alerts(runtime)[0].details["threshold"] == 0.25
+    (alert,) = _alerts(runtime)
+    assert alert.details["threshold"] == 0.25
+    assert alert.details["top_objects"] == [["spoon", 2]]  # from the window's first instant
 
 
 def test_the_baseline_raises_the_threshold_above_the_floor(tmp_path: Path) -> None:
@@ -172,3 +180,50 @@ def test_another_models_spike_does_not_page_this_one(tmp_path: Path) -> None:
     _audited(runtime, NOW - MINUTE, [LP, G, G, G, G, G, G, G])  # 12.5%: quiet
     _audited(runtime, NOW - MINUTE, [LP] * 8, model="other")  # not a model of this deployment
     assert check_spikes(runtime, NOW) == []
+
+
+def test_each_model_has_its_own_alert(tmp_path: Path) -> None:
+    reference = load_settings(environ={}).models[0]
+    second = reference.model_copy(update={"name": "second"})
+    runtime = _runtime(tmp_path, models=[reference, second])
+    _audited(runtime, NOW - MINUTE, [LP] * 4)
+    assert [a.model for a in check_spikes(runtime, NOW)] == ["reference"]
+    _audited(runtime, NOW - MINUTE, [LP] * 4, model="second")  # the first one still firing
+    assert [a.model for a in check_spikes(runtime, NOW)] == ["second"]
+    assert [(a.model, a.state) for a in _alerts(runtime)] == [
+        ("reference", "firing"),
+        ("second", "firing"),
+    ]
+
+
+def test_a_firing_alert_links_a_report_of_the_spike(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path)
+    _audited(runtime, NOW - MINUTE, [LP] * 4)
+    check_spikes(runtime, NOW)
+    (alert,) = _alerts(runtime)
+    with runtime.sessions() as session:
+        report = session.get(Report, alert.details["report_id"])
+        assert report is not None and report.kind == "spike"
+
+
+@pytest.fixture()
+def honolulu() -> Iterator[None]:
+    """The machine's local time zone ten hours behind UTC (no daylight saving)."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "Pacific/Honolulu"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+
+
+@pytest.mark.usefixtures("honolulu")
+def test_without_a_clock_the_check_reads_utc_whatever_the_local_zone(tmp_path: Path) -> None:
+    runtime = _runtime(tmp_path)
+    _audited(runtime, datetime.now(UTC) - MINUTE, [LP] * 4)
+    assert [a.state for a in check_spikes(runtime)] == ["firing"]
