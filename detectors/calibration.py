@@ -166,10 +166,15 @@ class CalibrationSet:
     calibrations: tuple[Calibration, ...] = ()
 
     def for_settings(
-        self, settings: CalibrationSettings, *, model_sha256: str | None = None
+        self,
+        settings: CalibrationSettings,
+        *,
+        model_sha256: str | None = None,
+        strict: bool = True,
     ) -> Calibration:
         """The calibration fitted under `settings`.  With no calibration at all, the default
-        thresholds, marked uncalibrated.
+        thresholds, marked uncalibrated.  With `strict` off, settings no calibration was fitted
+        under get the nearest calibration (the same fill first); its provenance says which.
 
         Raises:
             CalibrationMismatchError: calibrations exist but none under `settings`, or the
@@ -190,7 +195,12 @@ class CalibrationSet:
                         f"recalibrate with `guardrail reference calibrate {settings.flags()}`"
                     )
                 return calibration
-        nearest = min(self.calibrations, key=lambda c: len(settings.differences(c.settings)))
+        nearest = min(
+            self.calibrations,
+            key=lambda c: (c.settings.fill != settings.fill, len(settings.differences(c.settings))),
+        )
+        if not strict:
+            return nearest
         raise CalibrationMismatchError(
             "the verdict thresholds were not calibrated for these audit settings: "
             + "; ".join(settings.differences(nearest.settings))
@@ -231,12 +241,16 @@ class CalibrationSet:
 
 
 def load_calibration(
-    model_dir: Path, settings: AuditSettings | None = None, *, model_sha256: str | None = None
+    model_dir: Path,
+    settings: AuditSettings | None = None,
+    *,
+    model_sha256: str | None = None,
+    strict: bool = True,
 ) -> Calibration:
     """The thresholds calibrated for the model in `model_dir` under `settings` (default:
     `AuditSettings()`), with their provenance; the default thresholds, marked uncalibrated, when
     the model was never calibrated.  `model_sha256`, when given, must be the weights' the
-    thresholds were fitted on.
+    thresholds were fitted on; `strict` off takes the nearest calibration instead of refusing.
 
     Raises:
         CalibrationMismatchError: the model was calibrated, but not under these settings (or
@@ -244,4 +258,4 @@ def load_calibration(
     """
     calibrations = CalibrationSet.load(Path(model_dir) / THRESHOLDS_FILE)
     wanted = CalibrationSettings.of(settings or AuditSettings())
-    return calibrations.for_settings(wanted, model_sha256=model_sha256)
+    return calibrations.for_settings(wanted, model_sha256=model_sha256, strict=strict)

@@ -307,10 +307,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         if body.request_id is not None and request_id_var.get() is None:
             request_id_var.set(body.request_id)  # the request's log lines name it
         loop = asyncio.get_running_loop()
-        context = contextvars.copy_context()  # the ingest thread logs with the request's ids
+        log_context = contextvars.copy_context()  # the ingest thread logs with the request's ids
         try:
             answer = await loop.run_in_executor(
-                runtime.ingest_executor, context.run, ingest, runtime, request
+                runtime.ingest_executor, log_context.run, ingest, runtime, request
             )
         except IngestError as exc:
             retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None

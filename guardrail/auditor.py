@@ -113,7 +113,9 @@ class ModelAuditor:
             "client": RemoteClient(server),
             "vocab": text.get("vocab_size"),
             "tokenizer": AutoTokenizer.from_pretrained(s.path, local_files_only=True),
-            "thresholds": load_calibration(s.path, s.audit_settings()).thresholds,
+            "thresholds": load_calibration(
+                s.path, s.audit_settings(), strict=not s.allow_uncalibrated
+            ).thresholds,
         }
 
     def _load(self) -> dict[str, Any]:
@@ -142,7 +144,9 @@ class ModelAuditor:
             "model": model,
             "vision": vision,
             "tokenizer": tokenizer,
-            "thresholds": load_calibration(s.path, s.audit_settings()).thresholds,
+            "thresholds": load_calibration(
+                s.path, s.audit_settings(), strict=not s.allow_uncalibrated
+            ).thresholds,
         }
 
     def scorer(self, image: np.ndarray, prompt: str, token_ids: Sequence[int]) -> Any:

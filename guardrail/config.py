@@ -101,6 +101,11 @@ class ModelSettings(BaseModel):
         description="what removed regions become; the model's thresholds must be calibrated "
         "for it with its n_regions and budget_fraction (`guardrail reference calibrate`)",
     )
+    allow_uncalibrated: bool = Field(
+        default=False,
+        description="audit with settings the thresholds were not calibrated for, using the "
+        "nearest calibration (the same fill first); verdicts are then less reliable",
+    )
     prompt: str | None = Field(default=None, description="prompt template with the image token")
     scorer: Literal["local", "remote"] = Field(
         default="local",
@@ -162,7 +167,8 @@ class ModelSettings(BaseModel):
         (a model never calibrated gets the defaults, recorded as uncalibrated)."""
         from detectors.calibration import load_calibration
 
-        load_calibration(self.path, self.audit_settings())  # raises CalibrationMismatchError
+        # raises CalibrationMismatchError
+        load_calibration(self.path, self.audit_settings(), strict=not self.allow_uncalibrated)
         return self
 
     def audit_settings(self) -> AuditSettings:

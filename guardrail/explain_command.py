@@ -46,6 +46,12 @@ def register(commands: Any) -> None:
         "calibrated per fill)",
     )
     explain.add_argument(
+        "--allow-uncalibrated",
+        action="store_true",
+        help="audit with regions/budget/fill the thresholds were not calibrated for (the "
+        "nearest calibration's thresholds are used; verdicts are less reliable)",
+    )
+    explain.add_argument(
         "--onnx", type=Path, help="vision encoder from `guardrail export-vision` (default: torch)"
     )
     explain.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -89,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         n_regions=args.regions, budget_fraction=args.budget, fill=Fill(args.fill)
     )
     # before loading anything: refuse settings the thresholds were not calibrated for
-    calibration = load_calibration(args.model, settings)
+    calibration = load_calibration(args.model, settings, strict=not args.allow_uncalibrated)
     image = read_image(args.image)
     family = model_family(args.model)
     # the sidecar's own loading: ONNX vision where it fits the image, the torch tower otherwise

@@ -45,12 +45,16 @@ def onnx_vision(llava: LlavaModel) -> Iterator[OnnxVision]:
 
 
 def load_calibration(
-    model_dir: Path, settings: AuditSettings | None = None, *, verify_weights: bool = False
+    model_dir: Path,
+    settings: AuditSettings | None = None,
+    *,
+    verify_weights: bool = False,
+    strict: bool = True,
 ) -> Calibration:
     """`detectors.calibration.load_calibration`; `verify_weights` also checks the weights'
     SHA-256 against the one the thresholds were fitted on (reads all of `model.safetensors`)."""
     sha = weights_checksum(Path(model_dir)) if verify_weights else None
-    return calibration_of(Path(model_dir), settings, model_sha256=sha)
+    return calibration_of(Path(model_dir), settings, model_sha256=sha, strict=strict)
 
 
 def load_thresholds(model_dir: Path, settings: AuditSettings | None = None) -> PriorThresholds:

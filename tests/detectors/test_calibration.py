@@ -124,3 +124,19 @@ def test_a_sidecar_model_with_uncalibrated_settings_is_refused_at_configuration(
         with pytest.raises(ConfigError, match=named) as caught:
             load_settings(environ={}, models=[{**model, **change}])
         assert "guardrail reference calibrate" in str(caught.value)
+
+
+def test_allow_uncalibrated_takes_the_nearest_calibration_of_the_same_fill(
+    tmp_path: Path,
+) -> None:
+    from guardrail.config import load_settings
+
+    file = tmp_path / THRESHOLDS_FILE
+    CalibrationSet().with_calibration(_calibration(MEAN, 0.2)).with_calibration(
+        _calibration(BLACK, 0.4)
+    ).save(file)
+    wanted = CalibrationSettings(fill=Fill.BLACK, n_regions=16)
+    assert CalibrationSet.load(file).for_settings(wanted, strict=False).settings == BLACK
+    model = {"name": "reference", "path": str(MODEL_DIR), "n_regions": 16}
+    settings = load_settings(environ={}, models=[{**model, "allow_uncalibrated": True}])
+    assert settings.models[0].audit_settings().n_regions == 16

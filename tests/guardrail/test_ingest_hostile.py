@@ -53,6 +53,7 @@ def _runtime(tmp_path: Path, **overrides: Any) -> Runtime:
             "name": "coarse",
             "path": str(MODEL_DIR),
             "n_regions": 2,
+            "allow_uncalibrated": True,
         },  # 2 regions need a squarish image
     ]
     settings = load_settings(

@@ -24,7 +24,13 @@ from storage.models import Job, JobStatus, WorkerRecord
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "knife_trap.png"
 # the whole exact budget over 48 regions: an audit of several seconds, long enough to be hit
-SLOW = {"name": "reference", "path": str(MODEL_DIR), "budget_fraction": 1.0, "sample_rate": 0.0}
+SLOW = {
+    "name": "reference",
+    "path": str(MODEL_DIR),
+    "budget_fraction": 1.0,
+    "sample_rate": 0.0,
+    "allow_uncalibrated": True,
+}
 
 pytestmark = pytest.mark.slow
 

@@ -106,7 +106,17 @@ def test_explain_command_writes_heatmaps_and_json(
     scene = generate_scene(11_000_003, SceneKind.COOCCURRENCE_TRAP)
     write_image(tmp_path / "trap.png", scene.image)
     out = tmp_path / "out"
-    code = main(["explain", str(tmp_path / "trap.png"), "--out", str(out), "--regions", "24"])
+    code = main(
+        [
+            "explain",
+            str(tmp_path / "trap.png"),
+            "--out",
+            str(out),
+            "--regions",
+            "24",
+            "--allow-uncalibrated",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "explanation.json").read_text())
     assert report["words"], report["output"]

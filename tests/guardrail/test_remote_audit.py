@@ -175,6 +175,7 @@ def test_a_sidecar_audits_a_remote_model_end_to_end(tmp_path: Path) -> None:
         "remote_concurrency": 2,
         "remote_max_requests_per_second": 200,
         "n_regions": 16,
+        "allow_uncalibrated": True,
     }
     env = {
         "GUARDRAIL_DATABASE_URL": f"sqlite:///{tmp_path / 'g.db'}",

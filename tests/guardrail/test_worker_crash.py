@@ -45,7 +45,15 @@ def _ingest(runtime: Runtime, image_png: bytes, output: str, request_id: str) ->
 def test_a_worker_killed_mid_audit_loses_nothing(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'g.db'}"
     # 512 regions and the whole exact budget: an audit of many seconds, however fast scoring gets
-    slow = [{"name": "reference", "path": str(MODEL_DIR), "budget_fraction": 1.0, "n_regions": 512}]
+    slow = [
+        {
+            "name": "reference",
+            "path": str(MODEL_DIR),
+            "budget_fraction": 1.0,
+            "n_regions": 512,
+            "allow_uncalibrated": True,
+        }
+    ]
     env = {
         **os.environ,
         "GUARDRAIL_DATABASE_URL": url,
