@@ -28,6 +28,9 @@ class _SlowAuditor:
         self.inner, self.seconds = inner, seconds
         self.settings = inner.settings
 
+    def __getattr__(self, name: str) -> Any:  # everything else is the real auditor's
+        return getattr(self.inner, name)
+
     def audit(self, *args: Any, **kwargs: Any) -> Any:
         time.sleep(self.seconds)
         return self.inner.audit(*args, **kwargs)
@@ -42,7 +45,15 @@ def test_the_heartbeat_keeps_a_long_audit_from_being_taken_over(tmp_path: Path) 
     # a 3 s lease, extended every second: the audit outlives it three times over
     worker = Worker(runtime.sessions, slow, runtime.metrics, lease_seconds=3.0)  # type: ignore[arg-type]
     done = threading.Event()
-    thread = threading.Thread(target=lambda: (worker.run_once(), done.set()), daemon=True)
+    worked: list[bool] = []
+
+    def audit_one() -> None:
+        try:
+            worked.append(worker.run_once())
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=audit_one, daemon=True)
     thread.start()
     stolen = []
     while not done.wait(0.25):
@@ -51,7 +62,7 @@ def test_the_heartbeat_keeps_a_long_audit_from_being_taken_over(tmp_path: Path) 
             if job is not None:
                 stolen.append(job.id)
     thread.join()
-    assert stolen == []
+    assert worked == [True] and stolen == []
     with runtime.sessions.begin() as session:
         jobs = session.query(Job).all()
         assert [(j.status, j.attempts) for j in jobs] == [(JobStatus.DONE, 1)]
