@@ -40,11 +40,17 @@ def _runtime(tmp_path: Path, **overrides: Any) -> Runtime:
     return runtime
 
 
-def _audited(runtime: Runtime, when: datetime, labels: list[str], word: str = "spoon") -> None:
-    """A sample audited at `when` whose words got `labels` (no model needed)."""
+def _audited(
+    runtime: Runtime,
+    when: datetime,
+    labels: list[str],
+    word: str = "spoon",
+    model: str = "reference",
+) -> None:
+    """A sample of `model` audited at `when` whose words got `labels` (no model needed)."""
     with runtime.sessions.begin() as session:
         sample = Sample(
-            model="reference",
+            model=model,
             received_at=when,
             image_sha256="0" * 64,
             image_width=96,

@@ -21,7 +21,8 @@ from guardrail.config import load_settings
 from guardrail.runtime import Runtime, build_runtime
 from guardrail.scheduler import check_spikes
 from storage.engine import upgrade
-from storage.models import Alert, FlaggedToken, Report, Sample, VerdictRecord
+from storage.models import Alert, Report
+from tests.guardrail.test_scheduler import _audited
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -37,33 +38,6 @@ def _runtime(tmp_path: Path, **overrides: Any) -> Runtime:
     )
     upgrade(runtime.engine)
     return runtime
-
-
-def _audited(
-    runtime: Runtime,
-    when: datetime,
-    labels: list[str],
-    word: str = "spoon",
-    model: str = "reference",
-) -> None:
-    with runtime.sessions.begin() as session:
-        sample = Sample(
-            model=model,
-            received_at=when,
-            image_sha256="0" * 64,
-            image_width=96,
-            image_height=96,
-            generated_text=" ".join([word] * len(labels)),
-            token_ids=[],
-            extra={},
-        )
-        for i, label in enumerate(labels):
-            token = FlaggedToken(position=i, token_id=i, word=word, category=word)
-            token.verdict = VerdictRecord(
-                label=label, prior_score=0.0, hallucination_score=0.0, reason="", numbers={}
-            )
-            sample.tokens.append(token)
-        session.add(sample)
 
 
 def _alerts(runtime: Runtime) -> list[Alert]:
