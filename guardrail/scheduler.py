@@ -275,8 +275,14 @@ class LeaderElection:
             try:
                 self._connection.execute(text("select 1"))
                 return True
-            except Exception:
-                self._connection = None
+            except Exception:  # the backend is gone (terminated, restarted): so is the lock
+                log.warning("lost the leader's database connection; electing again")
+                dead, self._connection = self._connection, None
+                try:
+                    dead.invalidate()  # not returned to the pool
+                    dead.close()
+                except Exception:
+                    pass
         connection = self.runtime.engine.connect()
         got = bool(
             connection.execute(text("select pg_try_advisory_lock(:k)"), {"k": self.key}).scalar()
@@ -293,6 +299,8 @@ class LeaderElection:
             try:
                 self._connection.execute(text("select pg_advisory_unlock(:k)"), {"k": self.key})
                 self._connection.commit()
+            except Exception:  # a dead connection: its backend already let the lock go
+                log.warning("could not unlock the leader's lock; its connection is gone")
             finally:
                 self._connection.close()
                 self._connection = None

@@ -311,6 +311,40 @@ def test_the_tee_backlog_is_bounded_in_bytes_and_drains_to_zero(
     assert backlog.pending_bytes == 0
 
 
+def test_the_tee_backlog_is_bounded_in_count_with_a_blocked_executor(
+    upstream: tuple[ScriptedUpstream, str], sidecar_factory: Callable[..., Sidecar]
+) -> None:
+    # proxy_max_pending=1 takes the semaphore path (0 short-circuits it): one exchange waits on
+    # the stalled ingest thread, every later one is dropped while it waits, none blocks a client
+    scripted, _ = upstream
+    answer = json.dumps(completion("a knife on a table .")).encode()
+    runtime, url, backlog = sidecar_factory(proxy_max_pending=1)
+    release = threading.Event()
+    runtime.ingest_executor.submit(release.wait)
+    try:
+        with httpx.Client(timeout=10) as client:
+            for i in range(4):
+                got = client.post(f"{url}/v1/chat/completions", content=chat_body(f"n{i}"))
+                assert got.status_code == 200 and got.content == answer
+        wait_for(lambda: drops(runtime, "backlog") == 3, "three backlog drops")
+        assert backlog.pending_count == 1
+        assert runtime.metrics.registry.get_sample_value("guardrail_proxy_tee_pending") == 1
+        assert len(scripted.received) == 4  # every request was forwarded all the same
+    finally:
+        release.set()
+    wait_for(lambda: backlog.pending_count == 0, "the backlog to drain")
+    assert backlog.pending_bytes == 0
+    with runtime.sessions() as session:
+        assert session.query(Sample).count() == 1  # the one that waited
+    # and once drained, the next exchange is kept again
+    got = httpx.post(f"{url}/v1/chat/completions", content=chat_body("after"), timeout=10)
+    assert got.status_code == 200
+    wait_for(lambda: backlog.pending_count == 0, "the backlog to drain again")
+    with runtime.sessions() as session:
+        assert session.query(Sample).count() == 2
+    assert drops(runtime, "backlog") == 3
+
+
 def test_a_single_exchange_over_the_byte_bound_is_dropped_not_held(
     upstream: tuple[ScriptedUpstream, str], sidecar_factory: Callable[..., Sidecar]
 ) -> None:

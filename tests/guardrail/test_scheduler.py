@@ -181,6 +181,52 @@ def test_one_leader_on_postgresql_and_another_takes_over() -> None:
     second.release()
 
 
+def test_a_leader_whose_backend_is_terminated_loses_the_lead_to_another() -> None:
+    # a real lost connection, not a graceful release(): PostgreSQL frees the advisory lock
+    # when the backend ends, the follower's next election takes it, and the old leader (whose
+    # next query fails) does not come back while the new one holds it
+    from sqlalchemy import text
+
+    from tests.postgres import POSTGRES_URL, require_postgres
+
+    require_postgres()
+    key = int.from_bytes(os.urandom(4), "big")
+    first = LeaderElection(
+        build_runtime(load_settings(environ={}, database_url=POSTGRES_URL)), key=key
+    )
+    second = LeaderElection(
+        build_runtime(load_settings(environ={}, database_url=POSTGRES_URL)), key=key
+    )
+    admin = build_runtime(load_settings(environ={}, database_url=POSTGRES_URL)).engine
+    try:
+        assert first.try_lead() and not second.try_lead()
+        pid = first._connection.execute(text("select pg_backend_pid()")).scalar()
+        with admin.connect() as connection:
+            assert connection.execute(text("select pg_terminate_backend(:p)"), {"p": pid}).scalar()
+        terminated = time.monotonic()
+        while not second.try_lead():  # the follower polls as the election thread does
+            assert time.monotonic() - terminated < 10, "nobody took the lead"
+            time.sleep(0.01)
+        takeover = time.monotonic() - terminated
+        assert not first.try_lead()  # its dead connection noticed, the lock held by second
+        assert first._connection is None
+        # a leader stopped after its backend died: release() does not raise
+        first._connection = first.runtime.engine.connect()
+        pid = first._connection.execute(text("select pg_backend_pid()")).scalar()
+        with admin.connect() as connection:
+            connection.execute(text("select pg_terminate_backend(:p)"), {"p": pid})
+        first.release()
+        assert first._connection is None
+        print(f"takeover {takeover * 1000:.0f} ms after pg_terminate_backend")
+        second.release()
+        assert first.try_lead()  # and it may lead again once the lock is free
+        first.release()
+    finally:
+        second.release()
+        first.release()
+        admin.dispose()
+
+
 def _alert(runtime: Runtime, started_at: datetime, word: str) -> None:
     with runtime.sessions.begin() as session:
         session.add(
