@@ -335,7 +335,7 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
 
     def settle(exchange: _Exchange, *, complete: bool) -> None:
         """Count the exchange's outcome once: handed to the tee, or dropped with a reason.
-        Never waits: the tee runs on the ingest executor."""
+        Never waits: the tee runs on the tee executor."""
         if exchange.settled:
             return
         exchange.settled = True
@@ -363,7 +363,7 @@ def add_proxy_routes(app: FastAPI, runtime: Runtime) -> None:
             force=exchange.force,
         )
         try:
-            runtime.ingest_executor.submit(run_and_release, size, teed)
+            runtime.tee_executor.submit(run_and_release, size, teed)
         except RuntimeError:  # the executor is shutting down
             backlog.release(size)
             tee.drop("shutting_down")

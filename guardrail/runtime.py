@@ -28,6 +28,12 @@ class Runtime:
     sampler: Sampler
     # ingest writes: one thread on SQLite (one writer, no lock contention), more on PostgreSQL
     ingest_executor: ThreadPoolExecutor
+    # the proxy's tee: reading answers and fetching image URLs (slow, network-bound) happens
+    # here, so that a slow fetch never holds the ingest thread the samples API waits on; each
+    # tee hands its samples to `ingest_executor` and waits for them (bounded by the backlog)
+    tee_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="tee")
+    )
     workers: list[object] = field(default_factory=list)  # in-process workers (tests, demo)
     supervisor: Any = None  # guardrail.supervisor.Supervisor when audits run in children
 

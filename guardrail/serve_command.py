@@ -118,6 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         log.info("stopping: audit processes get %.0f s to finish", settings.stop_grace_seconds)
         supervisor.stop()
+        runtime.tee_executor.shutdown(wait=True, cancel_futures=False)  # hands on to ingest
         runtime.ingest_executor.shutdown(wait=True, cancel_futures=False)
     return 130 if received and received[0] == signal.SIGINT else 0
 

@@ -1,9 +1,11 @@
 """The tee: a proxied chat exchange handed to ingest, one sample per choice.
 
-Runs on the ingest executor, after the answer went back to the client: the proxy never waits
-on it.  Here the answer is inflated and read, the conversation's image found (in any turn),
-an image URL fetched when the operator allows it (`guardrail.image_fetch`), and every choice
-ingested as its own sample with the exchange's correlation keys.
+Runs on the tee executor, after the answer went back to the client: the proxy never waits
+on it; each sample is written on the ingest executor (a slow image URL fetch here never holds
+the ingest thread that the samples API waits on).  Here the answer is inflated and read, the
+conversation's image found (in any turn), an image URL fetched when the operator allows it
+(`guardrail.image_fetch`), and every choice ingested as its own sample with the exchange's
+correlation keys.
 
 Every choice of a teed 200 answer ends in exactly one place: a sample (or a sampling skip,
 counted by ingest), `guardrail_proxy_not_applicable_total{reason}` (the audit does not apply:
@@ -160,7 +162,10 @@ class Tee:
         response_id: str | None,
     ) -> None:
         try:
-            ingest(
+            # on the ingest executor (one thread on SQLite: one writer at a time), waited for
+            # here, on a tee thread: the backlog holds this exchange until it is written
+            self.runtime.ingest_executor.submit(
+                ingest,
                 self.runtime,
                 IngestRequest(
                     model=exchange.model.name,
@@ -175,7 +180,7 @@ class Tee:
                     metadata={"source": "proxy"},
                     force=exchange.force,
                 ),
-            )
+            ).result()
         except IngestError as exc:  # 503: decoding is saturated; else the sample is refused
             self.drop("ingest_busy" if exc.status == 503 else "rejected")
         except ValueError:  # text the storage cannot encode

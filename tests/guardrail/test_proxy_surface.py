@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from detectors.reference import MODEL_DIR
+from detectors.reference.world import CAPTION_PROMPT
 from guardrail.api import create_app
 from guardrail.background_server import BackgroundServer
 from guardrail.config import load_settings
@@ -374,3 +376,43 @@ def test_image_urls_are_fetched_only_when_allow_listed(
             (drops("guardrail_proxy_fail_open_drops_total", {"reason": r}) or 0) > 0
             for r in ("image_fetch_failed", "no_image", "request_unreadable")
         )
+
+
+def test_a_slow_image_url_fetch_does_not_hold_the_samples_api(
+    sidecar: Callable[..., tuple[Runtime, str]],
+) -> None:
+    # on SQLite one thread writes samples; the tee's fetch runs on its own threads, so a
+    # fetch stalled at the image host leaves the samples API answering
+    gate = threading.Event()
+    asked = threading.Event()
+
+    async def stalled(request: Request) -> Response:
+        asked.set()
+        await asyncio.to_thread(gate.wait, 30)
+        return Response(EXAMPLE.read_bytes(), media_type="image/png")
+
+    with BackgroundServer(Starlette(routes=[Route("/slow.png", stalled)])) as host_url:
+        runtime, url = sidecar(
+            "slow",
+            image_url_fetch=True,
+            image_url_allowed_hosts=["127.0.0.1"],
+            image_url_timeout_seconds=60,
+        )
+        try:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            got = client.chat.completions.create(
+                model="reference",
+                messages=_image_message(f"{host_url}/slow.png"),  # type: ignore[arg-type]
+            )
+            assert got.choices[0].message.content == TEXTS[0]
+            assert asked.wait(10), "the tee never fetched the image URL"
+            image = base64.b64encode(EXAMPLE.read_bytes()).decode()
+            body = {"model": "reference", "prompt": CAPTION_PROMPT, "output": "a knife ."}
+            body["image_base64"] = image
+            posted = httpx.post(f"{url}/v1/samples", json=body, timeout=20)
+            assert posted.status_code == 202, posted.text
+            assert not gate.is_set()  # answered while the fetch was still stalled
+        finally:
+            gate.set()
+        texts = sorted(s.generated_text for s in _samples(runtime, 2, "both samples"))
+        assert texts == sorted(["a knife .", TEXTS[0]])  # the stalled fetch's sample landed too
