@@ -41,14 +41,14 @@ def _run(kind: str, pair: tuple[int, int], fraction: float, seed: int, probe: bo
     scorer = AnalyticScorer(
         {0: TokenResponse(bias=-4.0, weights=w, interactions=((*pair, interaction),))}
     )
-    original = budgeted._blind
+    original = budgeted._Search._blind
     if not probe:
-        budgeted._blind = lambda *args, **kwargs: False  # type: ignore[assignment]
+        budgeted._Search._blind = lambda *args, **kwargs: False  # type: ignore[method-assign]
     try:
         budget = SearchBudget.fraction_of_exact(64, fraction)
         a = EagleSearch(scorer, budget).attribute(IMAGE, PARTITION, [TARGET])
     finally:
-        budgeted._blind = original
+        budgeted._Search._blind = original  # type: ignore[method-assign]
     k = len(a.compact_set)
     return {
         "compact_set": sorted(a.compact_set),

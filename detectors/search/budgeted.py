@@ -1,5 +1,9 @@
 """Our budgeted search: screening, a logit-additive surrogate, and lazy greedy refinement.
 
+Read top to bottom: `budgeted_greedy` (the phases), `_Search` (the front, both ends, the final
+order, one step at either end, the lazy greedy choice), `_Step` (one step's measurements);
+the surrogate and the screening are in `detectors.search.surrogate`.
+
 1. Anchors: the original and the blank image (2 passes).
 2. Screening: the insertion and deletion image of every single region (2N passes; under a
    smaller budget deletion only, since removing one region from the full image is what reveals
@@ -22,7 +26,8 @@
    side has reached its goal, the other is short of it, and the surrogate predicts no region
    that brings it closer, the whole pool is measured once in the current context, budget
    permitting: on the deletion side the evidence is redundant (the token survives the loss of
-   any one region), on the insertion side it is conjunctive (only a pair of regions carries it).
+   any one region), on the insertion side it is conjunctive (only a pair of regions carries it,
+   each alone may even lower the token: `test_eagle`'s pair case needs this probe).
 5. Stop when the compact set explains the token (insight >= coverage * p_full and necessity >=
    coverage * (1 - p_blank)), when `max_regions` are chosen, or when the budget runs out.
 6. With `stop_when_converged` off, the rest of the budget refines both ends of the ordering.
@@ -38,85 +43,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from detectors.budget import SearchBudget
 from detectors.search.evaluator import MaskEvaluator, objective
+from detectors.search.surrogate import LogitSurrogate, Objective, logit, screen
 from detectors.search.trace import SearchTrace
 from detectors.types import StopReason
 
 __all__ = ["LogitSurrogate", "budgeted_greedy"]
 
-_EPS = 1e-15  # float64 resolves 1 - p down to ~1e-16: keep what a probability says
-Objective = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Tuning:
+    """How the greedy steps spend passes: `candidates` measured per round, the surprise (in
+    logits) that triggers a re-measurement of the whole pool, and the share of the anchors'
+    contrast that counts as explained."""
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, _EPS, 1.0 - _EPS)
-    return np.asarray(np.log(p) - np.log1p(-p))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.asarray(1.0 / (1.0 + np.exp(-x)))
-
-
-class LogitSurrogate:
-    """Predicts insertion and deletion scores of S + {v} from per-region logit increments.
-
-    A region's increment depends on its context: alone on a blank image it adds `a0_v` to the
-    insertion logit, and removed from the full image it takes `d0_v` from the deletion logit;
-    the difference is its interaction with the other regions.  With k regions already chosen, a
-    region's insertion context holds k regions and its deletion context N - 1 - k, so the
-    surrogate moves each increment linearly with the context size from its latest measurement
-    (for a model additive in logit space a0 = d0 and the prediction is exact).
-
-    Arrays are `(N, T)` for increments and `(T,)` for logits, T = explained targets."""
-
-    def __init__(
-        self,
-        insertion_gain: np.ndarray,
-        deletion_drop: np.ndarray,
-        blank: np.ndarray,
-        full: np.ndarray,
-    ) -> None:
-        n = insertion_gain.shape[0]
-        self.n = n
-        self.slope = (deletion_drop - insertion_gain) / max(1, n - 1)
-        self.a = insertion_gain.copy()  # latest insertion increment, measured at context a_at
-        self.a_at = np.zeros(n)
-        self.d = deletion_drop.copy()  # latest deletion drop, measured at context d_at
-        self.d_at = np.full(n, n - 1.0)
-        self.k = 0
-        self.ins_logit = _logit(blank)
-        self.del_logit = _logit(full)
-
-    def predict(self, regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`(M, T)` predicted insertion and deletion scores of S + {v} for v in `regions`."""
-        slope = self.slope[regions]
-        a = self.a[regions] + (self.k - self.a_at[regions])[:, None] * slope
-        d = self.d[regions] + (self.n - 1 - self.k - self.d_at[regions])[:, None] * slope
-        return _sigmoid(self.ins_logit[None] + a), _sigmoid(self.del_logit[None] - d)
-
-    def observe(self, region: int, ins: np.ndarray, dele: np.ndarray) -> None:
-        """Measured scores of S + {region}: its increments in the current context."""
-        self.a[region] = _logit(ins) - self.ins_logit
-        self.a_at[region] = self.k
-        self.d[region] = self.del_logit - _logit(dele)
-        self.d_at[region] = self.n - 1 - self.k
-
-    def copy(self) -> LogitSurrogate:
-        twin = LogitSurrogate.__new__(LogitSurrogate)
-        for name, value in vars(self).items():
-            setattr(twin, name, value.copy() if isinstance(value, np.ndarray) else value)
-        return twin
-
-    def advance(self, ins: np.ndarray, dele: np.ndarray) -> None:
-        """S grew by one region whose S + {v} scores were `ins`, `dele`."""
-        self.ins_logit = _logit(ins)
-        self.del_logit = _logit(dele)
-        self.k += 1
+    candidates: int
+    refresh_tolerance: float
+    coverage: float
 
 
 def budgeted_greedy(
@@ -144,8 +92,15 @@ def budgeted_greedy(
         )
     full, blank = anchors
     trace.record_anchors(full, blank)
-    surrogate = _screen(evaluator, n, full[columns], blank[columns], columns)
-    search = _Search(evaluator, trace, surrogate, weights, coverage, candidates, refresh_tolerance)
+    search = _Search(
+        evaluator=evaluator,
+        trace=trace,
+        surrogate=screen(evaluator, full[columns], blank[columns], columns),
+        weights=weights,
+        tuning=_Tuning(
+            candidates=candidates, refresh_tolerance=refresh_tolerance, coverage=coverage
+        ),
+    )
     converged = search.front(budget.max_regions, stop_when_converged)
     if converged and not stop_when_converged:
         search.both_ends()
@@ -158,24 +113,19 @@ class _Search:
 
     def __init__(
         self,
+        *,
         evaluator: MaskEvaluator,
         trace: SearchTrace,
         surrogate: LogitSurrogate,
         weights: tuple[float, float],
-        coverage: float,
-        candidates: int,
-        refresh_tolerance: float,
+        tuning: _Tuning,
     ) -> None:
         n = evaluator.n_regions
         self.evaluator, self.trace, self.columns = evaluator, trace, trace.columns
-        self.weights, self.candidates, self.refresh_tolerance = (
-            weights,
-            candidates,
-            refresh_tolerance,
-        )
+        self.weights, self.tuning = weights, tuning
         full, blank = trace.insertion[n], trace.insertion[0]  # the anchors
-        self.ins_goal = coverage * float(full[self.columns].mean())
-        self.nec_goal = coverage * float(1.0 - blank[self.columns].mean())
+        self.ins_goal = tuning.coverage * float(full[self.columns].mean())
+        self.nec_goal = tuning.coverage * float(1.0 - blank[self.columns].mean())
         self.pool = list(range(n))
         self.surrogate, self.tail_surrogate = surrogate, surrogate.copy()
         self.chosen = np.zeros(n, dtype=np.bool_)
@@ -187,6 +137,8 @@ class _Search:
         # |change of F| at the latest step of each end: where the curve still moves
         self.front_move, self.tail_move = np.inf, np.inf
         self.tail_f = self._f(full[None], blank[None])
+
+    # -- the objective, seen from the front and from the back --------------------------------
 
     def _f(self, ins: np.ndarray, dele: np.ndarray) -> float:
         return float(objective(ins[:, self.columns], dele[:, self.columns], self.weights)[0])
@@ -204,6 +156,8 @@ class _Search:
             float(self.current_ins[cols].mean()) >= self.ins_goal
             and float(1.0 - self.current_del[cols].mean()) >= self.nec_goal
         )
+
+    # -- the phases -------------------------------------------------------------------------
 
     def front(self, max_regions: int | None, stop_when_converged: bool) -> bool:
         """Greedy steps at the front until the compact set explains the token (returns True),
@@ -247,6 +201,23 @@ class _Search:
                 break
         self.trace.stopped_by = self.evaluator.stop_reason or StopReason.CONVERGED
 
+    def order(self) -> list[int]:
+        """Front, the middle ordered on the surrogates (free), tail."""
+        rest = list(self.pool)
+        if not self.tail:
+            middle = [self.surrogate.take_best(rest, self.f_of) for _ in self.pool]
+            return [*self.trace.selected, *middle]
+        # both ends were refined: fill the middle from both sides, each on its own surrogate
+        front: list[int] = []
+        back: list[int] = []
+        while rest:
+            front.append(self.surrogate.take_best(rest, self.f_of))
+            if rest:
+                back.append(self.tail_surrogate.take_best(rest, self.f_tail))
+        return [*self.trace.selected, *front, *reversed(back), *reversed(self.tail)]
+
+    # -- one step at either end -------------------------------------------------------------
+
     def front_step(self) -> bool:
         cols = self.columns
         # A side that has reached its goal barely moves F any more: measure only the other one
@@ -261,33 +232,27 @@ class _Search:
             side = "insertion"
         elif ins >= self.ins_goal:
             side = "deletion"
-        probe = False
+        whole_pool = False
         if (
             side != "both"
             and side not in self.probed
             and self.trace.selected
             and not self.converged()
         ):
-            probe = _blind(
-                self.evaluator,
-                self.surrogate,
-                self.pool,
-                cols,
-                side,
-                self.current_ins,
-                self.current_del,
-                self.ins_goal,
-                self.nec_goal,
-            )
-            if probe:
+            whole_pool = self._blind(side)
+            if whole_pool:
                 self.probed.add(side)
         if self.refresh_front:
             self.refresh_front = False
-            remaining = self.evaluator.remaining_passes
-            cost = len(self.pool) * (2 if side == "both" else 1)
-            probe = probe or remaining is None or 2 * cost <= remaining
+            whole_pool = whole_pool or self._affords_the_pool(side)
         before = self._f(self.current_ins[None], self.current_del[None])
-        selection = self._choose(self.surrogate, self.chosen, self.f_of, side, probe)
+        selection = self._choose(
+            surrogate=self.surrogate,
+            chosen=self.chosen,
+            f_of=self.f_of,
+            side=side,
+            whole_pool=whole_pool,
+        )
         if selection is None:
             return False
         region, self.current_ins, self.current_del = selection
@@ -299,7 +264,13 @@ class _Search:
         return True
 
     def tail_step(self) -> bool:
-        selection = self._choose(self.tail_surrogate, self.behind, self.f_tail, "both", False)
+        selection = self._choose(
+            surrogate=self.tail_surrogate,
+            chosen=self.behind,
+            f_of=self.f_tail,
+            side="both",
+            whole_pool=False,
+        )
         if selection is None:
             return False
         region, only_tail, without_tail = selection
@@ -313,111 +284,76 @@ class _Search:
         self.tail_move, self.tail_f = abs(f - self.tail_f), f
         return True
 
+    def _affords_the_pool(self, side: str, left: int | None = None) -> bool:
+        """Whether measuring `left` regions (default: the whole pool) on `side` costs at most
+        half of what is left of the budget."""
+        remaining = self.evaluator.remaining_passes
+        cost = (len(self.pool) if left is None else left) * (2 if side == "both" else 1)
+        return remaining is None or 2 * cost <= remaining
+
+    def _blind(self, side: str) -> bool:
+        """Whether to measure the whole pool on `side` once: one side has reached its goal, the
+        other is short of it, and the surrogate sees no region that brings it closer.
+
+        On the deletion side the evidence is redundant (the token survives the loss of any one
+        region); on the insertion side it is conjunctive (no single region adds much on top of
+        the chosen ones, but a pair does).  Either way an additive surrogate cannot see it.
+        Only when at most half of the remaining budget pays for it."""
+        cols = self.columns
+        predicted_ins, predicted_del = self.surrogate.predict(np.asarray(self.pool))
+        if side == "deletion":
+            need = self.nec_goal - float(1.0 - self.current_del[cols].mean())
+            best = float((self.current_del[cols].mean() - predicted_del.mean(axis=1)).max())
+        else:
+            need = self.ins_goal - float(self.current_ins[cols].mean())
+            best = float((predicted_ins.mean(axis=1) - self.current_ins[cols].mean()).max())
+        remaining = self.evaluator.remaining_passes
+        affordable = remaining is None or 2 * len(self.pool) <= remaining
+        return need > 0 and best < 0.1 * need and affordable
+
     def _choose(
-        self, surrogate: LogitSurrogate, chosen: np.ndarray, f: Objective, side: str, probe: bool
+        self,
+        *,
+        surrogate: LogitSurrogate,
+        chosen: np.ndarray,
+        f_of: Objective,
+        side: str,
+        whole_pool: bool,
     ) -> tuple[int, np.ndarray, np.ndarray] | None:
-        return _choose(
-            self.evaluator,
-            surrogate,
-            chosen,
-            self.pool,
-            self.columns,
-            f,
-            side,
-            self.candidates,
-            self.refresh_tolerance,
-            probe,
+        """One lazy greedy step: the region of the pool that maximises `f_of` added to
+        `chosen`, with the score rows of its two images; None if the budget allowed no
+        measurement.  Measures `candidates` at a time (all at once with `whole_pool`) in the
+        surrogate's order until no unmeasured prediction beats the best measured gain (as in
+        CELF); a surprised surrogate has the rest of the pool measured, budget permitting."""
+        step = _Step(
+            evaluator=self.evaluator,
+            surrogate=surrogate,
+            chosen=chosen,
+            columns=self.columns,
+            f_of=f_of,
+            side=side,
         )
-
-    def order(self) -> list[int]:
-        """Front, the middle ordered on the surrogates (free), tail."""
-        if not self.tail:
-            middle = _surrogate_greedy(self.surrogate, self.pool, self.f_of)
-            return [*self.trace.selected, *middle, *reversed(self.tail)]
-        # both ends were refined: fill the middle from both sides, each on its own surrogate
-        rest = list(self.pool)
-        front: list[int] = []
-        back: list[int] = []
-        while rest:
-            for surrogate, f, out in (
-                (self.surrogate, self.f_of, front),
-                (self.tail_surrogate, self.f_tail, back),
-            ):
-                if rest:
-                    arr = np.asarray(rest)
-                    ins, dele = surrogate.predict(arr)
-                    best = int(np.lexsort((arr, -f(ins, dele)))[0])
-                    out.append(rest.pop(best))
-                    surrogate.advance(ins[best], dele[best])
-        return [*self.trace.selected, *front, *reversed(back), *reversed(self.tail)]
-
-
-def _blind(
-    evaluator: MaskEvaluator,
-    surrogate: LogitSurrogate,
-    pool: list[int],
-    columns: np.ndarray,
-    side: str,
-    current_ins: np.ndarray,
-    current_del: np.ndarray,
-    ins_goal: float,
-    nec_goal: float,
-) -> bool:
-    """Whether to measure the whole pool on `side` once: one side has reached its goal, the
-    other is short of it, and the surrogate sees no region that brings it closer.
-
-    On the deletion side the evidence is redundant (the token survives the loss of any one
-    region); on the insertion side it is conjunctive (no single region adds much on top of the
-    chosen ones, but a pair does).  Either way an additive surrogate cannot see it.  Only when
-    at most half of the remaining budget pays for it."""
-    predicted_ins, predicted_del = surrogate.predict(np.asarray(pool))
-    if side == "deletion":
-        need = nec_goal - float(1.0 - current_del[columns].mean())
-        best = float((current_del[columns].mean() - predicted_del.mean(axis=1)).max())
-    else:
-        need = ins_goal - float(current_ins[columns].mean())
-        best = float((predicted_ins.mean(axis=1) - current_ins[columns].mean()).max())
-    remaining = evaluator.remaining_passes
-    return need > 0 and best < 0.1 * need and (remaining is None or 2 * len(pool) <= remaining)
-
-
-def _choose(
-    evaluator: MaskEvaluator,
-    surrogate: LogitSurrogate,
-    chosen: np.ndarray,
-    pool: list[int],
-    columns: np.ndarray,
-    f_of: Objective,
-    side: str,
-    candidates: int,
-    refresh_tolerance: float,
-    probe: bool,
-) -> tuple[int, np.ndarray, np.ndarray] | None:
-    """One lazy greedy step: the region of `pool` that maximises `f_of` added to `chosen`, with
-    the score rows of its two images; None if the budget allowed no measurement."""
-    step = _Step(evaluator, surrogate, chosen, columns, f_of, side)
-    pool_arr = np.asarray(pool)
-    predicted = f_of(*surrogate.predict(pool_arr))
-    ranked = [pool[i] for i in np.lexsort((pool_arr, -predicted))]
-    predicted_of = dict(zip(pool, predicted, strict=True))
-    start, width = 0, len(ranked) if probe else candidates
-    while start < len(ranked):
-        group = ranked[start : start + width]
-        start += len(group)
-        surprise, complete = step.measure(group)
-        if not complete or start >= len(ranked):
-            break
-        # The surrogate misjudged this context (interactions): re-measure the whole pool when
-        # at most half of what is left of the budget pays for it.
-        left = len(ranked) - start
-        remaining = evaluator.remaining_passes
-        cost = left * (2 if side == "both" else 1)
-        if surprise > refresh_tolerance and (remaining is None or 2 * cost <= remaining):
-            width = left
-            continue
-        if step.best_gain() >= predicted_of[ranked[start]]:
-            break
-    return step.select()
+        pool = self.pool
+        pool_arr = np.asarray(pool)
+        predicted = f_of(*surrogate.predict(pool_arr))
+        ranked = [pool[i] for i in np.lexsort((pool_arr, -predicted))]
+        predicted_of = dict(zip(pool, predicted, strict=True))
+        start, width = 0, len(ranked) if whole_pool else self.tuning.candidates
+        while start < len(ranked):
+            group = ranked[start : start + width]
+            start += len(group)
+            surprise, complete = step.measure(group)
+            if not complete or start >= len(ranked):
+                break
+            # The surrogate misjudged this context (interactions): re-measure the whole pool
+            # when at most half of what is left of the budget pays for it.
+            left = len(ranked) - start
+            if surprise > self.tuning.refresh_tolerance and self._affords_the_pool(side, left):
+                width = left
+                continue
+            if step.best_gain() >= predicted_of[ranked[start]]:
+                break
+        return step.select()
 
 
 class _Step:
@@ -428,6 +364,7 @@ class _Step:
 
     def __init__(
         self,
+        *,
         evaluator: MaskEvaluator,
         surrogate: LogitSurrogate,
         chosen: np.ndarray,
@@ -475,13 +412,9 @@ class _Step:
             ins = predicted_ins[i] if ins_row is None else ins_row[cols]
             dele = predicted_del[i] if del_row is None else del_row[cols]
             if ins_row is not None:
-                surprise = max(
-                    surprise, float(np.abs(_logit(ins) - _logit(predicted_ins[i])).max())
-                )
+                surprise = max(surprise, float(np.abs(logit(ins) - logit(predicted_ins[i])).max()))
             if del_row is not None:
-                surprise = max(
-                    surprise, float(np.abs(_logit(dele) - _logit(predicted_del[i])).max())
-                )
+                surprise = max(surprise, float(np.abs(logit(dele) - logit(predicted_del[i])).max()))
             self.surrogate.observe(v, ins, dele)
             self.gain[v] = float(self.f_of(ins[None], dele[None])[0])
             self.rows[v] = (ins_row, del_row)
@@ -542,43 +475,3 @@ class _Step:
         ins_row, del_row = self.rows[region]
         assert ins_row is not None and del_row is not None
         return region, ins_row, del_row
-
-
-def _surrogate_greedy(surrogate: LogitSurrogate, pool: list[int], f_of: Objective) -> list[int]:
-    """Order the regions left by continuing the greedy search on the surrogate alone."""
-    rest = list(pool)
-    order: list[int] = []
-    while rest:
-        arr = np.asarray(rest)
-        ins, dele = surrogate.predict(arr)
-        best = int(np.lexsort((arr, -f_of(ins, dele)))[0])
-        order.append(rest.pop(best))
-        surrogate.advance(ins[best], dele[best])
-    return order
-
-
-def _screen(
-    evaluator: MaskEvaluator, n: int, full: np.ndarray, blank: np.ndarray, columns: np.ndarray
-) -> LogitSurrogate:
-    """Single-region insertion and deletion scores, as far as the budget allows."""
-    eye = np.eye(n, dtype=np.bool_)
-    t = columns.size
-    a = np.full((n, t), np.nan)
-    d = np.full((n, t), np.nan)
-    if evaluator.affordable(2 * n) >= 2 * n:
-        pairs = np.empty((2 * n, n), dtype=np.bool_)
-        pairs[0::2], pairs[1::2] = eye, ~eye
-        scores = evaluator.evaluate(pairs)[:, columns]
-        got = scores.shape[0] // 2
-        a[:got] = _logit(scores[0 : 2 * got : 2]) - _logit(blank)[None]
-        d[:got] = _logit(full)[None] - _logit(scores[1 : 2 * got : 2])
-    else:
-        # Deletion only; a region's insertion increment is taken to mirror its deletion drop.
-        scores = evaluator.evaluate(~eye)[:, columns]
-        got = scores.shape[0]
-        d[:got] = _logit(full)[None] - _logit(scores)
-        a[:got] = d[:got]
-    for arr in (a, d):
-        known = ~np.isnan(arr[:, 0])
-        arr[~known] = arr[known].mean(axis=0) if known.any() else 0.0
-    return LogitSurrogate(a, d, blank, full)
