@@ -74,7 +74,7 @@ def draw(
         edge[:-1] |= labels[:-1] != labels[1:]
         edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
         out[edge] = 0.6 * out[edge] + 0.4 * 255.0
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(np.rint(out), 0, 255), dtype=np.uint8)
 
 
 def save_png(rgb: np.ndarray, path: str) -> None:
