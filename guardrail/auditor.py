@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from detectors.pipeline import audit_sample
-from detectors.types import Attribution, Verdict
+from detectors.types import Attribution, AuditedWord, Verdict
 from guardrail.config import ModelSettings
 
 __all__ = ["AuditInputError", "AuditResult", "ModelAuditor", "image_placeholder"]
@@ -31,10 +31,12 @@ def image_placeholder(family: str) -> str:
     return _PLACEHOLDERS[family]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class AuditResult:
+    """One audited sample: its words, each with its attribution and verdict (same order)."""
+
     token_ids: tuple[int, ...]
-    words: tuple[tuple[int, int, str, str], ...]  # position, token id, word, category
+    words: tuple[AuditedWord, ...]
     attributions: tuple[Attribution, ...]
     verdicts: tuple[Verdict, ...]
     forward_passes: int
@@ -251,9 +253,21 @@ class ModelAuditor:
             thresholds=loaded["thresholds"],
         )
         remote = client.stats.minus(before) if client is not None else None
-        words = tuple((m.position, m.token_id, m.word, m.category) for m in audit.mentions)
+        words = tuple(
+            AuditedWord(position=m.position, token_id=m.token_id, word=m.word, category=m.category)
+            for m in audit.mentions
+        )
         if audit.explanation is None:
-            return AuditResult(tuple(ids), (), (), (), 0, time.perf_counter() - started, 0, remote)
+            return AuditResult(
+                token_ids=tuple(ids),
+                words=(),
+                attributions=(),
+                verdicts=(),
+                forward_passes=0,
+                seconds=time.perf_counter() - started,
+                budget_exhausted=0,
+                remote=remote,
+            )
         attributions = tuple(audit.explanation.attributions)
         exhausted = sum(
             a.stopped_by in (StopReason.FORWARD_BUDGET, StopReason.TIME_BUDGET)

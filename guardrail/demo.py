@@ -20,6 +20,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
+from detectors.types import VerdictLabel
+
 __all__ = ["register", "run_demo"]
 
 _CYCLE: tuple[str, ...] = ("clean",) * 5 + ("control",) + ("clean",) * 5
@@ -203,7 +205,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
     print("alert rules:    dashboards/prometheus/guardrail-rules.yml")
     print()
     print("verdicts against the ground truth (object words of the captions):")
-    labels = ["grounded", "language_prior", "borrowed_evidence", "undetermined"]
+    labels = [label.value for label in VerdictLabel]
     print(f"  {'truth':<24}" + "".join(f"{label:>19}" for label in labels))
     for truth in ("present", "co-occurrence halluc.", "language-prior halluc.", "other absent"):
         row = table.get(truth, Counter())
@@ -226,7 +228,7 @@ def _rate(runtime: Any) -> float:
         labels = [v.label for v in session.query(VerdictRecord).all()]
     if not labels:
         return 0.0
-    return sum(label in ("language_prior", "borrowed_evidence") for label in labels) / len(labels)
+    return sum(VerdictLabel(label).is_hallucination for label in labels) / len(labels)
 
 
 def _drain(runtime: Any, expected: int, timeout: float = 120.0) -> None:

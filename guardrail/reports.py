@@ -12,12 +12,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from detectors.saliency import values_from_curve
+from detectors.types import VerdictLabel
 from storage.models import FlaggedToken, Report, Sample
 from storage.repositories import label_map
 
-__all__ = ["HALLUCINATED", "gather_report", "store_report"]
-
-HALLUCINATED = ("language_prior", "borrowed_evidence")
+__all__ = ["gather_report", "store_report"]
 
 
 def _aware(value: datetime, like: datetime) -> datetime:
@@ -118,29 +117,29 @@ def gather_report(
                 continue
             cell = series[sample.model][slot.isoformat()]
             cell[0] += 1
-            cell[1] += v.label in HALLUCINATED
+            label = VerdictLabel(v.label)
+            cell[1] += label.is_hallucination
             verdicts[v.label] += 1
-            if v.label == "language_prior":
+            if label is VerdictLabel.LANGUAGE_PRIOR:
                 prior_objects[token.category] += 1
-            if v.label == "borrowed_evidence":
+            if label is VerdictLabel.BORROWED_EVIDENCE:
                 borrowed_objects[token.category] += 1
             if a is not None:
                 passes.append(a.forward_passes)
                 seconds.append(a.seconds)
                 exhausted += a.stopped_by in ("forward_budget", "time_budget")
-            if v.label in HALLUCINATED:
+            if label.is_hallucination:
                 worst.append((v.hallucination_score, token, sample))
     worst.sort(key=lambda w: -w[0])
     audited = sum(verdicts.values())
+    hallucinated = sum(verdicts[label.value] for label in VerdictLabel.hallucinated())
     return {
         "period": {"since": since.isoformat(), "until": until.isoformat()},
         "bucket_seconds": bucket.total_seconds(),
         "samples": len(samples),
         "sample_status": dict(status),
         "audited_words": audited,
-        "hallucination_rate": (sum(verdicts[k] for k in HALLUCINATED) / audited)
-        if audited
-        else 0.0,
+        "hallucination_rate": hallucinated / audited if audited else 0.0,
         "verdicts": dict(verdicts),
         "rate_over_time": {
             model: [

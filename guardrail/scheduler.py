@@ -23,8 +23,8 @@ from typing import Any
 from sqlalchemy import Integer as _Int
 from sqlalchemy import delete, func, select, text
 
+from detectors.types import VerdictLabel
 from guardrail.alert_delivery import AlertDeliverer
-from guardrail.reports import HALLUCINATED
 from guardrail.runtime import Runtime
 from storage import outbox
 from storage.models import (
@@ -47,6 +47,7 @@ __all__ = [
 
 log = logging.getLogger("guardrail.scheduler")
 ADVISORY_LOCK_KEY = 0x6775617264  # "guard"
+HALLUCINATED = [label.value for label in VerdictLabel.hallucinated()]
 
 
 @dataclass(frozen=True, slots=True)

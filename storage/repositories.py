@@ -12,7 +12,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from detectors.types import Attribution, Verdict
+from detectors.types import Attribution, AuditedWord, Verdict
 from storage.models import (
     AttributionRecord,
     FlaggedToken,
@@ -22,15 +22,12 @@ from storage.models import (
 )
 
 __all__ = [
-    "AuditedWord",
     "add_sample",
     "get_sample",
     "label_map",
     "list_audits",
     "save_audit",
 ]
-
-AuditedWord = tuple[int, int, str, str]  # position, token id, word, category
 
 
 def _json(values: Any) -> Any:
@@ -99,6 +96,7 @@ def add_sample(
 def save_audit(
     session: Session,
     sample: Sample,
+    *,
     words: Sequence[AuditedWord],
     attributions: Sequence[Attribution],
     verdicts: Sequence[Verdict],
@@ -110,10 +108,13 @@ def save_audit(
         session.delete(token)
     session.flush()
     sample.token_ids = [int(t) for t in token_ids]
-    for (position, token_id, word, category), attribution, verdict in zip(
-        words, attributions, verdicts, strict=True
-    ):
-        token = FlaggedToken(position=position, token_id=token_id, word=word, category=category)
+    for word, attribution, verdict in zip(words, attributions, verdicts, strict=True):
+        token = FlaggedToken(
+            position=word.position,
+            token_id=word.token_id,
+            word=word.word,
+            category=word.category,
+        )
         token.attribution = AttributionRecord(
             order=[int(r) for r in attribution.order],
             insertion=_json(attribution.insertion[:, 0]),
