@@ -42,6 +42,7 @@ class AuditResult:
     forward_passes: int
     seconds: float
     budget_exhausted: int  # words whose search stopped on its budget
+    thresholds_id: str  # `Calibration.id` of the thresholds the verdicts were decided with
     remote: Any = None  # detectors.scorers.remote.RemoteStats of this audit, remote models only
 
 
@@ -115,9 +116,9 @@ class ModelAuditor:
             "client": RemoteClient(server),
             "vocab": text.get("vocab_size"),
             "tokenizer": AutoTokenizer.from_pretrained(s.path, local_files_only=True),
-            "thresholds": load_calibration(
+            "calibration": load_calibration(
                 s.path, s.audit_settings(), strict=not s.allow_uncalibrated
-            ).thresholds,
+            ),
         }
 
     def _load(self) -> dict[str, Any]:
@@ -146,9 +147,9 @@ class ModelAuditor:
             "model": model,
             "vision": vision,
             "tokenizer": tokenizer,
-            "thresholds": load_calibration(
+            "calibration": load_calibration(
                 s.path, s.audit_settings(), strict=not s.allow_uncalibrated
-            ).thresholds,
+            ),
         }
 
     def scorer(self, image: np.ndarray, prompt: str, token_ids: Sequence[int]) -> Any:
@@ -250,7 +251,7 @@ class ModelAuditor:
             ids,
             decode,
             settings=s.audit_settings(),
-            thresholds=loaded["thresholds"],
+            thresholds=loaded["calibration"].thresholds,
         )
         remote = client.stats.minus(before) if client is not None else None
         words = tuple(
@@ -266,6 +267,7 @@ class ModelAuditor:
                 forward_passes=0,
                 seconds=time.perf_counter() - started,
                 budget_exhausted=0,
+                thresholds_id=loaded["calibration"].id,
                 remote=remote,
             )
         attributions = tuple(audit.explanation.attributions)
@@ -281,5 +283,6 @@ class ModelAuditor:
             forward_passes=audit.forward_passes,
             seconds=time.perf_counter() - started,
             budget_exhausted=exhausted,
+            thresholds_id=loaded["calibration"].id,
             remote=remote,
         )

@@ -248,6 +248,7 @@ class Worker:
                 attributions=result.attributions,
                 verdicts=result.verdicts,
                 token_ids=result.token_ids,
+                thresholds_id=result.thresholds_id,
             )
         if result.remote is not None:
             log.info(

@@ -101,9 +101,15 @@ def save_audit(
     attributions: Sequence[Attribution],
     verdicts: Sequence[Verdict],
     token_ids: Sequence[int],
+    thresholds_id: str,
 ) -> None:
     """Store the flagged words of `sample` with their attributions and verdicts and mark it
-    audited (replacing what an earlier, interrupted attempt may have left)."""
+    audited (replacing what an earlier, interrupted attempt may have left).
+
+    Every attribution and verdict is stored with its provenance: the search, its `detectors`
+    version and objective weights, the scorer, the rule set and its version, and
+    `thresholds_id` (`detectors.calibration.Calibration.id` of the thresholds the verdicts were
+    decided with)."""
     for token in list(sample.tokens):
         session.delete(token)
     session.flush()
@@ -129,6 +135,9 @@ def save_audit(
             scorer_name=attribution.scorer_name,
             fill=attribution.fill.value,
             partition_method=attribution.partition_method,
+            search_version=attribution.version,
+            weight_insight=float(attribution.weights[0]),
+            weight_necessity=float(attribution.weights[1]),
             labels_npz=_npz(attribution.partition.labels),
         )
         numbers = {
@@ -151,6 +160,10 @@ def save_audit(
             hallucination_score=float(_json(verdict.hallucination_score) or 0.0),
             reason=verdict.reason,
             numbers=numbers,
+            detector=verdict.detector,
+            detector_version=verdict.version,
+            thresholds_id=thresholds_id,
+            scorer_name=attribution.scorer_name,
         )
         sample.tokens.append(token)
     sample.status = SampleStatus.AUDITED
