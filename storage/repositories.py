@@ -14,8 +14,10 @@ from sqlalchemy.orm import Session, selectinload
 
 from detectors.types import Attribution, AuditedWord, Verdict
 from storage.models import (
+    Alert,
     AttributionRecord,
     FlaggedToken,
+    Report,
     Sample,
     SampleStatus,
     VerdictRecord,
@@ -23,10 +25,11 @@ from storage.models import (
 
 __all__ = [
     "add_sample",
+    "firing_alert",
     "get_sample",
     "label_map",
-    "list_audits",
     "save_audit",
+    "store_report",
 ]
 
 
@@ -182,29 +185,34 @@ def get_sample(session: Session, sample_id: str) -> Sample | None:
     return session.execute(query).scalar_one_or_none()
 
 
-def list_audits(
+def firing_alert(session: Session, model: str) -> Alert | None:
+    """`model`'s firing spike alert, to update (resolve) it in this transaction."""
+    return session.execute(
+        select(Alert).where(Alert.model == model, Alert.state == "firing")
+    ).scalar_one_or_none()
+
+
+def store_report(
     session: Session,
     *,
-    model: str | None = None,
-    label: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int = 100,
-) -> list[tuple[Sample, FlaggedToken, VerdictRecord]]:
-    """Recent audited words, newest first, with their sample and verdict."""
-    query = (
-        select(Sample, FlaggedToken, VerdictRecord)
-        .join(FlaggedToken, FlaggedToken.sample_id == Sample.id)
-        .join(VerdictRecord, VerdictRecord.token_pk == FlaggedToken.id)
-        .order_by(Sample.received_at.desc(), FlaggedToken.position)
-        .limit(limit)
-    )
-    if model is not None:
-        query = query.where(Sample.model == model)
-    if label is not None:
-        query = query.where(VerdictRecord.label == label)
-    if since is not None:
-        query = query.where(Sample.received_at >= since)
-    if until is not None:
-        query = query.where(Sample.received_at < until)
-    return [(s, t, v) for s, t, v in session.execute(query).all()]
+    kind: str,
+    since: datetime,
+    until: datetime,
+    html: str,
+    data: dict[str, Any],
+) -> str:
+    """Store (or replace) the report of `kind` for [since, until): one per kind and period.
+    Returns its id."""
+    existing = session.execute(
+        select(Report).where(
+            Report.kind == kind, Report.period_start == since, Report.period_end == until
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        existing.html, existing.data = html, data
+        session.flush()
+        return existing.id
+    report = Report(kind=kind, period_start=since, period_end=until, html=html, data=data)
+    session.add(report)
+    session.flush()
+    return report.id
