@@ -9,6 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from detectors.types import VerdictLabel
+
 __all__ = ["figures", "render_report"]
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -50,10 +52,10 @@ def figures(data: dict[str, Any]) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(4.5, 3))
     verdicts = data["verdicts"] or {"none": 0}
     colours = {
-        "grounded": "#3b8f5a",
-        "language_prior": "#d1495b",
-        "borrowed_evidence": "#edae49",
-        "undetermined": "#8d99ae",
+        VerdictLabel.GROUNDED.value: "#3b8f5a",
+        VerdictLabel.LANGUAGE_PRIOR.value: "#d1495b",
+        VerdictLabel.BORROWED_EVIDENCE.value: "#edae49",
+        VerdictLabel.UNDETERMINED.value: "#8d99ae",
     }
     names = list(verdicts)
     ax.barh(names, [verdicts[n] for n in names], color=[colours.get(n, "#888") for n in names])

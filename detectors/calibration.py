@@ -22,6 +22,7 @@ defaults of that time: mean fill, SLIC, 48 regions, a tenth of the exact search'
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -131,6 +132,13 @@ class Calibration:
     @property
     def calibrated(self) -> bool:
         return bool(self.fitted_on)
+
+    @property
+    def id(self) -> str:
+        """A short fingerprint of these thresholds with what they were fitted under (settings,
+        model, scenes): equal ids mean the same calibration.  Stored with every verdict."""
+        canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return "cal-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def provenance(self) -> dict[str, Any]:
         """What a stored verdict records about the thresholds it was decided with."""

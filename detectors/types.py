@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_FILL",
     "Attribution",
+    "AuditedWord",
     "CrossEvidence",
     "Fill",
     "StopReason",
@@ -168,11 +169,43 @@ class CrossEvidence:
     forward_passes: int
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuditedWord:
+    """One audited object word of an output, as stored beside its attribution and verdict.
+
+    Attributes:
+        position: index of its first token among the generated tokens.
+        token_id: that token's id.
+        word: the surface form as written ("knives").
+        category: its canonical category ("knife").
+    """
+
+    position: int
+    token_id: int
+    word: str
+    category: str
+
+
 class VerdictLabel(str, enum.Enum):
+    """What a verdict concludes about one word.  `hallucinated()` is the one definition of
+    which labels count as hallucinations (reports, spike checks, the demo, dashboards)."""
+
     GROUNDED = "grounded"
     LANGUAGE_PRIOR = "language_prior"
     BORROWED_EVIDENCE = "borrowed_evidence"
     UNDETERMINED = "undetermined"
+
+    @classmethod
+    def hallucinated(cls) -> frozenset[VerdictLabel]:
+        """The labels that count as hallucinations: language prior and borrowed evidence."""
+        return _HALLUCINATED
+
+    @property
+    def is_hallucination(self) -> bool:
+        return self in _HALLUCINATED
+
+
+_HALLUCINATED = frozenset({VerdictLabel.LANGUAGE_PRIOR, VerdictLabel.BORROWED_EVIDENCE})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

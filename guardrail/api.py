@@ -27,7 +27,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError, field_validator
-from sqlalchemy import select
 
 from guardrail import __version__
 from guardrail.config import Settings
@@ -39,8 +38,9 @@ from guardrail.http_errors import (
 from guardrail.ingest import IngestError, IngestRequest, ingest, unsafe_text_reason
 from guardrail.logs import RequestContextMiddleware, request_id_var, sample_id_var
 from guardrail.runtime import Runtime
-from storage.models import Job, Report, Sample
-from storage.repositories import get_sample, list_audits
+from storage import reads
+from storage.models import Sample
+from storage.repositories import get_sample
 
 __all__ = ["SampleIn", "create_app", "request_body_limit"]
 
@@ -391,18 +391,12 @@ def create_app(runtime: Runtime) -> FastAPI:
             if sample is None:
                 raise ApiError(404, f"no sample {sample_id!r}")
             view = _sample_view(sample)
-            job = (
-                session.execute(
-                    select(Job).where(Job.sample_id == sample_id).order_by(Job.id.desc())
-                )
-                .scalars()
-                .first()
-            )
+            job = reads.latest_job(session, sample_id)
             if job is not None:
                 view["job"] = {
-                    "status": job.status.value,
+                    "status": job.status,
                     "attempts": job.attempts,
-                    "error": job.last_error,
+                    "error": job.error,
                     "failure_reason": job.failure_reason,
                 }
             return view
@@ -417,49 +411,50 @@ def create_app(runtime: Runtime) -> FastAPI:
     ) -> dict[str, Any]:
         """Recent audited object words, newest first."""
         with runtime.sessions() as session:
-            rows = list_audits(
+            rows = reads.list_audits(
                 session, model=model, label=verdict, since=since, until=until, limit=limit
             )
-            return {
-                "audits": [
-                    {
-                        "sample_id": s.id,
-                        "model": s.model,
-                        **_correlation_view(s),
-                        "received_at": s.received_at.isoformat(),
-                        "word": t.word,
-                        "category": t.category,
-                        "position": t.position,
-                        "verdict": v.label,
-                        "hallucination_score": v.hallucination_score,
-                        "prior_score": v.prior_score,
-                    }
-                    for s, t, v in rows
-                ]
-            }
+        return {
+            "audits": [
+                {
+                    "sample_id": row.sample_id,
+                    "model": row.model,
+                    "request_id": row.request_id,
+                    "response_id": row.response_id,
+                    "traceparent": row.traceparent,
+                    "choice_index": row.choice_index,
+                    "received_at": row.received_at.isoformat(),
+                    "word": row.word,
+                    "category": row.category,
+                    "position": row.position,
+                    "verdict": row.label.value,
+                    "hallucination_score": row.hallucination_score,
+                    "prior_score": row.prior_score,
+                }
+                for row in rows
+            ]
+        }
 
     @app.get("/v1/reports", dependencies=auth, responses=_LIST_ERRORS)
     def list_reports(limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
         """Stored audit reports, newest first."""
         with runtime.sessions() as session:
-            rows = session.execute(
-                select(Report).order_by(Report.period_end.desc()).limit(limit)
-            ).scalars()
-            return {
-                "reports": [
-                    {
-                        "id": r.id,
-                        "kind": r.kind,
-                        "since": r.period_start.isoformat(),
-                        "until": r.period_end.isoformat(),
-                        "created_at": r.created_at.isoformat(),
-                        "url": f"/reports/{r.id}",
-                        "hallucination_rate": r.data.get("hallucination_rate"),
-                        "audited_words": r.data.get("audited_words"),
-                    }
-                    for r in rows
-                ]
-            }
+            rows = reads.list_reports(session, limit=limit)
+        return {
+            "reports": [
+                {
+                    "id": r.id,
+                    "kind": r.kind,
+                    "since": r.since.isoformat(),
+                    "until": r.until.isoformat(),
+                    "created_at": r.created_at.isoformat(),
+                    "url": f"/reports/{r.id}",
+                    "hallucination_rate": r.hallucination_rate,
+                    "audited_words": r.audited_words,
+                }
+                for r in rows
+            ]
+        }
 
     @app.get("/v1/reports/{report_id}", dependencies=auth, responses=_READ_ERRORS)
     def report_data(
@@ -468,15 +463,15 @@ def create_app(runtime: Runtime) -> FastAPI:
         """One report's figures as JSON (report.json; heatmap images left out)."""
         _checked_id("report", report_id)
         with runtime.sessions() as session:
-            report = session.get(Report, report_id)
-            if report is None:
-                raise ApiError(404, f"no report {report_id!r}")
-            data = dict(report.data)
-            data["worst_examples"] = [
-                {k: v for k, v in ex.items() if k != "heatmap_png"}
-                for ex in data.get("worst_examples", [])
-            ]
-            return {"id": report.id, "kind": report.kind, **data}
+            report = reads.report(session, report_id)
+        if report is None:
+            raise ApiError(404, f"no report {report_id!r}")
+        data = dict(report.data)
+        data["worst_examples"] = [
+            {k: v for k, v in ex.items() if k != "heatmap_png"}
+            for ex in data.get("worst_examples", [])
+        ]
+        return {"id": report.id, "kind": report.kind, **data}
 
     @app.get(
         "/reports/{report_id}",
@@ -490,10 +485,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         """One report as a self-contained HTML page."""
         _checked_id("report", report_id)
         with runtime.sessions() as session:
-            report = session.get(Report, report_id)
-            if report is None:
-                raise ApiError(404, f"no report {report_id!r}")
-            return HTMLResponse(report.html)
+            report = reads.report(session, report_id)
+        if report is None:
+            raise ApiError(404, f"no report {report_id!r}")
+        return HTMLResponse(report.html)
 
     from guardrail.health import add_health_routes
 

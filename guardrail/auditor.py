@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from detectors.pipeline import audit_sample
-from detectors.types import Attribution, Verdict
+from detectors.types import Attribution, AuditedWord, Verdict
 from guardrail.config import ModelSettings
 
 __all__ = ["AuditInputError", "AuditResult", "ModelAuditor", "image_placeholder"]
@@ -31,15 +31,18 @@ def image_placeholder(family: str) -> str:
     return _PLACEHOLDERS[family]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class AuditResult:
+    """One audited sample: its words, each with its attribution and verdict (same order)."""
+
     token_ids: tuple[int, ...]
-    words: tuple[tuple[int, int, str, str], ...]  # position, token id, word, category
+    words: tuple[AuditedWord, ...]
     attributions: tuple[Attribution, ...]
     verdicts: tuple[Verdict, ...]
     forward_passes: int
     seconds: float
     budget_exhausted: int  # words whose search stopped on its budget
+    thresholds_id: str  # `Calibration.id` of the thresholds the verdicts were decided with
     remote: Any = None  # detectors.scorers.remote.RemoteStats of this audit, remote models only
 
 
@@ -113,9 +116,9 @@ class ModelAuditor:
             "client": RemoteClient(server),
             "vocab": text.get("vocab_size"),
             "tokenizer": AutoTokenizer.from_pretrained(s.path, local_files_only=True),
-            "thresholds": load_calibration(
+            "calibration": load_calibration(
                 s.path, s.audit_settings(), strict=not s.allow_uncalibrated
-            ).thresholds,
+            ),
         }
 
     def _load(self) -> dict[str, Any]:
@@ -144,9 +147,9 @@ class ModelAuditor:
             "model": model,
             "vision": vision,
             "tokenizer": tokenizer,
-            "thresholds": load_calibration(
+            "calibration": load_calibration(
                 s.path, s.audit_settings(), strict=not s.allow_uncalibrated
-            ).thresholds,
+            ),
         }
 
     def scorer(self, image: np.ndarray, prompt: str, token_ids: Sequence[int]) -> Any:
@@ -248,12 +251,25 @@ class ModelAuditor:
             ids,
             decode,
             settings=s.audit_settings(),
-            thresholds=loaded["thresholds"],
+            thresholds=loaded["calibration"].thresholds,
         )
         remote = client.stats.minus(before) if client is not None else None
-        words = tuple((m.position, m.token_id, m.word, m.category) for m in audit.mentions)
+        words = tuple(
+            AuditedWord(position=m.position, token_id=m.token_id, word=m.word, category=m.category)
+            for m in audit.mentions
+        )
         if audit.explanation is None:
-            return AuditResult(tuple(ids), (), (), (), 0, time.perf_counter() - started, 0, remote)
+            return AuditResult(
+                token_ids=tuple(ids),
+                words=(),
+                attributions=(),
+                verdicts=(),
+                forward_passes=0,
+                seconds=time.perf_counter() - started,
+                budget_exhausted=0,
+                thresholds_id=loaded["calibration"].id,
+                remote=remote,
+            )
         attributions = tuple(audit.explanation.attributions)
         exhausted = sum(
             a.stopped_by in (StopReason.FORWARD_BUDGET, StopReason.TIME_BUDGET)
@@ -267,5 +283,6 @@ class ModelAuditor:
             forward_passes=audit.forward_passes,
             seconds=time.perf_counter() - started,
             budget_exhausted=exhausted,
+            thresholds_id=loaded["calibration"].id,
             remote=remote,
         )

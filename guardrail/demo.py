@@ -20,6 +20,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
+from detectors.types import VerdictLabel
+
 __all__ = ["register", "run_demo"]
 
 _CYCLE: tuple[str, ...] = ("clean",) * 5 + ("control",) + ("clean",) * 5
@@ -66,8 +68,9 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
     from guardrail.report_command import make_report
     from guardrail.runtime import build_runtime
     from guardrail.supervisor import Supervisor
+    from storage import reads
     from storage.engine import upgrade
-    from storage.models import Alert, Sample
+    from storage.models import SampleStatus
 
     started = time.perf_counter()
     calm, spike = (24, 18) if quick else (72, 42)
@@ -127,7 +130,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
 
             def progress(phase: str) -> None:
                 with runtime.sessions() as session:
-                    done = session.query(Sample).filter(Sample.status == "audited").count()
+                    done = reads.sample_status_counts(session)[SampleStatus.AUDITED]
                 rate = _rate(runtime)
                 print(
                     f"  [{phase}] sent {len(sent):3d}  audited {done:3d}  "
@@ -164,12 +167,10 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
             began = now - timedelta(seconds=time.perf_counter() - started + 30)
             report_id, data = make_report(runtime, began, now + timedelta(seconds=1), "demo")
             with runtime.sessions() as session:
-                from storage.models import Report
-
-                report = session.get(Report, report_id)
+                report = reads.report(session, report_id)
                 assert report is not None
                 (out / "report.html").write_text(report.html)
-                alerts_rows = session.query(Alert).all()
+                alerts_rows = reads.alerts(session)
                 table = _verdict_table(session, sent)
             (out / "report.json").write_text(
                 json.dumps(
@@ -203,7 +204,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 12_000_000) -> int:
     print("alert rules:    dashboards/prometheus/guardrail-rules.yml")
     print()
     print("verdicts against the ground truth (object words of the captions):")
-    labels = ["grounded", "language_prior", "borrowed_evidence", "undetermined"]
+    labels = [label.value for label in VerdictLabel]
     print(f"  {'truth':<24}" + "".join(f"{label:>19}" for label in labels))
     for truth in ("present", "co-occurrence halluc.", "language-prior halluc.", "other absent"):
         row = table.get(truth, Counter())
@@ -220,40 +221,36 @@ def _model_dir() -> Path:
 
 
 def _rate(runtime: Any) -> float:
-    from storage.models import VerdictRecord
+    from storage import reads
 
     with runtime.sessions() as session:
-        labels = [v.label for v in session.query(VerdictRecord).all()]
-    if not labels:
-        return 0.0
-    return sum(label in ("language_prior", "borrowed_evidence") for label in labels) / len(labels)
+        counts = reads.verdict_counts(session)
+    total = sum(counts.values())
+    return sum(counts[label] for label in VerdictLabel.hallucinated()) / total if total else 0.0
 
 
 def _drain(runtime: Any, expected: int, timeout: float = 120.0) -> None:
     """Wait until the proxy's tees are stored and every sample is audited."""
-    from storage.models import Sample
+    from storage import reads
+    from storage.models import SampleStatus
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         with runtime.sessions() as session:
-            total = session.query(Sample).count()
-            pending = (
-                session.query(Sample).filter(Sample.status.in_(["queued", "auditing"])).count()
-            )
+            counts = reads.sample_status_counts(session)
+        total = sum(counts.values())
+        pending = counts[SampleStatus.QUEUED] + counts[SampleStatus.AUDITING]
         if total >= expected and pending == 0:
             return
         time.sleep(0.2)
 
 
 def _verdict_table(session: Any, sent: dict[str, _Sent]) -> dict[str, Counter[str]]:
-    from storage.models import Sample
+    from storage import reads
 
     table: dict[str, Counter[str]] = {}
-    for sample in session.query(Sample).all():
-        info = sent.get(sample.request_id or "")
-        if info is None:
-            continue
-        for token in sample.tokens:
-            if token.verdict is not None:
-                table.setdefault(_truth(token.category, info), Counter())[token.verdict.label] += 1
+    for row in reads.list_audits(session, limit=None):
+        info = sent.get(row.request_id or "")
+        if info is not None:
+            table.setdefault(_truth(row.category, info), Counter())[row.label.value] += 1
     return table

@@ -28,19 +28,12 @@ __all__ = ["add_health_routes", "read_backlog"]
 def read_backlog(runtime: Runtime) -> Backlog:
     """The queue, the live workers, the alert outbox and the spike state per model, as the
     database says now."""
-    from sqlalchemy import select
-
-    from storage import outbox, queue
-    from storage.models import Alert
+    from storage import outbox, queue, reads
 
     with runtime.sessions() as session:
         d = queue.depth(session, live_within_seconds=runtime.settings.worker_liveness_seconds)
         o = outbox.depth(session)
-        firing = set(
-            session.execute(select(Alert.model).where(Alert.state == "firing").distinct())
-            .scalars()
-            .all()
-        )
+        firing = reads.firing_models(session)
     return Backlog(
         d.queued,
         d.running,

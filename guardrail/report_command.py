@@ -28,13 +28,14 @@ def register(commands: Any) -> None:
 def make_report(runtime: Any, since: datetime, until: datetime, kind: str) -> tuple[str, Any]:
     """Gather, render and store the report; returns (report id, data)."""
     from dashboards.report import render_report
-    from guardrail.reports import gather_report, store_report
+    from guardrail.reports import gather_report
+    from storage.repositories import store_report
 
     with runtime.sessions.begin() as session:
         data = gather_report(session, since, until)
         html = render_report(data, title=f"Guardrail audit report ({kind})")
-        report = store_report(session, kind, since, until, html, data)
-        return report.id, data
+        report_id = store_report(session, kind=kind, since=since, until=until, html=html, data=data)
+        return report_id, data
 
 
 def _report(args: argparse.Namespace) -> int:

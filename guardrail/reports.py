@@ -8,16 +8,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from detectors.saliency import values_from_curve
-from storage.models import FlaggedToken, Report, Sample
-from storage.repositories import label_map
+from detectors.types import VerdictLabel
+from storage import reads
+from storage.reads import HeatmapSource
 
-__all__ = ["HALLUCINATED", "gather_report", "store_report"]
-
-HALLUCINATED = ("language_prior", "borrowed_evidence")
+__all__ = ["gather_report"]
 
 
 def _aware(value: datetime, like: datetime) -> datetime:
@@ -30,35 +28,30 @@ def _aware(value: datetime, like: datetime) -> datetime:
 HEATMAP_MAX_SIDE = 448
 
 
-def _heatmap_png(token: FlaggedToken, sample: Sample) -> str | None:
+def _heatmap_png(source: HeatmapSource) -> str | None:
     """The word's saliency over the image (when stored) or over a neutral canvas of the same
     regions, as a base64 PNG."""
     from detectors.heatmap import colorize
     from guardrail.canonical import AuditResolution, decode_scaled
     from guardrail.images import ImageRejectedError, encode_png, image_header, sniff_format
 
-    a = token.attribution
-    if a is None:
-        return None
-    labels = label_map(a)
+    labels = source.labels
     height, width = labels.shape
     draw_w, draw_h = AuditResolution(longest_edge=HEATMAP_MAX_SIDE).target_size(width, height)
     if (draw_h, draw_w) != labels.shape:  # nearest neighbour: region ids stay ids
         rows = (np.arange(draw_h) * height) // draw_h
         cols = (np.arange(draw_w) * width) // draw_w
         labels = labels[rows[:, None], cols[None, :]]
-    ins = np.array([np.nan if v is None else v for v in a.insertion], dtype=np.float64)
-    dele = np.array([np.nan if v is None else v for v in a.deletion], dtype=np.float64)
-    curve = ins + (1.0 - dele)
+    curve = source.insertion + (1.0 - source.deletion)
     known = ~np.isnan(curve)
     if not known.any():
         return None
     steps = np.arange(curve.size)
     curve = np.interp(steps, steps[known], curve[known])
-    values = values_from_curve(np.asarray(a.order), curve)[labels]
+    values = values_from_curve(source.order, curve)[labels]
     base = np.full((*labels.shape, 3), 128.0)
-    if sample.image_data is not None:
-        data, stored = sample.image_data, None
+    if source.image_data is not None:
+        data, stored = source.image_data, None
         try:  # only the image the regions were drawn on (same size), decoded straight to size
             if image_header(data, sniff_format(data)) == (width, height):
                 stored = decode_scaled(data, max_side=HEATMAP_MAX_SIDE, max_pixels=40_000_000)
@@ -82,16 +75,7 @@ def gather_report(
     session: Session, since: datetime, until: datetime, *, examples: int = 6
 ) -> dict[str, Any]:
     """Everything the report shows for [since, until), as JSON-able data."""
-    query = (
-        select(Sample)
-        .where(Sample.received_at >= since, Sample.received_at < until)
-        .options(
-            selectinload(Sample.tokens).selectinload(FlaggedToken.verdict),
-            selectinload(Sample.tokens).selectinload(FlaggedToken.attribution),
-        )
-        .order_by(Sample.received_at)
-    )
-    samples = list(session.execute(query).scalars())
+    samples = reads.report_samples(session, since, until)
     span = (until - since).total_seconds()
     if span <= 3 * 3600:
         bucket = timedelta(minutes=1)
@@ -106,41 +90,42 @@ def gather_report(
     passes: list[int] = []
     seconds: list[float] = []
     exhausted = 0
-    worst: list[tuple[float, FlaggedToken, Sample]] = []
+    worst: list[tuple[float, reads.ReportWord, reads.ReportSample]] = []
     status: Counter[str] = Counter()
     for sample in samples:
         status[sample.status.value] += 1
         received = _aware(sample.received_at, since)
         slot = since + bucket * int((received - since) / bucket)
-        for token in sample.tokens:
-            v, a = token.verdict, token.attribution
-            if v is None:
-                continue
+        for word in sample.words:
             cell = series[sample.model][slot.isoformat()]
             cell[0] += 1
-            cell[1] += v.label in HALLUCINATED
-            verdicts[v.label] += 1
-            if v.label == "language_prior":
-                prior_objects[token.category] += 1
-            if v.label == "borrowed_evidence":
-                borrowed_objects[token.category] += 1
-            if a is not None:
-                passes.append(a.forward_passes)
-                seconds.append(a.seconds)
-                exhausted += a.stopped_by in ("forward_budget", "time_budget")
-            if v.label in HALLUCINATED:
-                worst.append((v.hallucination_score, token, sample))
+            cell[1] += word.label.is_hallucination
+            verdicts[word.label.value] += 1
+            if word.label is VerdictLabel.LANGUAGE_PRIOR:
+                prior_objects[word.category] += 1
+            if word.label is VerdictLabel.BORROWED_EVIDENCE:
+                borrowed_objects[word.category] += 1
+            if word.forward_passes is not None and word.seconds is not None:
+                passes.append(word.forward_passes)
+                seconds.append(word.seconds)
+                exhausted += bool(word.budget_exhausted)
+            if word.label.is_hallucination:
+                worst.append((word.hallucination_score, word, sample))
     worst.sort(key=lambda w: -w[0])
     audited = sum(verdicts.values())
+    hallucinated = sum(verdicts[label.value] for label in VerdictLabel.hallucinated())
+
+    def heatmap(word: reads.ReportWord) -> str | None:
+        source = reads.heatmap_source(session, word.token_pk)
+        return None if source is None else _heatmap_png(source)
+
     return {
         "period": {"since": since.isoformat(), "until": until.isoformat()},
         "bucket_seconds": bucket.total_seconds(),
         "samples": len(samples),
         "sample_status": dict(status),
         "audited_words": audited,
-        "hallucination_rate": (sum(verdicts[k] for k in HALLUCINATED) / audited)
-        if audited
-        else 0.0,
+        "hallucination_rate": hallucinated / audited if audited else 0.0,
         "verdicts": dict(verdicts),
         "rate_over_time": {
             model: [
@@ -162,33 +147,14 @@ def gather_report(
                 "sample_id": sample.id,
                 "model": sample.model,
                 "received_at": sample.received_at.isoformat(),
-                "output": sample.generated_text,
-                "word": token.word,
-                "verdict": token.verdict.label if token.verdict else None,
+                "output": sample.output,
+                "word": word.word,
+                "verdict": word.label.value,
                 "hallucination_score": score,
-                "reason": token.verdict.reason if token.verdict else "",
-                "raw_image": sample.image_data is not None,
-                "heatmap_png": _heatmap_png(token, sample),
+                "reason": word.reason,
+                "raw_image": sample.raw_image,
+                "heatmap_png": heatmap(word),
             }
-            for score, token, sample in worst[:examples]
+            for score, word, sample in worst[:examples]
         ],
     }
-
-
-def store_report(
-    session: Session, kind: str, since: datetime, until: datetime, html: str, data: dict[str, Any]
-) -> Report:
-    """Store (or replace) the report of `kind` for this period: one per period."""
-    existing = session.execute(
-        select(Report).where(
-            Report.kind == kind, Report.period_start == since, Report.period_end == until
-        )
-    ).scalar_one_or_none()
-    if existing is not None:
-        existing.html, existing.data = html, data
-        session.flush()
-        return existing
-    report = Report(kind=kind, period_start=since, period_end=until, html=html, data=data)
-    session.add(report)
-    session.flush()
-    return report

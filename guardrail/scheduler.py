@@ -20,21 +20,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer as _Int
-from sqlalchemy import delete, func, select, text
-
 from guardrail.alert_delivery import AlertDeliverer
-from guardrail.reports import HALLUCINATED
 from guardrail.runtime import Runtime
-from storage import outbox
-from storage.models import (
-    Alert,
-    FlaggedToken,
-    Job,
-    Report,
-    Sample,
-    VerdictRecord,
-)
+from storage import outbox, reads, repositories, retention
+from storage.leadership import AdvisoryLock
+from storage.models import Alert
 
 __all__ = [
     "LeaderElection",
@@ -49,50 +39,6 @@ log = logging.getLogger("guardrail.scheduler")
 ADVISORY_LOCK_KEY = 0x6775617264  # "guard"
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
-    tokens: int
-    hallucinated: int
-
-    @property
-    def rate(self) -> float:
-        return self.hallucinated / self.tokens if self.tokens else 0.0
-
-
-def _window(runtime: Runtime, model: str, since: datetime, until: datetime) -> Window:
-    with runtime.sessions() as session:
-        row = session.execute(
-            select(
-                func.count(VerdictRecord.id),
-                func.coalesce(
-                    func.sum(func.cast(VerdictRecord.label.in_(HALLUCINATED), type_=_Int)), 0
-                ),
-            )
-            .join(FlaggedToken, FlaggedToken.id == VerdictRecord.token_pk)
-            .join(Sample, Sample.id == FlaggedToken.sample_id)
-            .where(Sample.model == model, Sample.received_at >= since, Sample.received_at < until)
-        ).one()
-    return Window(tokens=int(row[0]), hallucinated=int(row[1]))
-
-
-def _top_objects(runtime: Runtime, model: str, since: datetime) -> list[list[Any]]:
-    with runtime.sessions() as session:
-        rows = session.execute(
-            select(FlaggedToken.category, func.count())
-            .join(VerdictRecord, VerdictRecord.token_pk == FlaggedToken.id)
-            .join(Sample, Sample.id == FlaggedToken.sample_id)
-            .where(
-                Sample.model == model,
-                Sample.received_at >= since,
-                VerdictRecord.label.in_(HALLUCINATED),
-            )
-            .group_by(FlaggedToken.category)
-            .order_by(func.count().desc())
-            .limit(5)
-        ).all()
-    return [[c, int(n)] for c, n in rows]
-
-
 def check_spikes(runtime: Runtime, now: datetime | None = None) -> list[Alert]:
     """Fire or resolve the spike alert of every model; returns the alerts that changed.
 
@@ -105,33 +51,33 @@ def check_spikes(runtime: Runtime, now: datetime | None = None) -> list[Alert]:
     changed = []
     for model in s.models:
         start = now - timedelta(minutes=s.spike_window_minutes)
-        short = _window(runtime, model.name, start, now)
-        # the baseline is the period before the short window
-        base = _window(runtime, model.name, now - timedelta(hours=s.spike_baseline_hours), start)
+        baseline_start = now - timedelta(hours=s.spike_baseline_hours)
+        with runtime.sessions() as session:
+            short = reads.window_counts(session, model.name, start, now)
+            # the baseline is the period before the short window
+            base = reads.window_counts(session, model.name, baseline_start, start)
+            firing_id = reads.firing_alert_id(session, model.name)
         threshold = max(s.spike_ratio * base.rate, s.spike_floor)
-        fires = short.tokens >= s.spike_min_tokens and short.rate > threshold
+        fires = short.words >= s.spike_min_tokens and short.rate > threshold
         report_id = None
-        if fires and _firing(runtime, model.name) is None:
+        if fires and firing_id is None:
             report_id = _spike_report(runtime, model.name, now)
         with runtime.sessions.begin() as session:
-            firing = session.execute(
-                select(Alert).where(Alert.model == model.name, Alert.state == "firing")
-            ).scalar_one_or_none()
+            firing = repositories.firing_alert(session, model.name)
             if firing is None and fires:
+                top = reads.hallucinated_categories(session, model.name, start)
                 alert = Alert(
                     model=model.name,
                     state="firing",
                     started_at=now,
                     rate=short.rate,
                     baseline=base.rate,
-                    tokens=short.tokens,
+                    tokens=short.words,
                     details={
                         "window_minutes": s.spike_window_minutes,
                         "baseline_hours": s.spike_baseline_hours,
                         "threshold": threshold,
-                        "top_objects": _top_objects(
-                            runtime, model.name, now - timedelta(minutes=s.spike_window_minutes)
-                        ),
+                        "top_objects": [[category, n] for category, n in top],
                         **({"report_id": report_id} if report_id else {}),
                     },
                 )
@@ -150,13 +96,6 @@ def check_spikes(runtime: Runtime, now: datetime | None = None) -> list[Alert]:
                     outbox.add(session, firing.id, "resolved", now=now)
                 changed.append(firing)
     return changed
-
-
-def _firing(runtime: Runtime, model: str) -> int | None:
-    with runtime.sessions() as session:
-        return session.execute(
-            select(Alert.id).where(Alert.model == model, Alert.state == "firing")
-        ).scalar_one_or_none()
 
 
 def _spike_report(runtime: Runtime, model: str, now: datetime) -> str | None:
@@ -196,22 +135,9 @@ def retain(runtime: Runtime, now: datetime | None = None, batch: int = 500) -> R
         raise ValueError(f"batch must be positive, got: {batch}")
     now = now or datetime.now(UTC)
     cutoff = now - timedelta(days=runtime.settings.retention_days)
-    samples = 0
-    while True:
-        with runtime.sessions.begin() as session:
-            ids = list(
-                session.execute(
-                    select(Sample.id).where(Sample.received_at < cutoff).limit(batch)
-                ).scalars()
-            )
-            if not ids:
-                break
-            session.execute(delete(Job).where(Job.sample_id.in_(ids)))
-            for sample in session.execute(select(Sample).where(Sample.id.in_(ids))).scalars():
-                session.delete(sample)
-        samples += len(ids)
-    reports = _delete_in_batches(runtime, Report.id, Report.period_start < cutoff, batch)
-    alerts = _delete_in_batches(runtime, Alert.id, Alert.started_at < cutoff, batch)
+    samples = _in_batches(runtime, retention.delete_samples_before, cutoff, batch)
+    reports = _in_batches(runtime, retention.delete_reports_before, cutoff, batch)
+    alerts = _in_batches(runtime, retention.delete_alerts_before, cutoff, batch)
     if samples or reports or alerts:
         log.info(
             "retention deleted %d samples, %d reports and %d alerts from before %s",
@@ -223,18 +149,18 @@ def retain(runtime: Runtime, now: datetime | None = None, batch: int = 500) -> R
     return Retained(samples=samples, reports=reports, alerts=alerts)
 
 
-def _delete_in_batches(runtime: Runtime, key: Any, expired: Any, batch: int) -> int:
-    """Delete the rows of `key`'s table matching `expired`, `batch` per transaction."""
+def _in_batches(
+    runtime: Runtime, delete_batch: Callable[..., int], cutoff: datetime, batch: int
+) -> int:
+    """Call `delete_batch` (one of `storage.retention`'s) one transaction per batch until it
+    finds nothing left; returns the rows deleted."""
     total = 0
     while True:
         with runtime.sessions.begin() as session:
-            ids = list(session.execute(select(key).where(expired).limit(batch)).scalars())
-            if not ids:
-                return total
-            session.execute(
-                delete(key.class_).where(key.in_(ids)).execution_options(synchronize_session=False)
-            )
-        total += len(ids)
+            deleted = delete_batch(session, cutoff, batch=batch)
+        if not deleted:
+            return total
+        total += deleted
 
 
 def reap_leases(runtime: Runtime, now: datetime | None = None) -> int:
@@ -256,54 +182,27 @@ def reap_leases(runtime: Runtime, now: datetime | None = None) -> int:
 
 
 class LeaderElection:
-    """Holds a PostgreSQL advisory lock on a dedicated connection while leading; SQLite:
-    always the leader (one `guardrail serve` process)."""
+    """Holds a PostgreSQL advisory lock (`storage.leadership.AdvisoryLock`) on a dedicated
+    connection while leading; SQLite: always the leader (one `guardrail serve` process)."""
 
     def __init__(self, runtime: Runtime, key: int = ADVISORY_LOCK_KEY) -> None:
         self.runtime = runtime
         self.key = key
-        self._connection: Any = None
+        self.lock = AdvisoryLock(runtime.engine, key)
 
     @property
     def postgres(self) -> bool:
         return self.runtime.engine.dialect.name == "postgresql"
 
     def try_lead(self) -> bool:
+        """True while this process leads; a lost connection is noticed and elects again."""
         if not self.postgres:
             return True
-        if self._connection is not None:
-            try:
-                self._connection.execute(text("select 1"))
-                return True
-            except Exception:  # the backend is gone (terminated, restarted): so is the lock
-                log.warning("lost the leader's database connection; electing again")
-                dead, self._connection = self._connection, None
-                try:
-                    dead.invalidate()  # not returned to the pool
-                    dead.close()
-                except Exception:
-                    pass
-        connection = self.runtime.engine.connect()
-        got = bool(
-            connection.execute(text("select pg_try_advisory_lock(:k)"), {"k": self.key}).scalar()
-        )
-        connection.commit()
-        if got:
-            self._connection = connection
-        else:
-            connection.close()
-        return got
+        return self.lock.try_hold()
 
     def release(self) -> None:
-        if self._connection is not None:
-            try:
-                self._connection.execute(text("select pg_advisory_unlock(:k)"), {"k": self.key})
-                self._connection.commit()
-            except Exception:  # a dead connection: its backend already let the lock go
-                log.warning("could not unlock the leader's lock; its connection is gone")
-            finally:
-                self._connection.close()
-                self._connection = None
+        """Stop leading; never raises on a dead connection (it logs)."""
+        self.lock.release()
 
 
 class Scheduler:

@@ -244,10 +244,11 @@ class Worker:
             save_audit(
                 session,
                 sample,
-                result.words,
-                result.attributions,
-                result.verdicts,
-                result.token_ids,
+                words=result.words,
+                attributions=result.attributions,
+                verdicts=result.verdicts,
+                token_ids=result.token_ids,
+                thresholds_id=result.thresholds_id,
             )
         if result.remote is not None:
             log.info(
@@ -274,9 +275,9 @@ class Worker:
         m.audit_forward_passes.labels(model=model).observe(result.forward_passes)
         if result.budget_exhausted:
             m.budget_exhaustions.labels(model=model).inc(result.budget_exhausted)
-        for (_, _, _, category), verdict in zip(result.words, result.verdicts, strict=True):
+        for word, verdict in zip(result.words, result.verdicts, strict=True):
             m.tokens_audited.labels(
-                model=model, verdict=verdict.label.value, category=category_label(category)
+                model=model, verdict=verdict.label.value, category=category_label(word.category)
             ).inc()
         if self.exporter is not None:  # after the commit: never fails or delays the audit
             self.exporter.export(

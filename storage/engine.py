@@ -16,6 +16,7 @@ __all__ = [
     "UnmigratedDatabaseError",
     "check_migrated",
     "current_revision",
+    "downgrade",
     "failed_database",
     "make_engine",
     "masked_url",
@@ -24,7 +25,7 @@ __all__ = [
 ]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD = "0006"
+HEAD = "0007"
 
 
 class UnmigratedDatabaseError(RuntimeError):
@@ -147,6 +148,13 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
     command.upgrade(_config(engine), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Undo migrations down to `revision` ("base": an empty schema)."""
+    from alembic import command
+
+    command.downgrade(_config(engine), revision)
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -147,6 +147,11 @@ class AttributionRecord(Base):
     scorer_name: Mapped[str] = mapped_column(String(256))
     fill: Mapped[str] = mapped_column(String(16))
     partition_method: Mapped[str] = mapped_column(String(64))
+    # provenance (revision 0007; NULL on rows stored before it): the `detectors` version that
+    # ran the search and the objective's weights (lambda1 insight, lambda2 necessity)
+    search_version: Mapped[str | None] = mapped_column(String(32))
+    weight_insight: Mapped[float | None] = mapped_column(Float)
+    weight_necessity: Mapped[float | None] = mapped_column(Float)
     labels_npz: Mapped[bytes] = mapped_column(LargeBinary)  # the region label map, compressed
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -167,6 +172,13 @@ class VerdictRecord(Base):
     hallucination_score: Mapped[float] = mapped_column(Float)
     reason: Mapped[str] = mapped_column(Text)
     numbers: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # provenance (revision 0007; NULL on rows stored before it): the rule set and its version,
+    # the calibration its thresholds came from (`detectors.calibration.Calibration.id`) and the
+    # scorer whose probabilities it judged
+    detector: Mapped[str | None] = mapped_column(String(64))
+    detector_version: Mapped[str | None] = mapped_column(String(32))
+    thresholds_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    scorer_name: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     token: Mapped[FlaggedToken] = relationship(back_populates="verdict")

@@ -12,25 +12,25 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from detectors.types import Attribution, Verdict
+from detectors.types import Attribution, AuditedWord, Verdict
 from storage.models import (
+    Alert,
     AttributionRecord,
     FlaggedToken,
+    Report,
     Sample,
     SampleStatus,
     VerdictRecord,
 )
 
 __all__ = [
-    "AuditedWord",
     "add_sample",
+    "firing_alert",
     "get_sample",
     "label_map",
-    "list_audits",
     "save_audit",
+    "store_report",
 ]
-
-AuditedWord = tuple[int, int, str, str]  # position, token id, word, category
 
 
 def _json(values: Any) -> Any:
@@ -99,21 +99,31 @@ def add_sample(
 def save_audit(
     session: Session,
     sample: Sample,
+    *,
     words: Sequence[AuditedWord],
     attributions: Sequence[Attribution],
     verdicts: Sequence[Verdict],
     token_ids: Sequence[int],
+    thresholds_id: str,
 ) -> None:
     """Store the flagged words of `sample` with their attributions and verdicts and mark it
-    audited (replacing what an earlier, interrupted attempt may have left)."""
+    audited (replacing what an earlier, interrupted attempt may have left).
+
+    Every attribution and verdict is stored with its provenance: the search, its `detectors`
+    version and objective weights, the scorer, the rule set and its version, and
+    `thresholds_id` (`detectors.calibration.Calibration.id` of the thresholds the verdicts were
+    decided with)."""
     for token in list(sample.tokens):
         session.delete(token)
     session.flush()
     sample.token_ids = [int(t) for t in token_ids]
-    for (position, token_id, word, category), attribution, verdict in zip(
-        words, attributions, verdicts, strict=True
-    ):
-        token = FlaggedToken(position=position, token_id=token_id, word=word, category=category)
+    for word, attribution, verdict in zip(words, attributions, verdicts, strict=True):
+        token = FlaggedToken(
+            position=word.position,
+            token_id=word.token_id,
+            word=word.word,
+            category=word.category,
+        )
         token.attribution = AttributionRecord(
             order=[int(r) for r in attribution.order],
             insertion=_json(attribution.insertion[:, 0]),
@@ -128,6 +138,9 @@ def save_audit(
             scorer_name=attribution.scorer_name,
             fill=attribution.fill.value,
             partition_method=attribution.partition_method,
+            search_version=attribution.version,
+            weight_insight=float(attribution.weights[0]),
+            weight_necessity=float(attribution.weights[1]),
             labels_npz=_npz(attribution.partition.labels),
         )
         numbers = {
@@ -150,6 +163,10 @@ def save_audit(
             hallucination_score=float(_json(verdict.hallucination_score) or 0.0),
             reason=verdict.reason,
             numbers=numbers,
+            detector=verdict.detector,
+            detector_version=verdict.version,
+            thresholds_id=thresholds_id,
+            scorer_name=attribution.scorer_name,
         )
         sample.tokens.append(token)
     sample.status = SampleStatus.AUDITED
@@ -168,29 +185,34 @@ def get_sample(session: Session, sample_id: str) -> Sample | None:
     return session.execute(query).scalar_one_or_none()
 
 
-def list_audits(
+def firing_alert(session: Session, model: str) -> Alert | None:
+    """`model`'s firing spike alert, to update (resolve) it in this transaction."""
+    return session.execute(
+        select(Alert).where(Alert.model == model, Alert.state == "firing")
+    ).scalar_one_or_none()
+
+
+def store_report(
     session: Session,
     *,
-    model: str | None = None,
-    label: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int = 100,
-) -> list[tuple[Sample, FlaggedToken, VerdictRecord]]:
-    """Recent audited words, newest first, with their sample and verdict."""
-    query = (
-        select(Sample, FlaggedToken, VerdictRecord)
-        .join(FlaggedToken, FlaggedToken.sample_id == Sample.id)
-        .join(VerdictRecord, VerdictRecord.token_pk == FlaggedToken.id)
-        .order_by(Sample.received_at.desc(), FlaggedToken.position)
-        .limit(limit)
-    )
-    if model is not None:
-        query = query.where(Sample.model == model)
-    if label is not None:
-        query = query.where(VerdictRecord.label == label)
-    if since is not None:
-        query = query.where(Sample.received_at >= since)
-    if until is not None:
-        query = query.where(Sample.received_at < until)
-    return [(s, t, v) for s, t, v in session.execute(query).all()]
+    kind: str,
+    since: datetime,
+    until: datetime,
+    html: str,
+    data: dict[str, Any],
+) -> str:
+    """Store (or replace) the report of `kind` for [since, until): one per kind and period.
+    Returns its id."""
+    existing = session.execute(
+        select(Report).where(
+            Report.kind == kind, Report.period_start == since, Report.period_end == until
+        )
+    ).scalar_one_or_none()
+    if existing is not None:
+        existing.html, existing.data = html, data
+        session.flush()
+        return existing.id
+    report = Report(kind=kind, period_start=since, period_end=until, html=html, data=data)
+    session.add(report)
+    session.flush()
+    return report.id

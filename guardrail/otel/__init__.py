@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from detectors.types import Verdict
+    from detectors.types import AuditedWord, Verdict
     from guardrail.config import Settings
     from guardrail.metrics import Metrics
     from guardrail.otel.exporter import VerdictExporter
@@ -106,21 +106,21 @@ def audit_trace(sample: Any) -> AuditTrace:
 
 
 def word_evaluations(
-    words: Iterable[tuple[int, int, str, str]], verdicts: Iterable[Verdict]
+    words: Iterable[AuditedWord], verdicts: Iterable[Verdict]
 ) -> tuple[WordEvaluation, ...]:
-    """Pair an audit's words (position, token id, word, category) with their verdicts."""
+    """Pair an audit's words with their verdicts."""
     return tuple(
         WordEvaluation(
-            word=word,
-            position=position,
-            category=category,
+            word=word.word,
+            position=word.position,
+            category=word.category,
             label=verdict.label.value,
             hallucination_score=float(verdict.hallucination_score),
             reason=verdict.reason,
             detector=verdict.detector,
             detector_version=verdict.version,
         )
-        for (position, _, word, category), verdict in zip(words, verdicts, strict=True)
+        for word, verdict in zip(words, verdicts, strict=True)
     )
 
 

@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from detectors.types import VerdictLabel
 from guardrail import __version__
 from guardrail.otel import (
     EVALUATION_EVENT,
@@ -48,7 +49,7 @@ __all__ = ["VerdictExporter", "build"]
 
 log = logging.getLogger("guardrail.otel")
 
-_FLAGGED = frozenset({"language_prior", "borrowed_evidence"})
+_FLAGGED = frozenset(label.value for label in VerdictLabel.hallucinated())
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 

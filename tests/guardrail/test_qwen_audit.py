@@ -46,7 +46,7 @@ def test_qwen_auditor_scores_with_onnx_and_falls_back_to_torch_for_other_sizes(
     rng = np.random.default_rng(0)
     square = rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)
     result = auditor.audit(square, QWEN_PROMPT, None, "a cat on the table")
-    assert [w[2] for w in result.words] == ["cat", "table"]
+    assert [w.word for w in result.words] == ["cat", "table"]
     assert result.attributions and result.forward_passes > 0
     assert all("vision=onnx:CPUExecutionProvider" in a.scorer_name for a in result.attributions)
     # the processor keeps a 28x112 image at 28x112: not what the file was exported for

@@ -200,7 +200,7 @@ def test_a_leader_whose_backend_is_terminated_loses_the_lead_to_another() -> Non
     admin = build_runtime(load_settings(environ={}, database_url=POSTGRES_URL)).engine
     try:
         assert first.try_lead() and not second.try_lead()
-        pid = first._connection.execute(text("select pg_backend_pid()")).scalar()
+        pid = first.lock.connection.execute(text("select pg_backend_pid()")).scalar()
         with admin.connect() as connection:
             assert connection.execute(text("select pg_terminate_backend(:p)"), {"p": pid}).scalar()
         terminated = time.monotonic()
@@ -209,14 +209,14 @@ def test_a_leader_whose_backend_is_terminated_loses_the_lead_to_another() -> Non
             time.sleep(0.01)
         takeover = time.monotonic() - terminated
         assert not first.try_lead()  # its dead connection noticed, the lock held by second
-        assert first._connection is None
+        assert first.lock.connection is None
         # a leader stopped after its backend died: release() does not raise
-        first._connection = first.runtime.engine.connect()
-        pid = first._connection.execute(text("select pg_backend_pid()")).scalar()
+        first.lock.connection = first.runtime.engine.connect()
+        pid = first.lock.connection.execute(text("select pg_backend_pid()")).scalar()
         with admin.connect() as connection:
             connection.execute(text("select pg_terminate_backend(:p)"), {"p": pid})
         first.release()
-        assert first._connection is None
+        assert first.lock.connection is None
         print(f"takeover {takeover * 1000:.0f} ms after pg_terminate_backend")
         second.release()
         assert first.try_lead()  # and it may lead again once the lock is free

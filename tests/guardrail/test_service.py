@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+import detectors
+from detectors.language_prior import DETECTOR_NAME
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR
 from guardrail.api import create_app
 from guardrail.cli import main
@@ -21,7 +23,7 @@ from guardrail.runtime import Runtime, build_runtime
 from guardrail.worker import Worker
 from storage import queue
 from storage.engine import upgrade
-from storage.models import Job, JobStatus, Sample, utcnow
+from storage.models import AttributionRecord, Job, JobStatus, Sample, VerdictRecord, utcnow
 
 TOKEN = "s3cret-token-0001"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -118,6 +120,18 @@ def test_a_trap_sample_is_ingested_audited_and_reported(tmp_path: Path) -> None:
         job = session.query(Job).one()
         assert sample is not None and sample.image_data is None and sample.prompt is None
         assert job.status is JobStatus.DONE and job.image_data is None
+        verdicts = session.query(VerdictRecord).all()
+        attributions = session.query(AttributionRecord).all()
+    # every stored verdict and attribution names what produced it
+    calibration = runtime.auditors["reference"].load()["calibration"]
+    assert calibration.id.startswith("cal-")
+    assert {(v.detector, v.detector_version, v.thresholds_id) for v in verdicts} == {
+        (DETECTOR_NAME, detectors.__version__, calibration.id)
+    }
+    assert {v.scorer_name for v in verdicts} == {a.scorer_name for a in attributions}
+    assert {(a.search_version, a.weight_insight, a.weight_necessity) for a in attributions} == {
+        (detectors.__version__, 1.0, 1.0)
+    }
 
 
 def test_bad_input_gets_a_clear_4xx_and_auth_is_enforced(tmp_path: Path) -> None:
