@@ -48,13 +48,17 @@ from typing import Any
 import numpy as np
 
 from detectors import baselines
+from detectors.cascade import STAGES as CASCADE_STAGES
+from detectors.cascade import cascade
 from detectors.eagle import EagleSearch
 from detectors.evaluation import amcr, auroc, csr_at, pointing_game
+from detectors.language_prior import PriorThresholds
 from detectors.pipeline import AuditSettings, audit_sample
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from detectors.regions import RegionPartition, slic_partition
 from detectors.scorers.llava import LlavaModel, load_llava
 from detectors.scorers.llava_fast import FastLlavaScorer
+from detectors.scorers.masked import MaskedBatch
 from detectors.types import Target
 from guardrail.reference.diagnosis import SceneAudit, diagnosis_metrics, mentions_of
 from guardrail.reference.evaluation import (
@@ -70,14 +74,56 @@ KINDS = ("language_prior", "cooccurrence")
 METHODS = ("ours", *baselines.BASELINE_NAMES)
 
 
+class MemoScorer:
+    """A scorer that remembers what it scored: the cascade re-runs the search on words the
+    audit already searched, and the baselines re-score the original and blank images; those
+    masks are served from memory (the searches still count every pass they ask for)."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+        self.memory: dict[tuple[bytes, str, Target], float] = {}
+
+    @property
+    def name(self) -> str:
+        return str(self.scorer.name)
+
+    @property
+    def max_batch_size(self) -> int:
+        return int(self.scorer.max_batch_size)
+
+    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
+        keys = [(row.tobytes(), batch.fill.value) for row in batch.keep]
+        missing = [
+            i for i, key in enumerate(keys) if any((*key, t) not in self.memory for t in targets)
+        ]
+        if missing:
+            sub = MaskedBatch(
+                image=batch.image,
+                partition=batch.partition,
+                keep=batch.keep[missing],
+                fill=batch.fill,
+            )
+            for i, row in zip(missing, self.scorer.score(sub, targets), strict=True):
+                for t, p in zip(targets, row, strict=True):
+                    self.memory[(*keys[i], t)] = float(p)
+        return np.array([[self.memory[(*key, t)] for t in targets] for key in keys])
+
+
 def audit_words(
-    llava: LlavaModel, captioned: CaptionedScene, settings: AuditSettings, vision: Any, seed: int
-) -> tuple[SceneAudit, dict[str, np.ndarray], dict[str, float]]:
-    """Audit one caption (as the sidecar does) and score its words with every baseline:
-    per-method scores `(T,)` and forward passes for the whole caption."""
+    llava: LlavaModel,
+    captioned: CaptionedScene,
+    settings: AuditSettings,
+    thresholds: PriorThresholds,
+    vision: Any,
+) -> tuple[SceneAudit, dict[str, np.ndarray], dict[str, float], tuple[str, ...]]:
+    """Audit one caption (as the sidecar does), score its words with every baseline and run
+    the cascade: per-method scores `(T,)`, forward passes for the whole caption, and the stage
+    at which the cascade decided each word."""
     scene = captioned.scene
-    scorer = FastLlavaScorer(
-        llava, scene.image, CAPTION_PROMPT, captioned.caption.token_ids, vision=vision
+    scorer = MemoScorer(
+        FastLlavaScorer(
+            llava, scene.image, CAPTION_PROMPT, captioned.caption.token_ids, vision=vision
+        )
     )
     decode = lambda ids: llava.tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
     partition = slic_partition(scene.image, settings.n_regions)
@@ -92,14 +138,25 @@ def audit_words(
     )
     record = SceneAudit(captioned=captioned, audit=audit)
     if audit.explanation is None:
-        return record, {}, {}
+        return record, {}, {}, ()
     targets = [m.target() for m in audit.mentions]
     ours_passes = audit.explanation.forward_passes
-    found = _baselines(scorer, scene.image, partition, targets, settings, ours_passes, seed)
+    found = _baselines(scorer, scene.image, partition, targets, settings, ours_passes, scene.seed)
     scores = {name: out.scores for name, out in found.items()}
     passes = {name: float(out.forward_passes) for name, out in found.items()}
     passes["ours"] = float(ours_passes)
-    return record, scores, passes
+    split = cascade(
+        scene.image,
+        scorer,
+        targets,
+        partition=partition,
+        budget=settings.budget(partition.n_regions),
+        fill=settings.fill,
+        thresholds=thresholds,
+    )
+    scores["cascade"] = split.scores
+    passes["cascade"] = float(split.forward_passes)
+    return record, scores, passes, split.stages
 
 
 def _baselines(
@@ -257,12 +314,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scenes = [generate_scene(args.seed + i, k) for k in kinds for i in range(args.scenes_per_kind)]
     captioned = caption_scenes(llava, scenes)
     records: list[SceneAudit] = []
-    scores: dict[str, list[float]] = {m: [] for m in METHODS[1:]}
-    passes: dict[str, float] = {m: 0.0 for m in METHODS}
+    scores: dict[str, list[float]] = {m: [] for m in (*baselines.BASELINE_NAMES, "cascade")}
+    passes: dict[str, float] = {m: 0.0 for m in (*METHODS, "cascade")}
+    stages: list[str] = []
     corrections: list[dict[str, Any]] = []
     with onnx_vision(llava) as vision:
         for k, item in enumerate(captioned):
-            record, found, spent = audit_words(llava, item, settings, vision, item.scene.seed)
+            record, found, spent, decided = audit_words(
+                llava, item, settings, calibration.thresholds, vision
+            )
+            stages += decided
             records.append(record)
             for name, values in found.items():
                 scores[name] += values.tolist()
@@ -338,6 +399,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 diagnosis["borrowed_label_precision"],
                 diagnosis["borrowed_label_recall"],
             ],
+        },
+        "cascade": {
+            "auroc": point["all"]["cascade"],
+            "auroc_interval": interval(draws["all"]["cascade"]),
+            "auroc_by_kind": {name: point[name]["cascade"] for name in KINDS},
+            "auroc_confidence_matched": point["confidence_matched"]["cascade"],
+            "passes_per_word": passes["cascade"] / words,
+            "searched_share": float(np.mean([s == "search" for s in stages])) if stages else None,
+            "stages_by_truth": {
+                truth_kind: {
+                    stage: int(
+                        sum(
+                            1
+                            for s, k in zip(stages, kind, strict=True)
+                            if s == stage and k == truth_kind
+                        )
+                    )
+                    for stage in CASCADE_STAGES
+                }
+                for truth_kind in ("present", *KINDS, "other")
+            },
         },
         "n_corrections": len(corrections),
         "amcr": amcr(mcrs["ours"]) if corrections else None,
@@ -419,6 +501,17 @@ def print_table(report: dict[str, Any]) -> None:
                 report["baseline_passes_per_word"][m],
             )
         )
+    split = report["cascade"]
+    rows.append(
+        (
+            "cascade",
+            split["auroc"],
+            split["auroc_interval"],
+            split["auroc_by_kind"],
+            split["auroc_confidence_matched"],
+            split["passes_per_word"],
+        )
+    )
     for name, value, span, by_kind, matched, passes in rows:
         print(
             f"{name:<22}{_fmt(value)} {_span(span):<17}{_fmt(by_kind['language_prior'])}"
@@ -428,6 +521,14 @@ def print_table(report: dict[str, Any]) -> None:
         f"ours - best baseline ({report['best_baseline']}): "
         f"{report['auroc_minus_best_baseline']:+.3f} "
         f"{_span(report['auroc_minus_best_baseline_interval'])} (paired scene bootstrap)"
+    )
+    print(
+        "cascade split (words decided at each stage): "
+        + "; ".join(
+            f"{truth} " + ", ".join(f"{stage} {count}" for stage, count in counts.items() if count)
+            for truth, counts in split["stages_by_truth"].items()
+            if any(counts.values())
+        )
     )
     for label, (precision, recall) in report["label_precision_recall"].items():
         print(f"label {label}: precision {_fmt(precision, 0)}, recall {_fmt(recall, 0)}")

@@ -36,9 +36,9 @@ from detectors.regions import RegionPartition
 from detectors.scorers.protocol import Scorer
 from detectors.types import DEFAULT_FILL, Fill, Target
 
-__all__ = ["CascadeResult", "CascadeThresholds", "cascade"]
+__all__ = ["STAGES", "CascadeResult", "CascadeThresholds", "cascade"]
 
-STAGES = ("doubtful", "text_driven", "alone", "search")
+STAGES: tuple[str, ...] = ("doubtful", "text_driven", "alone", "search")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

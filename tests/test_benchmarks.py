@@ -162,3 +162,9 @@ def test_detection_benchmark_prints_json() -> None:
     # ours spends the search's passes per word; the two-pass contrast two per sample
     assert float(report["passes_per_word"]) > 10  # type: ignore[arg-type]
     assert report["baseline_passes_per_word"]["image_free_contrast"] == 4 / 5  # type: ignore[index]
+    split = report["cascade"]
+    assert isinstance(split, dict) and 0.0 <= float(split["auroc"]) <= 1.0
+    stages = split["stages_by_truth"]
+    assert sum(sum(c.values()) for c in stages.values()) == 5
+    # the co-occurrence hallucination is confident and image-dependent: it must be searched
+    assert stages["cooccurrence"]["search"] == 1
