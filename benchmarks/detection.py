@@ -30,6 +30,13 @@ Reported:
 
 Attention mass on image tokens is left out: the `Scorer` protocol exposes probabilities only.
 
+The cheap-first cascade (`detectors.cascade`) is reported as a split: its AUROC, its passes per
+word, and how many words of each ground-truth kind each stage decided.
+
+Cost: the default (5 scenes per kind, 20 scenes, ~50 words) took 320 s wall on 2 CPU cores
+shared with other work; `--scenes-per-kind 25` (100 scenes, ~290 words) is about five times
+that.  RISE gets, per sample, as many masks as the search spent passes on that sample.
+
     python benchmarks/detection.py                          # table (small default, minutes)
     python benchmarks/detection.py --json                   # one JSON object
     python benchmarks/detection.py --scenes-per-kind 25     # the README's setting (100 scenes)

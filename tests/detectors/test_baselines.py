@@ -145,3 +145,15 @@ def test_order_from_values_breaks_ties_by_region_id() -> None:
     assert list(order_from_values(np.array([0.1, 0.5, 0.5, -1.0]))) == [1, 2, 0, 3]
     with pytest.raises(ValueError, match=r"\(R,\)"):
         order_from_values(np.zeros((2, 2)))
+
+
+def test_the_baselines_and_the_cascade_import_no_framework() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, detectors.baselines, detectors.cascade;"
+        "print(','.join(m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
