@@ -30,13 +30,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from guardrail.errors import PermanentError
+
 if TYPE_CHECKING:
     from detectors.pipeline import AuditSettings
 
 __all__ = ["ConfigError", "ModelSettings", "Settings", "load_settings", "masked"]
 
 
-class ConfigError(ValueError):
+class ConfigError(PermanentError):
     """The configuration is invalid; the message names every bad key."""
 
 
