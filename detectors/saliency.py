@@ -9,7 +9,13 @@ import numpy as np
 if TYPE_CHECKING:
     from detectors.types import Attribution
 
-__all__ = ["objective_curve", "region_values", "values_from_curve"]
+__all__ = [
+    "measured_regions",
+    "measured_steps",
+    "objective_curve",
+    "region_values",
+    "values_from_curve",
+]
 
 
 def objective_curve(attribution: Attribution) -> np.ndarray:
@@ -39,3 +45,20 @@ def values_from_curve(order: np.ndarray, curve: np.ndarray) -> np.ndarray:
     if high - low > 1e-12:
         out[order] = (values - low) / (high - low)
     return out
+
+
+def measured_steps(order: np.ndarray, curve: np.ndarray) -> np.ndarray:
+    """`(R,)` bool by region id: whether the region's marginal gain along `order` was measured
+    (F scored both before and after it was added), from an `(N + 1,)` curve with NaN where a
+    prefix was not scored.  The other regions' values are interpolated: where they fall in the
+    order says what the search guessed, not what the model did."""
+    order = np.asarray(order, dtype=np.int64)
+    known = ~np.isnan(np.asarray(curve, dtype=np.float64))
+    out = np.zeros(order.size, dtype=np.bool_)
+    out[order] = known[1:] & known[:-1]
+    return out
+
+
+def measured_regions(attribution: Attribution) -> np.ndarray:
+    """`(R,)` bool by region id: `measured_steps` of the attribution's order and objective."""
+    return measured_steps(attribution.order, attribution.objective)

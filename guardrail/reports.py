@@ -31,7 +31,8 @@ HEATMAP_MAX_SIDE = 448
 def _heatmap_png(source: HeatmapSource) -> str | None:
     """The word's saliency over the image (when stored) or over a neutral canvas of the same
     regions, as a base64 PNG."""
-    from detectors.heatmap import colorize
+    from detectors.heatmap import draw
+    from detectors.saliency import measured_steps
     from guardrail.canonical import AuditResolution, decode_scaled
     from guardrail.images import ImageRejectedError, encode_png, image_header, sniff_format
 
@@ -47,9 +48,8 @@ def _heatmap_png(source: HeatmapSource) -> str | None:
     if not known.any():
         return None
     steps = np.arange(curve.size)
-    curve = np.interp(steps, steps[known], curve[known])
-    values = values_from_curve(source.order, curve)[labels]
-    base = np.full((*labels.shape, 3), 128.0)
+    values = values_from_curve(source.order, np.interp(steps, steps[known], curve[known]))
+    base = np.full((*labels.shape, 3), 128, dtype=np.uint8)
     if source.image_data is not None:
         data, stored = source.image_data, None
         try:  # only the image the regions were drawn on (same size), decoded straight to size
@@ -58,14 +58,9 @@ def _heatmap_png(source: HeatmapSource) -> str | None:
         except ImageRejectedError:  # stored before formats were checked: draw the regions only
             stored = None
         if stored is not None and stored.shape[:2] == labels.shape:
-            base = stored.astype(np.float64)
-    weight = 0.6 * (0.25 + 0.75 * values)[..., None]
-    out = (1 - weight) * base + weight * colorize(values).astype(np.float64)
-    edge = np.zeros(labels.shape, dtype=bool)
-    edge[:-1] |= labels[:-1] != labels[1:]
-    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    out[edge] = 0.6 * out[edge] + 0.4 * 255
-    picture = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+            base = stored
+    # the same picture as `guardrail explain`: unmeasured regions washed out, not coloured
+    picture = draw(base, labels, values, measured_steps(source.order, curve))
     scale = max(1, 192 // max(picture.shape[:2]))
     picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
     return base64.b64encode(encode_png(picture)).decode()

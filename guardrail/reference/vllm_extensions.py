@@ -19,6 +19,7 @@ one teacher-forced forward pass in float32.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +145,9 @@ def _content_text(content: Any, placeholder: str, images: list[bytes]) -> str:
     return " ".join(p for p in pieces if p)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def render_chat(
     messages: Any,
     *,
@@ -174,6 +178,11 @@ def render_chat(
         if role not in ("user", "assistant"):
             raise ChatFormatError(f"unsupported message role {role!r}")
         text = _content_text(message.get("content"), placeholder, images)
+        if (lone := _LONE_SURROGATE.search(text)) is not None:
+            raise ChatFormatError(
+                f"message text holds a lone surrogate (U+{ord(lone.group()):04X}) at position "
+                f"{lone.start()}: not valid Unicode"
+            )
         final_content = text
         turns.append(f"USER: {text}" if role == "user" else f"ASSISTANT: {text}{eos}")
     if not any(m.get("role") == "user" for m in messages if isinstance(m, dict)):

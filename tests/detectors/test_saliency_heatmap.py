@@ -67,3 +67,38 @@ def test_colorize_maps_ends_of_the_scale() -> None:
     assert rgb.shape == (1, 2, 3)
     assert rgb[0, 0, 2] > rgb[0, 0, 0]  # low = blue-ish
     assert rgb[0, 1, 0] > rgb[0, 1, 2]  # high = red-ish
+
+
+def test_measured_steps_are_those_with_both_ends_scored() -> None:
+    from detectors.saliency import measured_steps
+
+    order = np.array([2, 0, 3, 1])
+    curve = np.array([0.0, 0.8, np.nan, np.nan, 1.0])  # F(empty), F(2), -, -, F(V)
+    # region 2's gain was measured; 0, 3 and 1 come after an unscored prefix or before one
+    assert measured_steps(order, curve).tolist() == [False, False, True, False]
+    assert measured_steps(order, np.arange(5.0)).all()
+
+
+def test_regions_the_budgeted_search_never_measured_are_drawn_neutral() -> None:
+    from detectors.saliency import measured_regions
+
+    case = analytic_case("grounded", 64)
+    image = np.full((64, 64, 3), 90, dtype=np.uint8)
+    partition = grid_partition(image, 8, 8)
+    a = EagleSearch(case.scorer, SearchBudget(max_forward_passes=100)).attribute(
+        image, partition, case.targets
+    )
+    measured = measured_regions(a)
+    # the search measured its way through the evidence, then stopped (converged): the rest of
+    # the order is the surrogate's guess
+    assert {int(r) for r in np.flatnonzero(measured)} == set(case.evidence[0])
+    interior = np.ones((64, 64), dtype=bool)  # away from the drawn boundaries
+    interior[7::8, :] = interior[:, 7::8] = False
+    rgb = overlay(image, a).astype(int)
+    plain = overlay(image, a, neutral_unmeasured=False).astype(int)
+    for region in range(64):
+        inside = (partition.labels == region) & interior
+        if measured[region]:  # coloured as before
+            assert (rgb[inside] == plain[inside]).all()
+        else:  # grey, 0.45 * 90 + 0.55 * 160 rounded, whatever its interpolated rank
+            assert (rgb[inside] == 128).all()

@@ -212,3 +212,15 @@ def test_a_plain_chat_request_is_unchanged(upstream: str) -> None:
     answer = _post(upstream, body).json()
     assert answer["choices"][0]["message"]["content"] == "fork knife car clock ."
     assert "prompt_logprobs" not in answer and "prompt_token_ids" not in answer
+
+
+def test_a_lone_surrogate_in_a_message_is_a_400_with_the_reason(upstream: str) -> None:
+    body = json.dumps(_request("fork knife")).replace("Describe the image.", "Describe \\ud800.")
+    answer = httpx.post(
+        f"{upstream}/v1/chat/completions",
+        content=body.encode(),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert answer.status_code == 400
+    assert "lone surrogate (U+D800)" in answer.json()["detail"]
