@@ -14,6 +14,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from guardrail.errors import PermanentError
+
 __all__ = [
     "MAX_CHOICES",
     "MAX_TEE_JSON_VALUES",
@@ -34,7 +36,7 @@ _SSE_LINE = re.compile(r"\r\n|\r|\n")  # SSE line ends only (not str.splitlines'
 _RESPONSE_ID = re.compile(r"[!-~]{1,128}")  # visible ASCII, as request ids
 
 
-class UnreadableAnswerError(ValueError):
+class UnreadableAnswerError(PermanentError):
     """An answer whose text cannot be read (not the chat-completions shape); `reason` is the
     drop reason."""
 

@@ -14,11 +14,12 @@ import numpy as np
 from detectors.pipeline import audit_sample
 from detectors.types import Attribution, AuditedWord, Verdict
 from guardrail.config import ModelSettings
+from guardrail.errors import PermanentError
 
 __all__ = ["AuditInputError", "AuditResult", "ModelAuditor", "image_placeholder"]
 
 
-class AuditInputError(ValueError):
+class AuditInputError(PermanentError):
     """The sample cannot be audited as sent (retrying will not help)."""
 
 

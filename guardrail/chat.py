@@ -7,10 +7,12 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
+from guardrail.errors import PermanentError
+
 __all__ = ["ChatFormatError", "ChatInput", "chat_input", "image_messages", "user_turn"]
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(PermanentError):
     """The messages cannot be audited; `reason` says why: `text_only` (no image in any turn),
     `multi_image` (several images), `image_unreadable` (an image part that is neither a
     base64 data URL nor an http(s) URL) or `messages_unreadable` (not the chat shape)."""

@@ -11,6 +11,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from detectors.errors import DetectorError, RemoteUnavailableError
 from detectors.types import DEFAULT_BUDGET_FRACTION
 from guardrail import __version__
+from guardrail.errors import GuardrailError
 from storage.engine import UnmigratedDatabaseError, failed_database
 
 __all__ = ["build_parser", "main"]
@@ -83,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except (
+        GuardrailError,  # PermanentError (bad input, bad config) and RetryableError
         DetectorError,
         RemoteUnavailableError,
         ValueError,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,20 +26,31 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings.sources.utils import parse_env_vars
+
+from guardrail.errors import PermanentError
 
 from detectors.types import DEFAULT_BUDGET_FRACTION, DEFAULT_FILL, DEFAULT_N_REGIONS
 
 if TYPE_CHECKING:
     from detectors.pipeline import AuditSettings
 
-__all__ = ["ConfigError", "ModelSettings", "Settings", "load_settings", "masked"]
+__all__ = [
+    "ConfigError",
+    "ModelSettings",
+    "Settings",
+    "database_url",
+    "load_settings",
+    "masked",
+]
 
 
-class ConfigError(ValueError):
+class ConfigError(PermanentError):
     """The configuration is invalid; the message names every bad key."""
 
 
@@ -496,52 +508,130 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml = _TOML_FILE.get("path")
-        if toml is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
-        return tuple(sources)
+        # only the values `load_settings` resolved from the environment mapping and the TOML
+        # file it was given: constructing settings never reads the process's environment
+        return (init_settings,)
 
 
-_TOML_FILE: dict[str, Path | None] = {"path": None}
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+class _EnvironSource(EnvSettingsSource):
+    """`GUARDRAIL_*` variables (`__` nests) read from a given mapping, not `os.environ`."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ  # before super().__init__, which loads the variables
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
 
 
-def load_settings(
-    config_file: str | Path | None = None,
-    environ: dict[str, str] | None = None,
-    **overrides: Any,
-) -> Settings:
-    """Resolve and validate the settings.
+def _merged(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` updated with `top`, nested tables merged key by key (as pydantic-settings
+    merges its sources)."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
 
-    Raises:
-        ConfigError: a missing config file, or invalid values (every bad key is named).
-    """
-    env = os.environ if environ is None else environ
+
+def _source_values(
+    settings_cls: type[BaseSettings],
+    environ: Mapping[str, str],
+    toml: Path | None,
+    overrides: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The raw values for `settings_cls`: keyword overrides beat the environment, which beats
+    the TOML file.  Reads only what it is given (thread-safe)."""
+    values: dict[str, Any] = {}
+    if toml is not None:
+        values = _merged(values, TomlConfigSettingsSource(settings_cls, toml_file=toml)())
+    values = _merged(values, _EnvironSource(settings_cls, environ)())
+    return _merged(values, overrides)
+
+
+def _config_path(config_file: str | Path | None, env: Mapping[str, str]) -> Path | None:
     path = Path(config_file) if config_file else None
     if path is None and env.get("GUARDRAIL_CONFIG"):
         path = Path(env["GUARDRAIL_CONFIG"])
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    saved = dict(os.environ)
-    _TOML_FILE["path"] = path
+    return path
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+
+
+def _config_error(exc: ValidationError, path: Path | None) -> ConfigError:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
+    )
+    source = f" in {path}" if path else ""
+    return ConfigError(f"invalid configuration{source}: {problems}")
+
+
+class _DatabaseSettings(BaseSettings):
+    """Only the database URL, resolved like `Settings.database_url` (for `guardrail db`, which
+    must work where the models are not mounted)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GUARDRAIL_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    database_url: SecretStr = SecretStr("sqlite:///guardrail.db")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def database_url(
+    config_file: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> str:
+    """The database URL as `load_settings` resolves it (environment over TOML file over the
+    default), without validating the rest of the configuration.
+
+    Raises:
+        ConfigError: a missing config file, or a database_url that is not a string.
+    """
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    path = _config_path(config_file, env)
     try:
-        if environ is not None:  # resolve against the given environment only
-            os.environ.clear()
-            os.environ.update(environ)
-        settings = Settings(**overrides)
+        settings = _DatabaseSettings(**_source_values(_DatabaseSettings, env, path, {}))
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        source = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{source}: {problems}") from None
-    finally:
-        _TOML_FILE["path"] = None
-        if environ is not None:
-            os.environ.clear()
-            os.environ.update(saved)
+        raise _config_error(exc, path) from None
+    return settings.database_url.get_secret_value()
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Resolve and validate the settings: keyword `overrides` over the environment
+    (`GUARDRAIL_*`; `__` nests: `GUARDRAIL_OTEL_HEADERS__X_TOKEN`) over the TOML file
+    (`config_file`, else `GUARDRAIL_CONFIG`).  `environ` is the environment to read (default:
+    the process's, read and never written), so threads may load different settings at once.
+
+    Raises:
+        ConfigError: a missing config file, or invalid values (every bad key is named).
+    """
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    path = _config_path(config_file, env)
+    try:
+        settings = Settings(**_source_values(Settings, env, path, overrides))
+    except ValidationError as exc:
+        raise _config_error(exc, path) from None
     for i, m in enumerate(settings.models):
         if m.scorer == "remote" and m.remote_api_key_env:
             key = env.get(m.remote_api_key_env)

@@ -2,12 +2,12 @@
 bytes: format sniffing from magic bytes, header sizes read without decoding, and a Pillow
 opener that tries only PNG, JPEG and WebP.
 
-    ImageRejectedError (ValueError)  an image that cannot be accepted; `status` says why
+    ImageRejectedError (guardrail.errors.PermanentError)  an image that cannot be accepted
     ├── UnsupportedImageFormatError  415  not PNG, JPEG or WebP (the detected format named)
     ├── ImageTooLargeError           413  more pixels than allowed (read from the header)
     ├── DegenerateImageError         422  too small, too thin, too few pixels for the regions
     ├── CorruptImageError            422  truncated or malformed data
-    └── DecodeBusyError              503  no decode memory free in time (retry later)
+    └── DecodeBusyError              503  no decode memory free in time (a RetryableError)
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+from guardrail.errors import PermanentError, RetryableError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -52,7 +54,7 @@ _ACCEPTED_TEXT = "PNG, JPEG or WebP"
 MAX_JPEG_SCANS = 100
 
 
-class ImageRejectedError(ValueError):
+class ImageRejectedError(PermanentError):
     """An image that cannot be accepted; `status` is the HTTP status that says why and
     `error_type` the error contract's kind."""
 
@@ -78,7 +80,7 @@ class CorruptImageError(ImageRejectedError):
     pass
 
 
-class DecodeBusyError(ImageRejectedError):
+class DecodeBusyError(ImageRejectedError, RetryableError):
     status = 503
     error_type = "ingest_busy"
 

@@ -21,6 +21,7 @@ from guardrail.canonical import (
     canonical_image,
     pixel_budget,
 )
+from guardrail.errors import PermanentError, RetryableError
 from guardrail.images import DecodeBusyError, ImageRejectedError, image_header, sniff_format
 from guardrail.runtime import Runtime
 from guardrail.sampling import request_key
@@ -46,7 +47,7 @@ def unsafe_text_reason(text: str) -> str | None:
     )
 
 
-class IngestError(ValueError):
+class IngestError(PermanentError):
     """A sample that cannot be accepted; `status` is the HTTP status that says why,
     `error_type` the error contract's kind when more specific than the status's (None
     otherwise), `retry_after` the seconds to wait before a retry (503 only)."""
@@ -65,9 +66,16 @@ class IngestError(ValueError):
         self.retry_after = retry_after
 
 
+class IngestBusyError(IngestError, RetryableError):
+    """Ingest could not decode the image in time (503, with `retry_after`): retry later."""
+
+
 def _image_error(exc: ImageRejectedError) -> IngestError:
-    retry = exc.retry_after if isinstance(exc, DecodeBusyError) else None
-    return IngestError(exc.status, f"image: {exc}", error_type=exc.error_type, retry_after=retry)
+    if isinstance(exc, DecodeBusyError):
+        return IngestBusyError(
+            exc.status, f"image: {exc}", error_type=exc.error_type, retry_after=exc.retry_after
+        )
+    return IngestError(exc.status, f"image: {exc}", error_type=exc.error_type)
 
 
 @dataclass(frozen=True, slots=True)

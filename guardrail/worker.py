@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from detectors.errors import DetectorError
-from guardrail.auditor import AuditInputError, ModelAuditor
+from guardrail.auditor import ModelAuditor
 from guardrail.canonical import decode_for_audit
+from guardrail.errors import MissingImageError, UnknownModelError, is_permanent
 from guardrail.logs import log_context
 from guardrail.metrics import Metrics, category_label
 from guardrail.otel import AuditTrace, audit_trace, word_evaluations
@@ -203,9 +203,9 @@ class Worker:
         try:
             auditor = self.auditors.get(model)
             if auditor is None:
-                raise LookupError(f"model {model!r} is not configured on this worker")
+                raise UnknownModelError(f"model {model!r} is not configured on this worker")
             if image_data is None:
-                raise ValueError("the job carries no image")
+                raise MissingImageError("the job carries no image")
             # canonical since ingest made it so; older jobs are downscaled while decoding
             image = decode_for_audit(image_data, auditor.settings)
             result = auditor.audit(image, prompt, token_ids or None, text)
@@ -216,9 +216,7 @@ class Worker:
             message = f"{type(exc).__name__}: {exc}"
             log.warning("worker %s: job %s failed: %s", self.owner, job_id, message)
             log.debug("%s", traceback.format_exc())
-            permanent = isinstance(exc, AuditInputError | DetectorError | LookupError) or (
-                isinstance(exc, ValueError) and "image" in str(exc)
-            )
+            permanent = is_permanent(exc)  # by type: guardrail.errors
             with self.sessions.begin() as session:
                 status = queue.fail(
                     session, job_id, self.owner, message, permanent=permanent, now=self.clock()

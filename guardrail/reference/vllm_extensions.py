@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from guardrail.chat import ChatFormatError, _data_url
+from guardrail.errors import PermanentError
 
 __all__ = [
     "ChatRequestError",
@@ -41,7 +42,7 @@ __all__ = [
 _NEG_INF_LOGPROB = -9999.0
 
 
-class ChatRequestError(ValueError):
+class ChatRequestError(PermanentError):
     """A request vLLM would refuse with a 400; `param` names the field."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
