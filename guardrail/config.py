@@ -33,9 +33,8 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
-from guardrail.errors import PermanentError
-
 from detectors.types import DEFAULT_BUDGET_FRACTION, DEFAULT_FILL, DEFAULT_N_REGIONS
+from guardrail.errors import PermanentError
 
 if TYPE_CHECKING:
     from detectors.pipeline import AuditSettings
