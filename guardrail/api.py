@@ -1,63 +1,27 @@
-"""The HTTP API (FastAPI): ingest, sample status, audit listing, health, metrics.
+"""The HTTP API (FastAPI): the app that composes the routes.
 
-`POST /v1/samples` answers 202 with the sample id once the sample and its job are committed,
-or 200 with `sampled: false` and the reason; malformed input gets a 4xx that says what is
-wrong, and nothing accepted is lost (the job is in the database before the answer leaves).
-Every error has the body of `guardrail.http_errors.ErrorBody`; no input produces a 5xx (a
-503 means the database is unavailable, with `Retry-After`).
+`guardrail.routes` holds the guardrail's own routes (ingest and sample status, audits,
+reports), `guardrail.health` health, readiness and metrics, `guardrail.proxy` the
+OpenAI-compatible proxy (every other `/v1` path).  Every error has the body of
+`guardrail.http_errors.ErrorBody`; no input produces a 5xx (a 503 means the database is
+unavailable, with `Retry-After`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import contextvars
-import hashlib
-import hmac
-import json
-import math
-import re
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Annotated, Any
-
-from fastapi import Depends, FastAPI, File, Form, Header, Path, Query, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from fastapi import FastAPI
 
 from guardrail import __version__
 from guardrail.config import Settings
-from guardrail.http_errors import (
-    ApiError,
-    error_responses,
-    install_error_contract,
-)
-from guardrail.ingest import IngestError, IngestRequest, ingest, unsafe_text_reason
-from guardrail.logs import RequestContextMiddleware, request_id_var, sample_id_var
+from guardrail.http_errors import install_error_contract
+from guardrail.logs import RequestContextMiddleware
+from guardrail.routes.samples import TEXT_ROOM_BYTES
 from guardrail.runtime import Runtime
-from storage import reads
-from storage.models import Sample
-from storage.repositories import get_sample
 
-__all__ = ["SampleIn", "create_app", "request_body_limit"]
+__all__ = ["API_PREFIXES", "create_app", "request_body_limit"]
 
-FORCE_HEADER = "X-Guardrail-Audit"
 # the API's own prefixes under /v1; every other /v1 path is proxied (and bounds its own body)
 API_PREFIXES = frozenset({"samples", "audits", "reports"})
-
-MAX_TEXT_CHARS = 100_000
-MAX_TOKEN_IDS = 32_768
-MAX_METADATA_DEPTH = 8
-MAX_METADATA_KEYS = 256
-MAX_METADATA_BYTES = 16 * 1024
-TEXT_ROOM_BYTES = 4 * 2**20  # what a request needs beyond its base64 image
-REQUEST_ID_PATTERN = r"^[!-~]{1,128}$"  # visible ASCII, no spaces
-_ID = re.compile(r"[0-9a-f]{32}")
-
-TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 def _proxied(path: str) -> bool:
@@ -72,193 +36,17 @@ def request_body_limit(settings: Settings) -> int:
     return 4 * -(-settings.max_image_bytes // 3) + TEXT_ROOM_BYTES
 
 
-def _metadata_problem(metadata: dict[str, Any]) -> str | None:
-    """Why `metadata` cannot be stored, or None; walks iteratively (no recursion limit)."""
-    stack: list[tuple[Any, int, str]] = [(metadata, 1, "metadata")]
-    keys = 0
-    while stack:
-        node, depth, where = stack.pop()
-        if isinstance(node, dict):
-            if depth > MAX_METADATA_DEPTH:
-                return f"is nested deeper than {MAX_METADATA_DEPTH} levels (at {where})"
-            for key, value in node.items():
-                keys += 1
-                if keys > MAX_METADATA_KEYS:
-                    return f"has more than {MAX_METADATA_KEYS} keys in all"
-                if not isinstance(key, str):
-                    return f"has a key that is not a string (at {where})"
-                if reason := unsafe_text_reason(key):
-                    return f"has a key that {reason} (at {where})"
-                stack.append((value, depth + 1, f"{where}.{key[:40]}"))
-        elif isinstance(node, list):
-            if depth > MAX_METADATA_DEPTH:
-                return f"is nested deeper than {MAX_METADATA_DEPTH} levels (at {where})"
-            keys += len(node)  # list items count as keys: the walk stays bounded
-            if keys > MAX_METADATA_KEYS:
-                return f"has more than {MAX_METADATA_KEYS} keys and list items in all"
-            stack.extend((value, depth + 1, f"{where}[{i}]") for i, value in enumerate(node))
-        elif isinstance(node, str):
-            if reason := unsafe_text_reason(node):
-                return f"has a value that {reason} (at {where})"
-        elif isinstance(node, float):
-            if not math.isfinite(node):
-                return f"has a number that is not finite (at {where}); JSON has no NaN or Infinity"
-        elif node is not None and not isinstance(node, int):  # bool is an int
-            return f"has a value of type {type(node).__name__} (at {where}); give JSON values"
-    try:
-        size = len(json.dumps(metadata, ensure_ascii=False, allow_nan=False).encode())
-    except ValueError as exc:
-        return f"cannot be stored as JSON: {exc}"
-    if size > MAX_METADATA_BYTES:
-        return f"is {size} bytes as JSON, over the limit of {MAX_METADATA_BYTES}"
-    return None
-
-
-class SampleIn(BaseModel):
-    """A model output to audit."""
-
-    model_config = {"extra": "forbid"}
-
-    model: str = Field(
-        min_length=1, max_length=128, description="a model name from the configuration"
-    )
-    prompt: str = Field(
-        max_length=MAX_TEXT_CHARS,
-        description="the prompt as sent (with the image placeholder, or "
-        "the user text when the model has a prompt template)",
-    )
-    output: str | None = Field(
-        default=None, max_length=MAX_TEXT_CHARS, description="the generated text"
-    )
-    token_ids: list[TokenId] | None = Field(
-        default=None, max_length=MAX_TOKEN_IDS, description="the generated token ids"
-    )
-    image_base64: str = Field(description="the image, base64 (PNG, JPEG or WebP; data URL ok)")
-    request_id: str | None = Field(
-        default=None,
-        pattern=REQUEST_ID_PATTERN,
-        description="the caller's id for the request: 1-128 visible ASCII characters",
-    )
-    response_id: str | None = Field(
-        default=None,
-        pattern=REQUEST_ID_PATTERN,
-        description="the model server's id for its answer (chatcmpl-...): 1-128 visible "
-        "ASCII characters",
-    )
-    choice_index: int | None = Field(
-        default=None, ge=0, lt=2**31, description="which choice of the answer this output is"
-    )
-    metadata: dict[str, Any] = Field(
-        default_factory=dict,
-        description=f"a JSON object: at most {MAX_METADATA_DEPTH} levels deep, "
-        f"{MAX_METADATA_KEYS} keys and {MAX_METADATA_BYTES} bytes",
-    )
-    audit: bool = Field(default=False, description="always audit this one")
-
-    @field_validator("model", "prompt", "output", "request_id", "response_id", mode="before")
-    @classmethod
-    def _storable_text(cls, value: object) -> object:
-        if isinstance(value, str) and (reason := unsafe_text_reason(value)):
-            raise ValueError(reason)
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _storable_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if reason := _metadata_problem(value):
-            raise ValueError(f"metadata {reason}")
-        return value
-
-
-class SampleAccepted(BaseModel):
-    sampled: bool
-    id: str | None = None
-    status: str | None = None
-    reason: str | None = None
-
-
-def _decode_base64(data: str) -> bytes:
-    if data.startswith("data:"):
-        _, _, data = data.partition(",")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(422, f"image_base64 is not valid base64: {exc}") from None
-
-
-def _form_error(field: str, message: str) -> RequestValidationError:
-    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message}])
-
-
-def _form_json(field: str, raw: str | None, expected: str) -> Any:
-    """A multipart field that holds JSON; a 422 naming the field when it does not parse."""
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise _form_error(field, f"must be {expected}; it is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, or an integer with too many digits
-        raise _form_error(field, f"must be {expected}: {exc}") from None
-
-
-def _checked_id(kind: str, value: str) -> str:
-    """A sample or report id, or a 404 that says what ids look like (no query with junk)."""
-    if _ID.fullmatch(value) is None:
-        raise ApiError(
-            404, f"no {kind} {value[:64]!r}: {kind} ids are 32 lowercase hexadecimal characters"
-        )
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class _Correlation:
-    request_id: str | None
-    traceparent: str | None
-
-
-def _correlation(
-    x_request_id: Annotated[
-        str | None,
-        Header(description="the caller's request id (1-128 visible ASCII characters)"),
-    ] = None,
-    traceparent: Annotated[
-        str | None, Header(description="W3C trace context; stored when valid, else ignored")
-    ] = None,
-) -> _Correlation:
-    """The correlation headers of an ingest request: a malformed X-Request-Id is refused
-    (422, as the body field), a malformed traceparent ignored (W3C: start a new trace)."""
-    from guardrail.proxy import valid_request_id, valid_traceparent
-
-    if x_request_id is not None and valid_request_id(x_request_id) is None:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("header", "x-request-id"),
-                    "msg": "must be 1-128 visible ASCII characters",
-                }
-            ]
-        )
-    return _Correlation(x_request_id, valid_traceparent(traceparent))
-
-
-# auto_error=False: `authorize` answers 401/403 itself (and nothing when no tokens are set)
-_BEARER = HTTPBearer(
-    auto_error=False,
-    scheme_name="BearerToken",
-    description="one of the configured api_tokens (not checked when none are configured)",
-)
-_INGEST_ERRORS = error_responses(400, 401, 403, 404, 413, 415, 422, 500, 503)
-_READ_ERRORS = error_responses(400, 401, 403, 404, 422, 500, 503)
-_LIST_ERRORS = error_responses(400, 401, 403, 422, 500, 503)
-
-
 def create_app(runtime: Runtime) -> FastAPI:
-    settings = runtime.settings
-    digests = [hashlib.sha256(t.get_secret_value().encode()).digest() for t in settings.api_tokens]
+    """The sidecar's app: the guardrail's routes (behind bearer tokens when `api_tokens` are
+    set), health and metrics, and the proxy last (the guardrail's own routes win)."""
+    from guardrail.health import add_health_routes
     from guardrail.proxy import add_proxy_routes
+    from guardrail.routes.audits import add_audit_routes
+    from guardrail.routes.common import bearer_auth
+    from guardrail.routes.reports import add_report_routes
+    from guardrail.routes.samples import add_sample_routes
 
+    settings = runtime.settings
     app = FastAPI(
         title="eagle-guardrail",
         version=__version__,
@@ -270,284 +58,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         app, max_request_bytes=request_body_limit(settings), body_limit_exempt=_proxied
     )
     app.add_middleware(RequestContextMiddleware)  # outermost: every log line of a request
-
-    def authorize(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
-    ) -> None:
-        if not digests:
-            return
-        if credentials is None:
-            raise ApiError(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        # equal-length digests, every token compared: the time taken says nothing about them
-        given = hashlib.sha256(credentials.credentials.encode()).digest()
-        allowed = False
-        for digest in digests:
-            allowed |= hmac.compare_digest(given, digest)
-        if not allowed:
-            raise ApiError(403, "this token is not allowed")
-
-    auth = [Depends(authorize)]
-
-    async def ingest_json(
-        body: SampleIn, image_bytes: bytes, force: bool, context: _Correlation
-    ) -> JSONResponse:
-        request = IngestRequest(
-            model=body.model,
-            prompt=body.prompt,
-            image_bytes=image_bytes,
-            output=body.output,
-            token_ids=body.token_ids,
-            request_id=body.request_id or context.request_id,
-            response_id=body.response_id,
-            traceparent=context.traceparent,
-            choice_index=body.choice_index,
-            metadata=body.metadata,
-            force=force or body.audit,
-        )
-        if body.request_id is not None and request_id_var.get() is None:
-            request_id_var.set(body.request_id)  # the request's log lines name it
-        loop = asyncio.get_running_loop()
-        log_context = contextvars.copy_context()  # the ingest thread logs with the request's ids
-        try:
-            answer = await loop.run_in_executor(
-                runtime.ingest_executor, log_context.run, ingest, runtime, request
-            )
-        except IngestError as exc:
-            retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-            raise ApiError(exc.status, str(exc), error_type=exc.error_type, headers=retry) from None
-        if answer.get("id"):
-            sample_id_var.set(answer["id"])  # uvicorn's access line for this request names it
-        return JSONResponse(answer, status_code=202 if answer["sampled"] else 200)
-
-    @app.post(
-        "/v1/samples",
-        dependencies=auth,
-        status_code=202,
-        response_model=SampleAccepted,
-        responses={200: {"description": "not sampled", "model": SampleAccepted}, **_INGEST_ERRORS},
-    )
-    async def post_sample(
-        body: SampleIn,
-        context: Annotated[_Correlation, Depends(_correlation)],
-        x_guardrail_audit: Annotated[str | None, Header()] = None,
-    ) -> JSONResponse:
-        """Offer a model output (JSON, image as base64) for audit.  `X-Request-Id` and a W3C
-        `traceparent` header are stored with the sample (`request_id` in the body wins)."""
-        image_bytes = _decode_base64(body.image_base64)
-        return await ingest_json(
-            body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always"), context
-        )
-
-    @app.post(
-        "/v1/samples/upload",
-        dependencies=auth,
-        status_code=202,
-        response_model=SampleAccepted,
-        responses={200: {"description": "not sampled", "model": SampleAccepted}, **_INGEST_ERRORS},
-    )
-    async def post_sample_upload(
-        image: Annotated[UploadFile, File(description="the image file")],
-        model: Annotated[str, Form()],
-        prompt: Annotated[str, Form()],
-        output: Annotated[str | None, Form()] = None,
-        token_ids: Annotated[str | None, Form(description="JSON list of ints")] = None,
-        request_id: Annotated[str | None, Form()] = None,
-        metadata: Annotated[str | None, Form(description="JSON object")] = None,
-        response_id: Annotated[str | None, Form()] = None,
-        choice_index: Annotated[int | None, Form()] = None,
-        x_guardrail_audit: Annotated[str | None, Header()] = None,
-        context: Annotated[_Correlation | None, Depends(_correlation)] = None,
-    ) -> JSONResponse:
-        """Offer a model output as a multipart upload (the same limits as the JSON route)."""
-        fields = {
-            "model": model,
-            "prompt": prompt,
-            "output": output,
-            "token_ids": _form_json("token_ids", token_ids, "a JSON list of integers"),
-            "image_base64": "",
-            "request_id": request_id,
-            "metadata": _form_json("metadata", metadata, "a JSON object") or {},
-            "response_id": response_id,
-            "choice_index": choice_index,
-        }
-        try:
-            body = SampleIn.model_validate(fields)
-        except ValidationError as exc:
-            errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
-            raise RequestValidationError(errors) from None
-        # bounded: one byte over the limit is enough for ingest to answer 413
-        data = await image.read(settings.max_image_bytes + 1)
-        force = (x_guardrail_audit or "").lower() in ("1", "always")
-        return await ingest_json(body, data, force, context or _Correlation(None, None))
-
-    @app.get("/v1/samples/{sample_id}", dependencies=auth, responses=_READ_ERRORS)
-    def get_sample_status(
-        sample_id: Annotated[str, Path(description="32 lowercase hexadecimal characters")],
-    ) -> dict[str, Any]:
-        """A sample's status, flagged tokens and verdicts with their numbers."""
-        _checked_id("sample", sample_id)
-        with runtime.sessions() as session:
-            sample = get_sample(session, sample_id)
-            if sample is None:
-                raise ApiError(404, f"no sample {sample_id!r}")
-            view = _sample_view(sample)
-            job = reads.latest_job(session, sample_id)
-            if job is not None:
-                view["job"] = {
-                    "status": job.status,
-                    "attempts": job.attempts,
-                    "error": job.error,
-                    "failure_reason": job.failure_reason,
-                }
-            return view
-
-    @app.get("/v1/audits", dependencies=auth, responses=_LIST_ERRORS)
-    def get_audits(
-        model: Annotated[str | None, Query(max_length=128)] = None,
-        verdict: Annotated[str | None, Query(max_length=64)] = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    ) -> dict[str, Any]:
-        """Recent audited object words, newest first."""
-        with runtime.sessions() as session:
-            rows = reads.list_audits(
-                session, model=model, label=verdict, since=since, until=until, limit=limit
-            )
-        return {
-            "audits": [
-                {
-                    "sample_id": row.sample_id,
-                    "model": row.model,
-                    "request_id": row.request_id,
-                    "response_id": row.response_id,
-                    "traceparent": row.traceparent,
-                    "choice_index": row.choice_index,
-                    "received_at": row.received_at.isoformat(),
-                    "word": row.word,
-                    "category": row.category,
-                    "position": row.position,
-                    "verdict": row.label.value,
-                    "hallucination_score": row.hallucination_score,
-                    "prior_score": row.prior_score,
-                }
-                for row in rows
-            ]
-        }
-
-    @app.get("/v1/reports", dependencies=auth, responses=_LIST_ERRORS)
-    def list_reports(limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
-        """Stored audit reports, newest first."""
-        with runtime.sessions() as session:
-            rows = reads.list_reports(session, limit=limit)
-        return {
-            "reports": [
-                {
-                    "id": r.id,
-                    "kind": r.kind,
-                    "since": r.since.isoformat(),
-                    "until": r.until.isoformat(),
-                    "created_at": r.created_at.isoformat(),
-                    "url": f"/reports/{r.id}",
-                    "hallucination_rate": r.hallucination_rate,
-                    "audited_words": r.audited_words,
-                }
-                for r in rows
-            ]
-        }
-
-    @app.get("/v1/reports/{report_id}", dependencies=auth, responses=_READ_ERRORS)
-    def report_data(
-        report_id: Annotated[str, Path(description="32 lowercase hexadecimal characters")],
-    ) -> dict[str, Any]:
-        """One report's figures as JSON (report.json; heatmap images left out)."""
-        _checked_id("report", report_id)
-        with runtime.sessions() as session:
-            report = reads.report(session, report_id)
-        if report is None:
-            raise ApiError(404, f"no report {report_id!r}")
-        data = dict(report.data)
-        data["worst_examples"] = [
-            {k: v for k, v in ex.items() if k != "heatmap_png"}
-            for ex in data.get("worst_examples", [])
-        ]
-        return {"id": report.id, "kind": report.kind, **data}
-
-    @app.get(
-        "/reports/{report_id}",
-        dependencies=auth,
-        response_class=HTMLResponse,
-        responses=error_responses(400, 401, 403, 404, 422, 500, 503, html_route=True),
-    )
-    def show_report(
-        report_id: Annotated[str, Path(description="32 lowercase hexadecimal characters")],
-    ) -> HTMLResponse:
-        """One report as a self-contained HTML page."""
-        _checked_id("report", report_id)
-        with runtime.sessions() as session:
-            report = reads.report(session, report_id)
-        if report is None:
-            raise ApiError(404, f"no report {report_id!r}")
-        return HTMLResponse(report.html)
-
-    from guardrail.health import add_health_routes
-
+    auth = bearer_auth(settings)
+    add_sample_routes(app, runtime, auth)
+    add_audit_routes(app, runtime, auth)
+    add_report_routes(app, runtime, auth)
     add_health_routes(app, runtime)
     add_proxy_routes(app, runtime)  # last: the guardrail's own routes take precedence
     return app
-
-
-def _correlation_view(sample: Sample) -> dict[str, Any]:
-    return {
-        "request_id": sample.request_id,
-        "response_id": sample.response_id,
-        "traceparent": sample.traceparent,
-        "choice_index": sample.choice_index,
-    }
-
-
-def _sample_view(sample: Sample) -> dict[str, Any]:
-    tokens = []
-    for t in sample.tokens:
-        a, v = t.attribution, t.verdict
-        tokens.append(
-            {
-                "position": t.position,
-                "token_id": t.token_id,
-                "word": t.word,
-                "category": t.category,
-                "verdict": None
-                if v is None
-                else {
-                    "label": v.label,
-                    "hallucination_score": v.hallucination_score,
-                    "prior_score": v.prior_score,
-                    "reason": v.reason,
-                    **v.numbers,
-                },
-                "attribution": None
-                if a is None
-                else {
-                    "compact_set": a.compact_set,
-                    "order": a.order,
-                    "forward_passes": a.forward_passes,
-                    "seconds": a.seconds,
-                    "stopped_by": a.stopped_by,
-                    "search": a.search,
-                    "scorer": a.scorer_name,
-                    "partition": a.partition_method,
-                    "fill": a.fill,
-                },
-            }
-        )
-    return {
-        "id": sample.id,
-        "model": sample.model,
-        "status": sample.status.value,
-        "received_at": sample.received_at.isoformat(),
-        **_correlation_view(sample),
-        "image_sha256": sample.image_sha256,
-        "image_size": [sample.image_width, sample.image_height],
-        "output": sample.generated_text,
-        "tokens": tokens,
-    }
