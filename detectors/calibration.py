@@ -32,7 +32,7 @@ from typing import Any
 from detectors.errors import DetectorError
 from detectors.language_prior import PriorThresholds
 from detectors.pipeline import AuditSettings
-from detectors.types import Fill
+from detectors.types import DEFAULT_BUDGET_FRACTION, DEFAULT_N_REGIONS, Fill
 
 __all__ = [
     "THRESHOLDS_FILE",
@@ -58,8 +58,8 @@ class CalibrationSettings:
 
     fill: Fill
     partition: str = "slic"
-    n_regions: int = 48
-    budget_fraction: float | None = 0.10
+    n_regions: int = DEFAULT_N_REGIONS
+    budget_fraction: float | None = DEFAULT_BUDGET_FRACTION
     max_forward_passes: int | None = None
 
     @classmethod

@@ -12,7 +12,16 @@ from detectors.eagle import EagleSearch
 from detectors.language_prior import PriorThresholds, judge, judge_sample
 from detectors.regions import RegionPartition, slic_partition
 from detectors.scorers.protocol import Scorer
-from detectors.types import DEFAULT_FILL, Attribution, CrossEvidence, Fill, Target, Verdict
+from detectors.types import (
+    DEFAULT_BUDGET_FRACTION,
+    DEFAULT_FILL,
+    DEFAULT_N_REGIONS,
+    Attribution,
+    CrossEvidence,
+    Fill,
+    Target,
+    Verdict,
+)
 
 __all__ = ["Explanation", "explain"]
 
@@ -40,7 +49,7 @@ def explain(
     *,
     budget: SearchBudget | None = None,
     partition: RegionPartition | None = None,
-    n_regions: int = 64,
+    n_regions: int = DEFAULT_N_REGIONS,
     fill: Fill | str = DEFAULT_FILL,
     thresholds: PriorThresholds | None = None,
     joint: bool = False,
@@ -57,7 +66,7 @@ def explain(
     partition = partition or slic_partition(image, n_regions)
     thresholds = thresholds or PriorThresholds()
     if budget is None:
-        budget = SearchBudget.fraction_of_exact(partition.n_regions, 0.10)
+        budget = SearchBudget.fraction_of_exact(partition.n_regions, DEFAULT_BUDGET_FRACTION)
     search = EagleSearch(scorer, budget, fill=fill, coverage=thresholds.coverage, progress=progress)
     if joint:
         attribution = search.attribute(image, partition, targets)

@@ -13,7 +13,7 @@ from detectors.language_prior import PriorThresholds
 from detectors.objects import DEFAULT_VOCABULARY, ObjectMention, ObjectVocabulary, flag_objects
 from detectors.regions import RegionPartition, slic_partition
 from detectors.scorers.protocol import Scorer
-from detectors.types import DEFAULT_FILL, Fill
+from detectors.types import DEFAULT_BUDGET_FRACTION, DEFAULT_FILL, DEFAULT_N_REGIONS, Fill
 
 __all__ = ["AuditSettings", "SampleAudit", "audit_sample"]
 
@@ -32,8 +32,8 @@ class AuditSettings:
         batch_size: masked images per scorer call.
     """
 
-    n_regions: int = 48
-    budget_fraction: float = 0.10
+    n_regions: int = DEFAULT_N_REGIONS
+    budget_fraction: float = DEFAULT_BUDGET_FRACTION
     max_forward_passes: int | None = None
     max_seconds: float | None = None
     fill: Fill = DEFAULT_FILL

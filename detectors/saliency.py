@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 __all__ = [
     "measured_regions",
     "measured_steps",
+    "measured_values",
     "objective_curve",
     "region_values",
     "values_from_curve",
@@ -62,3 +63,9 @@ def measured_steps(order: np.ndarray, curve: np.ndarray) -> np.ndarray:
 def measured_regions(attribution: Attribution) -> np.ndarray:
     """`(R,)` bool by region id: `measured_steps` of the attribution's order and objective."""
     return measured_steps(attribution.order, attribution.objective)
+
+
+def measured_values(attribution: Attribution) -> np.ndarray:
+    """`(R,)` `region_values` with the regions whose gain was never measured at 0: the evidence
+    a heatmap shows in colour (the others are drawn neutral)."""
+    return np.where(measured_regions(attribution), region_values(attribution), 0.0)

@@ -42,7 +42,12 @@ class Fill(str, enum.Enum):
     BLUR = "blur"
 
 
+# The audit defaults, defined once: how removed pixels are filled, how many SLICO regions an
+# image is split into (the division number) and the budget per word as a share of the exact
+# search's N(N+1) passes.  The library, the CLI and the sidecar all start from these.
 DEFAULT_FILL = Fill.MEAN
+DEFAULT_N_REGIONS = 48
+DEFAULT_BUDGET_FRACTION = 0.10
 
 
 class StopReason(str, enum.Enum):

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from detectors.errors import DetectorError, RemoteUnavailableError
+from detectors.types import DEFAULT_BUDGET_FRACTION
 from guardrail import __version__
 from guardrail.errors import GuardrailError
 from storage.engine import UnmigratedDatabaseError, failed_database
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     case.add_argument(
         "--fraction",
         type=float,
-        default=0.10,
+        default=DEFAULT_BUDGET_FRACTION,
         help="budget as a fraction of the exact search's N(N+1) passes",
     )
     case.add_argument("--heatmap", metavar="PNG", help="write the saliency heatmap here")

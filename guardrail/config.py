@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
+from detectors.types import DEFAULT_BUDGET_FRACTION, DEFAULT_FILL, DEFAULT_N_REGIONS
 from guardrail.errors import PermanentError
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ class ModelSettings(BaseModel):
     )
     sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     max_audits_per_minute: int | None = Field(default=None, ge=1)
-    n_regions: int = Field(default=48, ge=2, le=1024)
+    n_regions: int = Field(default=DEFAULT_N_REGIONS, ge=2, le=1024)
     audit_shortest_edge: int | None = Field(
         default=None,
         ge=8,
@@ -106,10 +107,10 @@ class ModelSettings(BaseModel):
         description="ingest downscales images to at most this many pixels in all (default: "
         "the model's input size from its processor config)",
     )
-    budget_fraction: float = Field(default=0.10, gt=0.0, le=1.0)
+    budget_fraction: float = Field(default=DEFAULT_BUDGET_FRACTION, gt=0.0, le=1.0)
     max_seconds_per_token: float | None = Field(default=None, gt=0.0)
     fill: Literal["black", "grey", "mean", "blur"] = Field(
-        default="mean",
+        default=DEFAULT_FILL.value,
         description="what removed regions become; the model's thresholds must be calibrated "
         "for it with its n_regions and budget_fraction (`guardrail reference calibrate`)",
     )

@@ -16,7 +16,7 @@ __all__ = ["register"]
 
 def register(commands: Any) -> None:
     from detectors.reference import MODEL_DIR
-    from detectors.types import DEFAULT_FILL, Fill
+    from detectors.types import DEFAULT_BUDGET_FRACTION, DEFAULT_FILL, DEFAULT_N_REGIONS, Fill
 
     explain = commands.add_parser(
         "explain", help="flag the object words of an output and explain each with EAGLE"
@@ -34,9 +34,14 @@ def register(commands: Any) -> None:
         "--model", type=Path, default=MODEL_DIR, help="a LLaVA or Qwen2.5-VL checkpoint dir"
     )
     explain.add_argument("--out", type=Path, required=True, help="directory for PNGs and JSON")
-    explain.add_argument("--regions", type=int, default=48, help="SLICO division number")
     explain.add_argument(
-        "--budget", type=float, default=0.10, help="passes per word, share of the exact search"
+        "--regions", type=int, default=DEFAULT_N_REGIONS, help="SLICO division number"
+    )
+    explain.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_FRACTION,
+        help="passes per word, share of the exact search",
     )
     explain.add_argument(
         "--fill",

@@ -111,3 +111,65 @@ def test_remote_scorer_benchmark_prints_json() -> None:
     assert float(report["max_abs_prob_diff"]) <= 1e-5  # type: ignore[arg-type]
     for key in ("local_fast_passes_per_second", "request_overhead_ms_per_pass"):
         assert isinstance(report[key], float), key
+
+
+def test_detection_benchmark_prints_json() -> None:
+    # one co-occurrence trap ("fork knife .", and a wrong "yes" to "Is there a fork?") and one
+    # language-prior trap ("bird cup spoon ."): both hallucination kinds and the correction test
+    report = _run_json(
+        "detection.py",
+        "--seed",
+        "11500021",
+        "--scenes-per-kind",
+        "1",
+        "--kinds",
+        "cooccurrence_trap,prior_trap",
+        "--bootstrap",
+        "50",
+    )
+    for key in (
+        "auroc",
+        "auroc_by_kind",
+        "baseline_auroc",
+        "passes_per_word",
+        "amcr",
+        "csr_at_10",
+        "baseline_amcr",
+        "n_words",
+        "energy_pointing_game",
+        "pointing_game",
+        "auroc_interval",
+        "auroc_minus_best_baseline_interval",
+    ):
+        assert key in report, key
+    assert report["n_scenes"] == 2 and report["n_words"] == 5
+    assert report["n_by_kind"] == {"language_prior": 1, "cooccurrence": 1, "other": 0}
+    aurocs = [report["auroc"], *report["auroc_by_kind"].values()]  # type: ignore[attr-defined]
+    aurocs += list(report["baseline_auroc"].values())  # type: ignore[attr-defined]
+    assert all(0.0 <= float(a) <= 1.0 for a in aurocs)
+    assert set(report["baseline_auroc"]) == {  # type: ignore[arg-type]
+        "low_confidence",
+        "image_free_contrast",
+        "contrastive_decoding",
+        "occlusion",
+        "rise",
+    }
+    assert report["n_corrections"] == 1
+    for value in (report["amcr"], report["csr_at_10"], *report["baseline_amcr"].values()):  # type: ignore[attr-defined]
+        assert 0.0 <= float(value) <= 1.0
+    assert 0.0 <= float(report["energy_pointing_game"]) <= 1.0  # type: ignore[arg-type]
+    # what the heatmap shows (measured regions) concentrates on the object more than the
+    # complete map, whose interpolated tail spreads mass over the background
+    assert float(report["energy_pointing_game"]) >= float(  # type: ignore[arg-type]
+        report["energy_pointing_game_all_regions"]  # type: ignore[arg-type]
+    )
+    assert 0.0 <= float(report["pointing_game"]) <= 1.0  # type: ignore[arg-type]
+    # ours spends the search's passes per word; the two-pass contrast two per sample
+    assert float(report["passes_per_word"]) > 10  # type: ignore[arg-type]
+    assert report["baseline_passes_per_word"]["image_free_contrast"] == 4 / 5  # type: ignore[index]
+    split = report["cascade"]
+    assert isinstance(split, dict) and 0.0 <= float(split["auroc"]) <= 1.0
+    stages = split["stages_by_truth"]
+    assert sum(sum(c.values()) for c in stages.values()) == 5
+    # the co-occurrence hallucination is confident and image-dependent: it must be searched
+    assert stages["cooccurrence"]["search"] == 1

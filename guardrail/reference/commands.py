@@ -81,14 +81,19 @@ def register(commands: Any) -> None:
 
 def _audit_options(parser: argparse.ArgumentParser) -> None:
     """The audit settings that verdict thresholds are calibrated for."""
-    from detectors.types import DEFAULT_FILL, Fill
+    from detectors.types import DEFAULT_BUDGET_FRACTION, DEFAULT_FILL, DEFAULT_N_REGIONS, Fill
 
     parser.add_argument(
         "--fill", default=DEFAULT_FILL.value, choices=[f.value for f in Fill], help="removed pixels"
     )
-    parser.add_argument("--regions", type=int, default=48, help="SLICO division number")
     parser.add_argument(
-        "--budget", type=float, default=0.10, help="passes per word, share of the exact search"
+        "--regions", type=int, default=DEFAULT_N_REGIONS, help="SLICO division number"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_FRACTION,
+        help="passes per word, share of the exact search",
     )
     parser.add_argument("--passes", type=int, help="a fixed pass budget per word instead")
 
