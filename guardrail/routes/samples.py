@@ -350,6 +350,10 @@ def _sample_view(sample: Sample) -> dict[str, Any]:
                     "prior_score": v.prior_score,
                     "reason": v.reason,
                     **v.numbers,
+                    # provenance (None on rows stored before revision 0007)
+                    "detector": v.detector or v.numbers.get("detector"),
+                    "detector_version": v.detector_version,
+                    "thresholds_id": v.thresholds_id,
                 },
                 "attribution": None
                 if a is None
@@ -363,6 +367,10 @@ def _sample_view(sample: Sample) -> dict[str, Any]:
                     "scorer": a.scorer_name,
                     "partition": a.partition_method,
                     "fill": a.fill,
+                    "search_version": a.search_version,
+                    "weights": None
+                    if a.weight_insight is None
+                    else [a.weight_insight, a.weight_necessity],
                 },
             }
         )

@@ -132,6 +132,10 @@ def test_a_trap_sample_is_ingested_audited_and_reported(tmp_path: Path) -> None:
     assert {(a.search_version, a.weight_insight, a.weight_necessity) for a in attributions} == {
         (detectors.__version__, 1.0, 1.0)
     }
+    token = view["tokens"][0]  # and the API shows it
+    assert token["verdict"]["thresholds_id"] == calibration.id
+    assert token["verdict"]["detector_version"] == detectors.__version__
+    assert token["attribution"]["weights"] == [1.0, 1.0]
 
 
 def test_bad_input_gets_a_clear_4xx_and_auth_is_enforced(tmp_path: Path) -> None:
