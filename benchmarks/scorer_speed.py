@@ -8,7 +8,8 @@ same masks:
   (b) batched torch: the same, `--chunk` images per forward
   (c) ours: tensor-space masks, ONNX Runtime vision encoder, the text before the image cached,
       logits only at the target rows, `--chunk` variants per pass (Qwen2.5-VL: its vision
-      tower exported for the sample's input size, see `detectors.scorers.qwen_vision`)
+      tower exported for the sample's input size, see
+      `detectors.scorers.families.qwen2_5_vl_vision`)
 
 It prints the seconds per masked image, the speed-ups, the largest probability difference
 between (a) and (c), where (c)'s time goes (vision, language model, masking and Python
@@ -39,18 +40,23 @@ from detectors import Fill, Target
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from detectors.regions import slic_partition
 from detectors.scorers import MaskedBatch
-from detectors.scorers.fast import TensorMaskedScorer, Timings
-from detectors.scorers.llava import LlavaModel, LlavaScorer, load_llava
-from detectors.scorers.llava_fast import FastLlavaScorer, llava_onnx_vision
-from detectors.scorers.onnx_export import export_vision
-from detectors.scorers.protocol import Scorer
-from detectors.scorers.qwen import (
+from detectors.scorers.families.llava import (
+    FastLlavaScorer,
+    LlavaModel,
+    LlavaScorer,
+    llava_onnx_vision,
+    load_llava,
+)
+from detectors.scorers.families.qwen2_5_vl import (
     FastQwenScorer,
     QwenModel,
     QwenScorer,
     load_qwen,
     qwen_onnx_vision,
 )
+from detectors.scorers.fast import TensorMaskedScorer, Timings
+from detectors.scorers.onnx_export import export_vision
+from detectors.scorers.protocol import Scorer
 from guardrail.reference.tiny_models import (
     LLAVA_PROMPT,
     QWEN_PROMPT,
@@ -133,8 +139,8 @@ def bench_qwen_tower(
     that one exported to ONNX Runtime."""
     import torch
 
-    from detectors.scorers.qwen import patchify
-    from detectors.scorers.qwen_vision import qwen_vision_module
+    from detectors.scorers.families.qwen2_5_vl import patchify
+    from detectors.scorers.families.qwen2_5_vl_vision import qwen_vision_module
 
     hw = qwen.input_hw(image)
     config = qwen.model.config.vision_config
