@@ -68,15 +68,23 @@ def test_the_config_takes_its_families_from_the_registry(tmp_path: Path) -> None
     assert set(FAMILY_NAMES) == {"llava", "qwen2_5_vl", "internvl"}
 
 
-def test_the_sidecar_audits_with_a_tiny_internvl(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from guardrail.reference.tiny_models import INTERNVL_PROMPT, save_tiny_internvl
+@pytest.fixture(scope="module")
+def tiny_internvl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny InternVL (the small word vocabulary: "table" is a word of it) and its ONNX
+    vision file."""
+    from detectors.scorers.onnx_export import export_vision
+    from guardrail.reference.tiny_models import save_tiny_internvl
 
-    model = save_tiny_internvl(tmp_path / "internvl")
-    onnx = tmp_path / "vision.onnx"
-    assert main(["export-vision", str(model), "--out", str(onnx)]) == 0
-    capsys.readouterr()
+    model = save_tiny_internvl(tmp_path_factory.mktemp("internvl"))
+    onnx = model / "vision.onnx"
+    export_vision(family_named("internvl").load(model), onnx)
+    return model, onnx
+
+
+def test_the_auditor_audits_with_a_tiny_internvl(tiny_internvl: tuple[Path, Path]) -> None:
+    from guardrail.reference.tiny_models import INTERNVL_PROMPT
+
+    model, onnx = tiny_internvl
     auditor = ModelAuditor(
         ModelSettings(name="internvl", path=model, family="internvl", onnx=onnx, n_regions=8)
     )
@@ -86,3 +94,59 @@ def test_the_sidecar_audits_with_a_tiny_internvl(
     assert len(result.verdicts) == 2 and result.forward_passes > 0
     assert all("internvl-fast" in a.scorer_name for a in result.attributions)
     assert all("vision=onnx:CPUExecutionProvider" in a.scorer_name for a in result.attributions)
+
+
+def test_the_sidecar_serves_an_internvl_audit(
+    tiny_internvl: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A sample for a configured InternVL model goes in over HTTP, a worker audits it, and
+    the result comes back out with the InternVL scorer's provenance."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from guardrail.api import create_app
+    from guardrail.config import load_settings
+    from guardrail.images import encode_png, read_image
+    from guardrail.reference.tiny_models import INTERNVL_PROMPT
+    from guardrail.runtime import build_runtime
+    from guardrail.worker import Worker
+    from storage.engine import upgrade
+
+    model, onnx = tiny_internvl
+    token = "s3cret-token-0001"
+    auth = {"Authorization": f"Bearer {token}"}
+    settings = load_settings(
+        environ={},
+        database_url=f"sqlite:///{tmp_path / 'g.db'}",
+        api_tokens=[token],
+        models=[
+            {
+                "name": "tiny-internvl",
+                "path": str(model),
+                "family": "internvl",
+                "onnx": str(onnx),
+                "n_regions": 8,
+            }
+        ],
+    )
+    runtime = build_runtime(settings)
+    upgrade(runtime.engine)
+    client = TestClient(create_app(runtime))
+    image = base64.b64encode(encode_png(read_image(EXAMPLE))).decode()
+    body = {
+        "model": "tiny-internvl",
+        "prompt": INTERNVL_PROMPT,
+        "output": "a cat on the table",
+        "image_base64": image,
+    }
+    answer = client.post("/v1/samples", json=body, headers=auth)
+    assert answer.status_code == 202, answer.text
+    sample_id = answer.json()["id"]
+    worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics)
+    assert worker.run_once() is True
+    view = client.get(f"/v1/samples/{sample_id}", headers=auth).json()
+    assert view["status"] == "audited", view
+    assert [t["word"] for t in view["tokens"]] == ["cat", "table"]
+    scorer = view["tokens"][0]["attribution"]["scorer"]
+    assert scorer.startswith("internvl-fast(") and "vision=onnx:CPUExecutionProvider" in scorer
