@@ -38,8 +38,13 @@ from detectors.evaluation import order_curves
 from detectors.objects import flag_objects
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from detectors.regions import RegionPartition, slic_partition
-from detectors.scorers.llava import LlavaModel, LlavaScorer, load_llava
-from detectors.scorers.llava_fast import FastLlavaScorer, llava_onnx_vision
+from detectors.scorers.families.llava import (
+    FastLlavaScorer,
+    LlavaModel,
+    LlavaScorer,
+    llava_onnx_vision,
+    load_llava,
+)
 from detectors.scorers.onnx_export import export_vision
 from guardrail.reference.evaluation import REFERENCE_VOCABULARY
 

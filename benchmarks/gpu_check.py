@@ -30,8 +30,12 @@ def main() -> int:
     from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
     from detectors.regions import slic_partition
     from detectors.scorers import MaskedBatch
-    from detectors.scorers.llava import LlavaScorer, load_llava
-    from detectors.scorers.llava_fast import FastLlavaScorer, llava_onnx_vision
+    from detectors.scorers.families.llava import (
+        FastLlavaScorer,
+        LlavaScorer,
+        llava_onnx_vision,
+        load_llava,
+    )
     from detectors.scorers.onnx_export import export_vision
 
     report: dict[str, Any] = {
@@ -108,8 +112,13 @@ def qwen_check(tmp: Path, device: str) -> dict[str, Any]:
     from detectors import Fill, Target
     from detectors.regions import slic_partition
     from detectors.scorers import MaskedBatch
+    from detectors.scorers.families.qwen2_5_vl import (
+        FastQwenScorer,
+        QwenScorer,
+        load_qwen,
+        qwen_onnx_vision,
+    )
     from detectors.scorers.onnx_export import export_vision
-    from detectors.scorers.qwen import FastQwenScorer, QwenScorer, load_qwen, qwen_onnx_vision
     from guardrail.reference.tiny_models import QWEN_PROMPT, save_tiny_qwen
 
     qwen = load_qwen(save_tiny_qwen(tmp / "qwen", image_size=224))

@@ -37,8 +37,7 @@ from detectors import Fill, Target
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from detectors.regions import slic_partition
 from detectors.scorers import MaskedBatch
-from detectors.scorers.llava import load_llava
-from detectors.scorers.llava_fast import FastLlavaScorer
+from detectors.scorers.families.llava import FastLlavaScorer, load_llava
 from detectors.scorers.remote import RemoteClient, RemoteScorer, RemoteServer, png_bytes
 from guardrail.background_server import free_port, spawn_guardrail
 from guardrail.reference.vllm_extensions import prompt_logprobs

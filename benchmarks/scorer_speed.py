@@ -1,14 +1,17 @@
 """Seconds per masked-image evaluation: the reference implementation's way against ours.
 
-For the shipped reference model (36 image tokens), a tiny random LLaVA with 256 image tokens and
-a tiny random Qwen2.5-VL with 64 (built from configs, no download), on the same sample and the
-same masks:
+For the shipped reference model (36 image tokens), a tiny random LLaVA with 256 image tokens, a
+tiny random Qwen2.5-VL with 64 and a tiny random InternVL with InternVL3's tile geometry (one
+448 x 448 base tile, 14 px patches, pixel shuffle: 256 tokens), built from configs with no
+download, on the same sample and the same masks:
 
   (a) reference way: pixel-space mask, image processor and one full forward per masked image
   (b) batched torch: the same, `--chunk` images per forward
   (c) ours: tensor-space masks, ONNX Runtime vision encoder, the text before the image cached,
       logits only at the target rows, `--chunk` variants per pass (Qwen2.5-VL: its vision
-      tower exported for the sample's input size, see `detectors.scorers.qwen_vision`)
+      tower exported for the sample's input size, see
+      `detectors.scorers.families.qwen2_5_vl_vision`; InternVL: tower, pixel shuffle and
+      projector exported for its base tile)
 
 It prints the seconds per masked image, the speed-ups, the largest probability difference
 between (a) and (c), where (c)'s time goes (vision, language model, masking and Python
@@ -39,21 +42,30 @@ from detectors import Fill, Target
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from detectors.regions import slic_partition
 from detectors.scorers import MaskedBatch
-from detectors.scorers.fast import TensorMaskedScorer, Timings
-from detectors.scorers.llava import LlavaModel, LlavaScorer, load_llava
-from detectors.scorers.llava_fast import FastLlavaScorer, llava_onnx_vision
-from detectors.scorers.onnx_export import export_vision
-from detectors.scorers.protocol import Scorer
-from detectors.scorers.qwen import (
+from detectors.scorers.families import family_named
+from detectors.scorers.families.internvl import InternVLModel, load_internvl
+from detectors.scorers.families.llava import (
+    FastLlavaScorer,
+    LlavaModel,
+    LlavaScorer,
+    llava_onnx_vision,
+    load_llava,
+)
+from detectors.scorers.families.qwen2_5_vl import (
     FastQwenScorer,
     QwenModel,
     QwenScorer,
     load_qwen,
     qwen_onnx_vision,
 )
+from detectors.scorers.fast import TensorMaskedScorer, Timings
+from detectors.scorers.onnx_export import export_vision
+from detectors.scorers.protocol import Scorer
 from guardrail.reference.tiny_models import (
+    INTERNVL_PROMPT,
     LLAVA_PROMPT,
     QWEN_PROMPT,
+    save_tiny_internvl,
     save_tiny_llava,
     save_tiny_qwen,
 )
@@ -125,6 +137,35 @@ def bench_qwen(
     )
 
 
+def bench_internvl(
+    name: str,
+    internvl: InternVLModel,
+    image: np.ndarray,
+    onnx_path: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """A tiny random InternVL on its base tile, through the family seam."""
+    family = family_named("internvl")
+    words = ["a", "dog", "on", "a", "table", "."]
+    ids = [int(internvl.tokenizer.convert_tokens_to_ids(w)) for w in words]
+    targets = [Target(position=i, token_id=ids[i], text=words[i]) for i in (1, 4)]
+    vision = family.open_visions(internvl, onnx_path, device=args.device)[internvl.tile_hw]
+    prompt = INTERNVL_PROMPT
+
+    def ours(chunk: int) -> Any:
+        return family.fast_scorer(internvl, image, prompt, ids, vision=vision, chunk_size=chunk)
+
+    return _bench(
+        name,
+        image,
+        targets,
+        plain=family.plain_scorer(internvl, image, prompt, ids, max_batch_size=1),
+        batched=family.plain_scorer(internvl, image, prompt, ids, max_batch_size=args.chunk),
+        ours=ours,
+        args=args,
+    )
+
+
 def bench_qwen_tower(
     qwen: QwenModel, image: np.ndarray, onnx_path: Path, args: argparse.Namespace
 ) -> dict[str, float]:
@@ -133,8 +174,8 @@ def bench_qwen_tower(
     that one exported to ONNX Runtime."""
     import torch
 
-    from detectors.scorers.qwen import patchify
-    from detectors.scorers.qwen_vision import qwen_vision_module
+    from detectors.scorers.families.qwen2_5_vl import patchify
+    from detectors.scorers.families.qwen2_5_vl_vision import qwen_vision_module
 
     hw = qwen.input_hw(image)
     config = qwen.model.config.vision_config
@@ -273,6 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         qwen.model.to(args.device)
         results.append(bench_qwen("tiny-qwen2.5-vl", qwen, image, onnx_path, args))
         results[-1]["vision_tower_ms_per_chunk"] = bench_qwen_tower(qwen, image, onnx_path, args)
+        internvl = load_internvl(
+            save_tiny_internvl(Path(tmp) / "internvl", image_size=448, patch_size=14)
+        )
+        image = np.random.default_rng(3).integers(0, 255, (448, 448, 3), dtype=np.uint8)
+        onnx_path = Path(tmp) / "internvl.onnx"
+        export_vision(internvl, onnx_path, real_images=[image])
+        internvl.model.to(args.device)
+        results.append(bench_internvl("tiny-internvl", internvl, image, onnx_path, args))
     report = {
         "machine": {
             "platform": platform.platform(),
@@ -320,7 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results:
         cells = "  ".join(f"{k}: {v * 1e3:.2f}" for k, v in r["chunk_seconds_per_image"].items())
         print(f"{r['model']:<16}{cells}")
-    tower = results[-1]["vision_tower_ms_per_chunk"]
+    tower = next(r for r in results if "vision_tower_ms_per_chunk" in r)[
+        "vision_tower_ms_per_chunk"
+    ]
     print(
         f"\nQwen2.5-VL vision tower, ms per {args.chunk} images: "
         + ", ".join(f"{k} {v:.2f}" for k, v in tower.items())

@@ -25,11 +25,12 @@ class AuditInputError(PermanentError):
 
 _log = logging.getLogger(__name__)
 
-_PLACEHOLDERS = {"llava": "<image>", "qwen2_5_vl": "<|image_pad|>"}
-
 
 def image_placeholder(family: str) -> str:
-    return _PLACEHOLDERS[family]
+    """The image placeholder of the model family called `family` (from the registry)."""
+    from detectors.scorers.families import family_named
+
+    return family_named(family).image_placeholder
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -128,22 +129,14 @@ class ModelAuditor:
         s = self.settings
         if self.remote:
             return self._load_remote()
-        if s.family == "llava":
-            from detectors.scorers.llava import load_llava
-            from detectors.scorers.llava_fast import llava_onnx_vision
+        from detectors.scorers.families import family_named
 
-            llava = load_llava(s.path, device=s.device, threads=self.threads, dtype=s.dtype)
-            vision: Any = llava_onnx_vision(llava, s.onnx, device=s.device) if s.onnx else None
-            tokenizer = llava.tokenizer
-            model: Any = llava
-        else:
-            from detectors.scorers.qwen import load_qwen, qwen_onnx_visions
-
-            model = load_qwen(s.path, device=s.device, threads=self.threads, dtype=s.dtype)
-            # an exported file serves one input size (`onnx` may be a directory of them);
-            # other sizes run the torch tower
-            vision = qwen_onnx_visions(model, s.onnx, device=s.device) if s.onnx else {}
-            tokenizer = model.tokenizer
+        family = family_named(s.family)
+        model = family.load(s.path, device=s.device, threads=self.threads, dtype=s.dtype)
+        # the exported vision file(s) by the input size each serves (Qwen2.5-VL's `onnx` may be
+        # a directory of them); other sizes run the torch tower
+        vision = family.open_visions(model, s.onnx, device=s.device) if s.onnx else {}
+        tokenizer = model.tokenizer
         return {
             "model": model,
             "vision": vision,
@@ -172,16 +165,12 @@ class ModelAuditor:
                 lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=False)),
                 image_first=image_first,
             )
-        if self.settings.family == "llava":
-            from detectors.scorers.llava_fast import FastLlavaScorer
+        from detectors.scorers.families import family_named
 
-            return FastLlavaScorer(
-                loaded["model"], image, self.prompt_for(prompt), token_ids, vision=loaded["vision"]
-            )
-        from detectors.scorers.qwen import FastQwenScorer
-
+        family = family_named(self.settings.family)
         visions = loaded["vision"]
-        hw = loaded["model"].input_hw(image)
+        model = loaded["model"]
+        hw = model.input_hw(image)
         vision = visions.get(hw)
         if visions and vision is None:
             _log.info(
@@ -190,9 +179,7 @@ class ModelAuditor:
                 self.settings.onnx,
                 *hw,
             )
-        return FastQwenScorer(
-            loaded["model"], image, self.prompt_for(prompt), token_ids, vision=vision
-        )
+        return family.fast_scorer(model, image, self.prompt_for(prompt), token_ids, vision=vision)
 
     def tokenize(self, text: str) -> list[int]:
         tokenizer = self.load()["tokenizer"]

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from guardrail.db_command import register as register_db
     from guardrail.demo import register as register_demo
+    from guardrail.dev_command import register as register_dev
     from guardrail.explain_command import register as register_explain
     from guardrail.export_command import register as register_export
     from guardrail.probe_command import register as register_probe
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_export(commands)
     register_reference(commands)
     register_probe(commands)
+    register_dev(commands)
     return parser
 
 

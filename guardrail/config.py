@@ -81,7 +81,11 @@ class ModelSettings(BaseModel):
         description="local checkpoint directory (never a hub id); for a remote model, a "
         "directory with its config.json, tokenizer and processor files (no weights needed)"
     )
-    family: Literal["llava", "qwen2_5_vl"] = "llava"
+    family: str = Field(
+        default="llava",
+        description="the model family (see `detectors.scorers.families`): llava, qwen2_5_vl "
+        "or internvl",
+    )
     onnx: Path | None = Field(
         default=None,
         description="vision encoder from export-vision (Qwen2.5-VL: a file or a directory of "
@@ -165,6 +169,15 @@ class ModelSettings(BaseModel):
     def _no_dot_segments(cls, value: str) -> str:
         if any(segment in (".", "..") for segment in value.split("/")):
             raise ValueError(f"a model name has no '.' or '..' segment, got: {value!r}")
+        return value
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from detectors.scorers.families import FAMILY_NAMES
+
+        if value not in FAMILY_NAMES:
+            raise ValueError(f"family must be one of {', '.join(FAMILY_NAMES)}, got: {value!r}")
         return value
 
     @field_validator("path")

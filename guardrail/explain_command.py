@@ -1,5 +1,5 @@
-"""`guardrail explain IMAGE --prompt TEXT`: audit one output of a LLaVA or Qwen2.5-VL model,
-with pictures."""
+"""`guardrail explain IMAGE --prompt TEXT`: audit one output of a LLaVA, Qwen2.5-VL or InternVL
+model, with pictures."""
 
 from __future__ import annotations
 
@@ -25,13 +25,17 @@ def register(commands: Any) -> None:
     explain.add_argument(
         "--prompt",
         help="the prompt with its image placeholder (<image> for LLaVA, <|image_pad|> for "
-        "Qwen2.5-VL); default: a caption request in the model's format",
+        "Qwen2.5-VL, <IMG_CONTEXT> for InternVL); default: a caption request in the model's "
+        "format",
     )
     explain.add_argument(
         "--output", help="the model's output to audit (teacher-forced); default: generate it"
     )
     explain.add_argument(
-        "--model", type=Path, default=MODEL_DIR, help="a LLaVA or Qwen2.5-VL checkpoint dir"
+        "--model",
+        type=Path,
+        default=MODEL_DIR,
+        help="a LLaVA, Qwen2.5-VL or InternVL checkpoint dir",
     )
     explain.add_argument("--out", type=Path, required=True, help="directory for PNGs and JSON")
     explain.add_argument(
@@ -85,9 +89,7 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from detectors.heatmap import overlay, panel
     from detectors.pipeline import AuditSettings, audit_sample
-    from detectors.reference import CAPTION_PROMPT
-    from detectors.scorers.loading import model_family
-    from detectors.scorers.qwen import CAPTION_PROMPT_QWEN
+    from detectors.scorers.families import family_of_checkpoint
     from detectors.serialization import attribution_to_dict, verdict_to_dict
     from detectors.types import Fill
     from guardrail.auditor import ModelAuditor
@@ -102,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
     # before loading anything: refuse settings the thresholds were not calibrated for
     calibration = load_calibration(args.model, settings, strict=not args.allow_uncalibrated)
     image = read_image(args.image)
-    family = model_family(args.model)
+    family = family_of_checkpoint(args.model)
     # the sidecar's own loading: ONNX vision where it fits the image, the torch tower otherwise
-    model = {"name": "explain", "path": args.model, "family": family, "onnx": args.onnx}
+    model = {"name": "explain", "path": args.model, "family": family.name, "onnx": args.onnx}
     model.update(device=args.device, dtype=args.dtype)
     if args.remote:
         model.update(
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = auditor.load()
     tokenizer = loaded["tokenizer"]
     if args.prompt is None:
-        args.prompt = CAPTION_PROMPT if family == "llava" else CAPTION_PROMPT_QWEN
+        args.prompt = family.caption_prompt
     if args.output is None and args.remote:
         token_ids = _remote_generation(loaded["client"], image, auditor, args.prompt, tokenizer)
     elif args.output is None:

@@ -23,13 +23,16 @@ def register(commands: Any) -> None:
         "export-vision",
         help="export a checkpoint's vision encoder to ONNX (verified against torch)",
         description=(
-            "Export the vision tower and projector (LLaVA) or merger (Qwen2.5-VL) to ONNX with "
+            "Export the vision tower and projector (LLaVA), merger (Qwen2.5-VL) or pixel "
+            "shuffle and projector (InternVL, its base tile) to ONNX with "
             "a dynamic batch axis, check it against torch on random and real inputs, and write "
             "it only if it agrees. A Qwen2.5-VL file serves one input size (--input-size, or "
             "the size the first --image is processed to); other sizes fall back to torch."
         ),
     )
-    export.add_argument("model_dir", type=Path, help="local LLaVA or Qwen2.5-VL checkpoint")
+    export.add_argument(
+        "model_dir", type=Path, help="local LLaVA, Qwen2.5-VL or InternVL checkpoint"
+    )
     export.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     export.add_argument(
         "--image",
@@ -50,14 +53,12 @@ def register(commands: Any) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from detectors.reference import SceneKind, generate_scene
-    from detectors.scorers.llava import load_llava
-    from detectors.scorers.loading import model_family
+    from detectors.scorers.families import family_of_checkpoint
     from detectors.scorers.onnx_export import export_vision
-    from detectors.scorers.qwen import load_qwen
     from guardrail.images import read_image
 
-    family = model_family(args.model_dir)
-    model: Any = load_llava(args.model_dir) if family == "llava" else load_qwen(args.model_dir)
+    family = family_of_checkpoint(args.model_dir)
+    model = family.load(args.model_dir)
     images = [read_image(p) for p in args.image] or [
         generate_scene(11_000_000 + i, SceneKind.CLEAN).image for i in range(2)
     ]
@@ -68,7 +69,7 @@ def _export(args: argparse.Namespace) -> int:
         json.dumps(
             {
                 "path": str(report.path),
-                "family": family,
+                "family": family.name,
                 "bytes": report.bytes,
                 "files": [str(f) for f in report.files],
                 "fingerprint": report.fingerprint,

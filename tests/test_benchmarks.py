@@ -52,10 +52,13 @@ def test_scorer_speed_benchmark_prints_json() -> None:
     assert float(report["max_abs_prob_diff"]) <= 1e-5  # type: ignore[arg-type]
     results = report["results"]
     assert isinstance(results, list)
-    assert [r["image_tokens"] for r in results] == [36, 256, 64]
-    assert [r["model"] for r in results][-1] == "tiny-qwen2.5-vl"
-    assert "vision=onnx:CPUExecutionProvider" in results[-1]["scorer"]
-    tower = results[-1]["vision_tower_ms_per_chunk"]
+    assert [r["image_tokens"] for r in results] == [36, 256, 64, 256]
+    assert [r["model"] for r in results][-2:] == ["tiny-qwen2.5-vl", "tiny-internvl"]
+    for row in results[-2:]:
+        assert "vision=onnx:CPUExecutionProvider" in row["scorer"]
+        assert row["max_abs_prob_diff"] <= 1e-5 and row["speedup_a_over_c"] > 0
+    assert results[-1]["scorer"].startswith("internvl-fast(")
+    tower = results[-2]["vision_tower_ms_per_chunk"]
     assert set(tower) == {"transformers_torch", "batched_torch", "batched_onnx"}
 
 

@@ -10,22 +10,15 @@ from detectors.errors import DetectorError
 
 __all__ = [
     "DTYPES",
-    "SUPPORTED_ARCHITECTURES",
     "ModelLoadError",
     "checkpoint_config",
-    "model_family",
+    "require_architecture",
     "torch_dtype",
 ]
 
 # weights dtypes a scorer loads a model in; float32 by default, whatever the checkpoint was saved
 # in (transformers would otherwise load a float16 checkpoint as float16, on the CPU too)
 DTYPES = ("float32", "bfloat16", "float16")
-
-# architecture in config.json -> family name used by the scorers and the config file
-SUPPORTED_ARCHITECTURES = {
-    "LlavaForConditionalGeneration": "llava",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-}
 
 
 class ModelLoadError(DetectorError, ValueError):
@@ -53,27 +46,6 @@ def checkpoint_config(model_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def model_family(model_dir: str | Path, expected: str | None = None) -> str:
-    """`"llava"` or `"qwen2_5_vl"`: which scorer family serves this checkpoint.
-
-    Raises:
-        ModelLoadError: missing directory, no config, or an architecture no scorer supports
-            (or not the `expected` family).
-    """
-    architectures = checkpoint_config(model_dir).get("architectures") or []
-    families = [SUPPORTED_ARCHITECTURES[a] for a in architectures if a in SUPPORTED_ARCHITECTURES]
-    wanted = [f for f in families if expected is None or f == expected]
-    if not wanted:
-        supported = ", ".join(
-            a for a, f in SUPPORTED_ARCHITECTURES.items() if expected is None or f == expected
-        )
-        raise ModelLoadError(
-            f"{str(model_dir)!r} holds {architectures or 'an unknown architecture'}; "
-            f"supported: {supported}"
-        )
-    return wanted[0]
-
-
 def torch_dtype(name: str) -> Any:
     """The torch dtype called `name` (one of `DTYPES`).
 
@@ -85,3 +57,17 @@ def torch_dtype(name: str) -> Any:
     import torch
 
     return getattr(torch, name)
+
+
+def require_architecture(model_dir: str | Path, architecture: str) -> None:
+    """Check that the checkpoint in `model_dir` is a `architecture` one.
+
+    Raises:
+        ModelLoadError: missing directory, no config, or another architecture.
+    """
+    architectures = checkpoint_config(model_dir).get("architectures") or []
+    if architecture not in architectures:
+        raise ModelLoadError(
+            f"{str(model_dir)!r} holds {architectures or 'an unknown architecture'}; "
+            f"supported: {architecture}"
+        )

@@ -1,6 +1,6 @@
-"""`guardrail export-vision`: a model's vision tower and projector (LLaVA) or merger
-(Qwen2.5-VL, at one input size) exported to ONNX, verified against torch before the file is
-written."""
+"""`guardrail export-vision`: a model's vision encoder (what its family's `vision_spec` gives:
+tower and projector, merger or pixel shuffle, at one input size) exported to ONNX, verified
+against torch before the file is written."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from detectors.errors import DetectorError
-from detectors.scorers.llava import LlavaModel
-from detectors.scorers.qwen import QwenModel
+from detectors.scorers.families.base import LoadedModel
+from detectors.scorers.families.registry import family_named
 from detectors.scorers.vision import FINGERPRINT_KEY, VisionSpec
 
 __all__ = ["ExportMismatchError", "ExportReport", "export_vision", "vision_spec"]
@@ -51,30 +51,22 @@ def _max_diff(session: Any, module: Any, pixels: Any) -> float:
 
 
 def vision_spec(
-    model: LlavaModel | QwenModel | VisionSpec,
+    model: LoadedModel | VisionSpec,
     *,
     input_hw: tuple[int, int] | None = None,
     real_images: Sequence[np.ndarray] = (),
 ) -> VisionSpec:
-    """The vision encoder to export for `model`.  A Qwen2.5-VL graph serves one input size:
-    `input_hw` (pixels after the image processor), or the size the first real image gets."""
+    """The vision encoder to export for `model`, from its family.  A graph serves one input
+    size: `input_hw` (pixels after the image processor) where the family's size varies
+    (Qwen2.5-VL), or the size the first real image gets."""
     if isinstance(model, VisionSpec):
         return model
-    if isinstance(model, LlavaModel):
-        from detectors.scorers.llava_fast import llava_vision_spec
-
-        return llava_vision_spec(model)
-    if input_hw is None:
-        if not real_images:
-            raise ValueError(
-                "a Qwen2.5-VL export needs an input size or a real image to take it from"
-            )
-        input_hw = model.input_hw(real_images[0])
-    return model.vision_spec(input_hw)
+    family = family_named(model.family)
+    return family.vision_spec(model, input_hw=input_hw, real_images=real_images)
 
 
 def export_vision(
-    model: LlavaModel | QwenModel | VisionSpec,
+    model: LoadedModel | VisionSpec,
     out: str | Path,
     *,
     real_images: Sequence[np.ndarray] = (),

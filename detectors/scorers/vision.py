@@ -25,8 +25,6 @@ __all__ = [
     "TorchVision",
     "VisionRunner",
     "VisionSpec",
-    "llava_vision_fingerprint",
-    "llava_vision_module",
     "ort_providers",
     "vision_config_dict",
     "weights_fingerprint",
@@ -44,31 +42,6 @@ class VisionRunner(Protocol):
     def name(self) -> str: ...
 
     def __call__(self, pixels: Any) -> Any: ...
-
-
-def llava_vision_module(model: Any) -> Any:
-    """A `torch.nn.Module` computing what LLaVA splices in for the image tokens: the chosen
-    vision-tower layer(s), the CLS token dropped under the "default" strategy, the projector."""
-    import torch
-
-    config = model.config
-    layer = config.vision_feature_layer
-    strategy = config.vision_feature_select_strategy
-
-    class LlavaVision(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.tower = model.model.vision_tower
-            self.projector = model.model.multi_modal_projector
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            states = self.tower(pixel_values, output_hidden_states=True).hidden_states
-            layers = [layer] if isinstance(layer, int) else list(layer)
-            picked = [states[i][:, 1:] if strategy == "default" else states[i] for i in layers]
-            out: torch.Tensor = self.projector(torch.cat(picked, dim=-1))
-            return out
-
-    return LlavaVision().eval()
 
 
 def weights_fingerprint(parts: dict[str, Any], modules: Sequence[tuple[str, Any]]) -> str:
@@ -99,23 +72,6 @@ def vision_config_dict(config: Any) -> dict[str, Any]:
     for key in ("transformers_version", "_name_or_path", "torch_dtype", "dtype"):
         out.pop(key, None)
     return out
-
-
-def llava_vision_fingerprint(model: Any) -> str:
-    """What determines LLaVA's vision features: the vision and projector config, the weights
-    of the vision tower and projector."""
-    config = model.config
-    parts: dict[str, Any] = {
-        "vision_config": vision_config_dict(config.vision_config),
-        "vision_feature_layer": config.vision_feature_layer,
-        "vision_feature_select_strategy": config.vision_feature_select_strategy,
-        "projector_hidden_act": getattr(config, "projector_hidden_act", None),
-        "text_hidden_size": config.text_config.hidden_size,
-    }
-    return weights_fingerprint(
-        parts,
-        [("tower", model.model.vision_tower), ("projector", model.model.multi_modal_projector)],
-    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)

@@ -153,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from detectors.reference import CAPTION_PROMPT, question_prompt
-    from detectors.scorers.llava import load_llava
+    from detectors.scorers.families.llava import load_llava
     from guardrail.images import read_image
 
     image = read_image(args.image)

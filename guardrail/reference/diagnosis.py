@@ -13,8 +13,7 @@ from detectors.evaluation import auroc, pointing_game
 from detectors.language_prior import PriorThresholds, judge_sample
 from detectors.pipeline import AuditSettings, SampleAudit, audit_sample
 from detectors.reference.world import CAPTION_PROMPT, PAIRS
-from detectors.scorers.llava import LlavaModel
-from detectors.scorers.llava_fast import FastLlavaScorer
+from detectors.scorers.families.llava import FastLlavaScorer, LlavaModel
 from detectors.scorers.vision import VisionRunner
 from detectors.types import Attribution, Verdict, VerdictLabel
 from guardrail.reference.evaluation import REFERENCE_VOCABULARY, CaptionedScene

@@ -18,7 +18,7 @@ from detectors.reference.world import (
     SceneKind,
     generate_scene,
 )
-from detectors.scorers.llava import Generation, LlavaModel
+from detectors.scorers.families.llava import Generation, LlavaModel
 
 __all__ = ["CaptionedScene", "caption_metrics", "caption_scenes", "eval_scenes"]
 

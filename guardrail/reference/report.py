@@ -19,7 +19,7 @@ from detectors.calibration import load_calibration as calibration_of
 from detectors.language_prior import PriorThresholds
 from detectors.pipeline import AuditSettings
 from detectors.reference.world import Split, split_seeds
-from detectors.scorers.llava import LlavaModel, load_llava
+from detectors.scorers.families.llava import LlavaModel, load_llava
 from detectors.scorers.vision import OnnxVision
 from guardrail.reference.evaluation import caption_metrics, caption_scenes, eval_scenes
 from guardrail.reference.training import weights_checksum
@@ -36,7 +36,7 @@ __all__ = [
 @contextmanager
 def onnx_vision(llava: LlavaModel) -> Iterator[OnnxVision]:
     """The model's vision encoder exported to a temporary ONNX file and opened (CPU)."""
-    from detectors.scorers.llava_fast import llava_onnx_vision
+    from detectors.scorers.families.llava import llava_onnx_vision
     from detectors.scorers.onnx_export import export_vision
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,7 +40,7 @@ __all__ = ["create_upstream_app"]
 def create_upstream_app(
     model_dir: Path, *, model_name: str = "reference", max_logprobs: int = 20
 ) -> FastAPI:
-    from detectors.scorers.llava import load_llava
+    from detectors.scorers.families.llava import load_llava
 
     llava = load_llava(model_dir)
     tokenizer = llava.tokenizer

@@ -13,11 +13,15 @@ from detectors.errors import ImageTokenError, InvalidImageError, InvalidTargetEr
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from detectors.regions import slic_partition
 from detectors.scorers import MaskedBatch, Scorer
-from detectors.scorers.llava import LlavaModel, LlavaScorer, load_llava
-from detectors.scorers.llava_fast import FastLlavaScorer, llava_onnx_vision
-from detectors.scorers.loading import ModelLoadError, model_family
-from detectors.scorers.onnx_export import ExportMismatchError, export_vision
-from detectors.scorers.qwen import (
+from detectors.scorers.families.llava import (
+    FastLlavaScorer,
+    LlavaModel,
+    LlavaScorer,
+    llava_onnx_vision,
+    llava_vision_module,
+    load_llava,
+)
+from detectors.scorers.families.qwen2_5_vl import (
     FastQwenScorer,
     QwenModel,
     QwenScorer,
@@ -26,8 +30,11 @@ from detectors.scorers.qwen import (
     qwen_onnx_vision,
     unpatchify,
 )
-from detectors.scorers.qwen_vision import qwen_vision_module
-from detectors.scorers.vision import OnnxMismatchError, TorchVision, llava_vision_module
+from detectors.scorers.families.qwen2_5_vl_vision import qwen_vision_module
+from detectors.scorers.families.registry import model_family
+from detectors.scorers.loading import ModelLoadError
+from detectors.scorers.onnx_export import ExportMismatchError, export_vision
+from detectors.scorers.vision import OnnxMismatchError, TorchVision
 from guardrail.reference.tiny_models import (
     LLAVA_PROMPT,
     QWEN_PROMPT,

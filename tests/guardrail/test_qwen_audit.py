@@ -115,7 +115,7 @@ def test_qwen_greedy_generation_is_the_argmax_under_teacher_forcing(qwen_dir: Pa
     step: the image tokens, rope positions and placeholder expansion agree."""
     import torch
 
-    from detectors.scorers.qwen import load_qwen
+    from detectors.scorers.families.qwen2_5_vl import load_qwen
 
     qwen = load_qwen(qwen_dir)
     image = np.random.default_rng(4).integers(0, 255, (56, 56, 3), dtype=np.uint8)

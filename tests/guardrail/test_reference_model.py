@@ -11,7 +11,7 @@ import pytest
 from detectors import Fill, Target, grid_partition
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from detectors.scorers import MaskedBatch, Scorer
-from detectors.scorers.llava import LlavaModel, LlavaScorer, ModelLoadError, load_llava
+from detectors.scorers.families.llava import LlavaModel, LlavaScorer, ModelLoadError, load_llava
 from guardrail.cli import main
 from guardrail.images import write_image
 from guardrail.reference.training import weights_checksum

@@ -24,8 +24,7 @@ from detectors.errors import (
 )
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR
 from detectors.regions import slic_partition
-from detectors.scorers.llava import LlavaModel, load_llava
-from detectors.scorers.llava_fast import FastLlavaScorer
+from detectors.scorers.families.llava import FastLlavaScorer, LlavaModel, load_llava
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.remote import (
     RemoteClient,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from detectors.scorers.llava import load_llava
+from detectors.scorers.families.llava import load_llava
 from guardrail.reference.training import TrainingConfig, train
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR
-from detectors.scorers.llava import LlavaModel, load_llava
+from detectors.scorers.families.llava import LlavaModel, load_llava
 from guardrail.background_server import BackgroundServer
 from guardrail.images import read_image
 from guardrail.reference.upstream import create_upstream_app

@@ -1,4 +1,4 @@
-"""Scorers for Qwen2.5-VL checkpoints (`Qwen2_5_VLForConditionalGeneration`).
+"""The Qwen2.5-VL family (`Qwen2_5_VLForConditionalGeneration`): loading, scorers, ONNX vision.
 
 Qwen's processor class needs torchvision, which the project does not install: the image
 processor (`Qwen2VLImageProcessorPil`) and the tokenizer are loaded on their own and the
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from detectors.errors import ImageTokenError, MissingDependencyError
+from detectors.scorers.families.base import Generation, VisionFiles
 from detectors.scorers.fast import (
     PrefixCachedLM,
     TensorMaskedScorer,
@@ -24,8 +25,7 @@ from detectors.scorers.fast import (
     image_span,
     to_numpy,
 )
-from detectors.scorers.llava import Generation
-from detectors.scorers.loading import model_family, torch_dtype
+from detectors.scorers.loading import require_architecture, torch_dtype
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
@@ -45,9 +45,13 @@ CAPTION_PROMPT_QWEN = (
     "<|im_end|>\n<|im_start|>assistant\n"
 )
 
+ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+
 __all__ = [
     "CAPTION_PROMPT_QWEN",
+    "QWEN2_5_VL",
     "FastQwenScorer",
+    "QwenFamily",
     "QwenModel",
     "QwenScorer",
     "load_qwen",
@@ -71,6 +75,10 @@ class QwenModel:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def family(self) -> str:
+        return "qwen2_5_vl"
 
     @property
     def image_token_id(self) -> int:
@@ -104,7 +112,7 @@ class QwenModel:
     def vision_spec(self, input_hw: tuple[int, int]) -> VisionSpec:
         """The vision tower + merger for images processed to `input_hw`, for `export_vision`
         and `OnnxVision` (one exported file serves one input geometry)."""
-        from detectors.scorers.qwen_vision import qwen_vision_module
+        from detectors.scorers.families.qwen2_5_vl_vision import qwen_vision_module
 
         vision = self.model.config.vision_config
         patch = int(vision.patch_size)
@@ -135,7 +143,7 @@ class QwenModel:
             tokens=self.image_tokens(input_hw),
             dim=int(vision.out_hidden_size),
             fingerprint=self.vision_fingerprint(),
-            architecture="Qwen2_5_VLForConditionalGeneration",
+            architecture=ARCHITECTURE,
             source=self.path,
             pixels=pixels,
         )
@@ -207,7 +215,7 @@ def load_qwen(
         ValueError: an unknown dtype.
     """
     path = Path(model_dir)
-    model_family(path, expected="qwen2_5_vl")
+    require_architecture(path, ARCHITECTURE)
     try:
         import torch
         from transformers import (
@@ -387,8 +395,8 @@ class QwenScorer:
 
 class FastQwenScorer(TensorMaskedScorer):
     """Tensor-space masks, the vision tower batched at this sample's geometry (ONNX Runtime or
-    torch, see `detectors.scorers.qwen_vision`), and the language model with the text before
-    the image cached and 3-D rope positions computed once.
+    torch, see `detectors.scorers.families.qwen2_5_vl_vision`), and the language model with the
+    text before the image cached and 3-D rope positions computed once.
 
     Args:
         vision: an `OnnxVision` exported for this image's input size (see `qwen_onnx_vision`
@@ -445,7 +453,7 @@ class FastQwenScorer(TensorMaskedScorer):
                 f"this image is processed to {hw[0]}x{hw[1]}"
             )
         if vision is None:
-            from detectors.scorers.qwen_vision import qwen_vision_module
+            from detectors.scorers.families.qwen2_5_vl_vision import qwen_vision_module
 
             vision = TorchVision(qwen_vision_module(model, hw))
         self.vision: VisionRunner = vision
@@ -469,3 +477,78 @@ class FastQwenScorer(TensorMaskedScorer):
 
     def _encode(self, images: Any) -> Any:
         return self.vision(images)
+
+
+class QwenFamily:
+    """Qwen2.5-VL checkpoints: a windowed ViT with 2-D rope, a patch merger, 3-D rope text."""
+
+    name = "qwen2_5_vl"
+    architecture = ARCHITECTURE
+    image_placeholder = "<|image_pad|>"
+    caption_prompt = CAPTION_PROMPT_QWEN
+
+    def yes_no_prompt(self, question: str) -> str:
+        return (
+            f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question} Answer "
+            "yes or no.<|im_end|>\n<|im_start|>assistant\n"
+        )
+
+    def load(
+        self,
+        model_dir: str | Path,
+        *,
+        threads: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> QwenModel:
+        return load_qwen(model_dir, threads=threads, device=device, dtype=dtype)
+
+    def vision_spec(
+        self,
+        model: QwenModel,
+        *,
+        input_hw: tuple[int, int] | None = None,
+        real_images: Sequence[np.ndarray] = (),
+    ) -> VisionSpec:
+        """A Qwen2.5-VL graph serves one input size: `input_hw` (pixels after the image
+        processor), or the size the first real image gets."""
+        if input_hw is None:
+            if not real_images:
+                raise ValueError(
+                    "a Qwen2.5-VL export needs an input size or a real image to take it from"
+                )
+            input_hw = model.input_hw(real_images[0])
+        return model.vision_spec(input_hw)
+
+    def open_visions(
+        self, model: QwenModel, path: str | Path, *, device: str = "cpu", threads: int = 0
+    ) -> VisionFiles:
+        return qwen_onnx_visions(model, path, device=device, threads=threads)
+
+    def plain_scorer(
+        self,
+        model: QwenModel,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        max_batch_size: int = 1,
+    ) -> QwenScorer:
+        return QwenScorer(model, image, prompt, generated_ids, max_batch_size=max_batch_size)
+
+    def fast_scorer(
+        self,
+        model: QwenModel,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        vision: VisionRunner | None = None,
+        chunk_size: int = 16,
+    ) -> FastQwenScorer:
+        return FastQwenScorer(
+            model, image, prompt, generated_ids, vision=vision, chunk_size=chunk_size
+        )
+
+
+QWEN2_5_VL = QwenFamily()

@@ -1,0 +1,164 @@
+"""What every model family provides: the `ModelFamily` and `LoadedModel` protocols.
+
+A family is one module under `detectors.scorers.families` (LLaVA, Qwen2.5-VL, InternVL) with
+one object implementing `ModelFamily`, registered by the architecture its checkpoints name in
+config.json (see `detectors.scorers.families.registry`).  Nothing outside the families branches
+on a family's name: callers look the family up and ask it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from detectors.scorers.protocol import Scorer
+from detectors.scorers.vision import OnnxVision, VisionRunner, VisionSpec
+
+__all__ = ["Generation", "LoadedModel", "ModelFamily", "VisionFiles"]
+
+# the ONNX vision files opened for one model, by the processed input size `(H, W)` each serves
+VisionFiles = Mapping[tuple[int, int], OnnxVision]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class Generation:
+    """What the model said: the text and the generated token ids (special tokens included)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_row(cls, row: Sequence[int], tokenizer: Any) -> Generation:
+        """The tokens a `generate` call added, up to padding and through the end token."""
+        ids: list[int] = []
+        for token in row:
+            if token == tokenizer.pad_token_id:
+                break
+            ids.append(int(token))
+            if token == tokenizer.eos_token_id:
+                break
+        return cls(
+            text=tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=tuple(ids)
+        )
+
+
+class LoadedModel(Protocol):
+    """A checkpoint loaded by its family: the transformers model and what feeds it."""
+
+    @property
+    def model(self) -> Any: ...
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def family(self) -> str:
+        """The registered family name (`ModelFamily.name`)."""
+        ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    def input_hw(self, image: np.ndarray) -> tuple[int, int]:
+        """The `(H, W)` pixels the model's image processor turns `image` into."""
+        ...
+
+    def prompt_ids(self, prompt: str, image: np.ndarray) -> list[int]:
+        """Token ids of `prompt` with its one image placeholder expanded to the image tokens."""
+        ...
+
+    def generate(self, image: np.ndarray, prompt: str, max_new_tokens: int = 12) -> Generation:
+        """Greedy generation for one image and prompt."""
+        ...
+
+
+M = TypeVar("M", bound=LoadedModel)
+
+
+class ModelFamily(Protocol[M]):
+    """One family of checkpoints (one transformers architecture) and how to score it."""
+
+    @property
+    def name(self) -> str:
+        """The family's name in the config file: "llava", "qwen2_5_vl", "internvl"."""
+        ...
+
+    @property
+    def architecture(self) -> str:
+        """The `architectures` entry of its checkpoints' config.json."""
+        ...
+
+    @property
+    def image_placeholder(self) -> str:
+        """The one placeholder a prompt holds where the image goes."""
+        ...
+
+    @property
+    def caption_prompt(self) -> str:
+        """A caption request in the family's chat format, with its image placeholder."""
+        ...
+
+    def yes_no_prompt(self, question: str) -> str:
+        """A yes/no question about the image in the family's chat format."""
+        ...
+
+    def load(
+        self,
+        model_dir: str | Path,
+        *,
+        threads: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> M:
+        """Load a checkpoint from a local directory (never from a hub)."""
+        ...
+
+    def vision_spec(
+        self,
+        model: M,
+        *,
+        input_hw: tuple[int, int] | None = None,
+        real_images: Sequence[np.ndarray] = (),
+    ) -> VisionSpec:
+        """The vision encoder (tower, projector) to export, for one processed input size."""
+        ...
+
+    def open_visions(
+        self, model: M, path: str | Path, *, device: str = "cpu", threads: int = 0
+    ) -> VisionFiles:
+        """The exported vision file(s) at `path` (a file or a directory), refusing any
+        exported from another model."""
+        ...
+
+    def plain_scorer(
+        self,
+        model: M,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        max_batch_size: int = 1,
+    ) -> Scorer:
+        """The plain scorer: masks in pixel space, one full forward per masked image."""
+        ...
+
+    def fast_scorer(
+        self,
+        model: M,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        vision: VisionRunner | None = None,
+        chunk_size: int = 16,
+    ) -> Scorer:
+        """Tensor-space masks, the text before the image cached, target-only logits; `vision`
+        is an ONNX encoder for this image's input size or None for the torch tower."""
+        ...

@@ -1,0 +1,449 @@
+"""The LLaVA family (`LlavaForConditionalGeneration`): loading, the plain scorer, the vision
+tower + projector for ONNX, and the fast scorer.
+
+The plain scorer masks images in pixel space, runs the image processor on each masked image and
+one full forward pass per masked image (in batches), under teacher forcing of the generated
+tokens.  The fast scorer masks in tensor space, runs the vision tower and projector in ONNX
+Runtime (or torch) and the language model in torch with the text before the image cached (see
+`detectors.scorers.fast`).  torch and transformers are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detectors.errors import ImageTokenError, InvalidTargetError, MissingDependencyError
+from detectors.scorers.families.base import Generation, VisionFiles
+from detectors.scorers.fast import PrefixCachedLM, TensorMaskedScorer, image_span
+from detectors.scorers.loading import ModelLoadError, require_architecture, torch_dtype
+from detectors.scorers.masked import MaskedBatch
+from detectors.scorers.tensor_masks import InputGeometry
+from detectors.scorers.vision import (
+    OnnxVision,
+    TorchVision,
+    VisionRunner,
+    VisionSpec,
+    vision_config_dict,
+    weights_fingerprint,
+)
+from detectors.types import Target
+
+__all__ = [
+    "LLAVA",
+    "FastLlavaScorer",
+    "Generation",
+    "LlavaFamily",
+    "LlavaModel",
+    "LlavaScorer",
+    "ModelLoadError",
+    "llava_geometry",
+    "llava_image_tokens",
+    "llava_onnx_vision",
+    "llava_vision_fingerprint",
+    "llava_vision_module",
+    "llava_vision_spec",
+    "load_llava",
+]
+
+ARCHITECTURE = "LlavaForConditionalGeneration"
+
+
+def llava_vision_module(model: Any) -> Any:
+    """A `torch.nn.Module` computing what LLaVA splices in for the image tokens: the chosen
+    vision-tower layer(s), the CLS token dropped under the "default" strategy, the projector."""
+    import torch
+
+    config = model.config
+    layer = config.vision_feature_layer
+    strategy = config.vision_feature_select_strategy
+
+    class LlavaVision(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = model.model.vision_tower
+            self.projector = model.model.multi_modal_projector
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            states = self.tower(pixel_values, output_hidden_states=True).hidden_states
+            layers = [layer] if isinstance(layer, int) else list(layer)
+            picked = [states[i][:, 1:] if strategy == "default" else states[i] for i in layers]
+            out: torch.Tensor = self.projector(torch.cat(picked, dim=-1))
+            return out
+
+    return LlavaVision().eval()
+
+
+def llava_vision_fingerprint(model: Any) -> str:
+    """What determines LLaVA's vision features: the vision and projector config, the weights
+    of the vision tower and projector."""
+    config = model.config
+    parts: dict[str, Any] = {
+        "vision_config": vision_config_dict(config.vision_config),
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "projector_hidden_act": getattr(config, "projector_hidden_act", None),
+        "text_hidden_size": config.text_config.hidden_size,
+    }
+    return weights_fingerprint(
+        parts,
+        [("tower", model.model.vision_tower), ("projector", model.model.multi_modal_projector)],
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class LlavaModel:
+    """A loaded LLaVA checkpoint: the model, its processor, and where it came from."""
+
+    model: Any
+    processor: Any
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def family(self) -> str:
+        return "llava"
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def input_hw(self, image: np.ndarray) -> tuple[int, int]:
+        """The model's fixed input grid: every image is resized and cropped to it."""
+        hw, _, _ = llava_image_tokens(self)
+        return hw
+
+    def pixel_values(self, images: Sequence[np.ndarray]) -> Any:
+        out = self.processor.image_processor(images=list(images), return_tensors="pt")
+        return out["pixel_values"]
+
+    def prompt_ids(self, prompt: str, image: np.ndarray) -> list[int]:
+        """Token ids of `prompt` with its image placeholder expanded to the image tokens.
+
+        Raises:
+            ImageTokenError: the prompt does not hold exactly one image placeholder.
+        """
+        placeholder = self.processor.image_token
+        if prompt.count(placeholder) != 1:
+            raise ImageTokenError(
+                f"the prompt must hold exactly one image placeholder ({placeholder!r}), found "
+                f"{prompt.count(placeholder)}"
+            )
+        encoded = self.processor(images=[image], text=[prompt], return_tensors="pt")
+        return [int(i) for i in encoded["input_ids"][0]]
+
+    def generate(self, image: np.ndarray, prompt: str, max_new_tokens: int = 12) -> Generation:
+        """Greedy generation for one image and prompt."""
+        return self.generate_batch([image], [prompt], max_new_tokens)[0]
+
+    def generate_batch(
+        self, images: Sequence[np.ndarray], prompts: Sequence[str], max_new_tokens: int = 12
+    ) -> list[Generation]:
+        """Greedy generation for a batch (prompts are left-padded to one length)."""
+        import torch
+
+        tokenizer = self.tokenizer
+        encoded = self.processor(
+            images=list(images), text=list(prompts), return_tensors="pt", padding=True
+        )
+        encoded = encoded.to(next(self.model.parameters()).device)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        width = encoded["input_ids"].shape[1]
+        return [Generation.from_row(row, tokenizer) for row in out[:, width:].cpu().tolist()]
+
+
+def load_llava(
+    model_dir: str | Path,
+    *,
+    threads: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> LlavaModel:
+    """Load a LLaVA checkpoint from a local directory (never from a hub).
+
+    `dtype` is the weights' dtype whatever the checkpoint was saved in: "float32" (keeps the
+    fast path within 1e-5 of a plain forward), or "bfloat16" / "float16" (half the memory, for
+    GPUs; probabilities move by up to about 1e-2).
+
+    Raises:
+        ModelLoadError: the directory is missing, has no config.json, or holds another
+            architecture.
+        MissingDependencyError: torch or transformers is not installed.
+        ValueError: an unknown dtype.
+    """
+    path = Path(model_dir)
+    require_architecture(path, ARCHITECTURE)
+    try:
+        import torch
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+    except ImportError as exc:  # pragma: no cover - torch is a core dependency
+        raise MissingDependencyError(
+            "scoring a LLaVA model needs torch and transformers: pip install eagle-guardrail"
+        ) from exc
+    if threads:
+        torch.set_num_threads(threads)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, dtype=torch_dtype(dtype)
+    )
+    model.to(torch.device(device)).eval()  # type: ignore[arg-type]  # transformers types .to oddly
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    return LlavaModel(model=model, processor=processor, path=path)
+
+
+class LlavaScorer:
+    """Scores masked images of one sample: P(target token | masked image, prompt, the tokens
+    generated before it), teacher-forcing the generated tokens.
+
+    Args:
+        llava: the loaded model.
+        image: the sample's image (to expand the prompt's image placeholder).
+        prompt: the prompt as sent, with the image placeholder.
+        generated_ids: the tokens the model generated (positions index into these).
+        max_batch_size: masked images per forward pass.
+    """
+
+    def __init__(
+        self,
+        llava: LlavaModel,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        max_batch_size: int = 16,
+    ) -> None:
+        self.llava = llava
+        self.prompt_ids = llava.prompt_ids(prompt, image)
+        self.generated_ids = [int(i) for i in generated_ids]
+        self._max_batch_size = max_batch_size
+
+    @property
+    def name(self) -> str:
+        return f"llava-torch({self.llava.name})"
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    def check_targets(self, targets: Sequence[Target]) -> None:
+        for t in targets:
+            if t.position >= len(self.generated_ids):
+                raise InvalidTargetError(
+                    f"target position {t.position} is outside the {len(self.generated_ids)} "
+                    "generated tokens"
+                )
+            if self.generated_ids[t.position] != t.token_id:
+                raise InvalidTargetError(
+                    f"target {t.text!r} says token {t.token_id} at position {t.position}, "
+                    f"but the model generated {self.generated_ids[t.position]} there"
+                )
+
+    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
+        import torch
+
+        self.check_targets(targets)
+        last = max(t.position for t in targets)
+        ids = self.prompt_ids + self.generated_ids[:last]
+        device = next(self.llava.model.parameters()).device
+        input_ids = torch.tensor([ids] * batch.size, dtype=torch.long, device=device)
+        pixels = self.llava.pixel_values(list(batch.pixels())).to(device)
+        with torch.inference_mode():
+            logits = self.llava.model(input_ids=input_ids, pixel_values=pixels).logits
+        rows = torch.tensor([len(self.prompt_ids) + t.position - 1 for t in targets], device=device)
+        logp = torch.log_softmax(logits[:, rows, :].float(), dim=-1)
+        cols = torch.tensor([t.token_id for t in targets], device=device)
+        probs = logp[:, torch.arange(len(targets), device=device), cols].exp()
+        return np.asarray(probs.cpu().numpy(), dtype=np.float64)
+
+
+def llava_geometry(llava: LlavaModel, image_hw: tuple[int, int]) -> InputGeometry:
+    """Where the image processor puts an `(H, W)` image on the model's input grid."""
+    proc = llava.processor.image_processor
+    size = dict(proc.size or {})
+    crop = dict(proc.crop_size or {}) if getattr(proc, "do_center_crop", False) else {}
+    crop_hw = (int(crop["height"]), int(crop["width"])) if crop else None
+    if not getattr(proc, "do_resize", True):
+        geometry = InputGeometry.resize_to(image_hw)
+        if crop_hw:
+            return InputGeometry.shortest_edge_then_crop(image_hw, min(image_hw), crop_hw)
+        return geometry
+    if size.get("shortest_edge"):
+        return InputGeometry.shortest_edge_then_crop(image_hw, int(size["shortest_edge"]), crop_hw)
+    hw = (int(size["height"]), int(size["width"]))
+    if crop_hw:
+        return InputGeometry(
+            resize_hw=hw,
+            crop_box=((hw[0] - crop_hw[0]) // 2, (hw[1] - crop_hw[1]) // 2, *crop_hw),
+        )
+    return InputGeometry.resize_to(hw)
+
+
+def llava_image_tokens(llava: LlavaModel) -> tuple[tuple[int, int], int, int]:
+    """The model's input grid `(H, W)`, its number of image features and the text width."""
+    config = llava.model.config
+    vision = config.vision_config
+    side = int(vision.image_size)
+    tokens = (side // int(vision.patch_size)) ** 2
+    if config.vision_feature_select_strategy != "default":
+        tokens += 1
+    return (side, side), tokens, int(config.text_config.hidden_size)
+
+
+def llava_vision_spec(llava: LlavaModel) -> VisionSpec:
+    """LLaVA's vision tower + projector, for `export_vision` and `OnnxVision`."""
+    hw, tokens, dim = llava_image_tokens(llava)
+    return VisionSpec(
+        module=llava_vision_module(llava.model),
+        input_hw=hw,
+        tokens=tokens,
+        dim=dim,
+        fingerprint=llava_vision_fingerprint(llava.model),
+        architecture=ARCHITECTURE,
+        source=llava.path,
+        pixels=lambda images: llava.pixel_values(list(images)),
+    )
+
+
+def llava_onnx_vision(
+    llava: LlavaModel, path: str | Path, *, device: str = "cpu", threads: int = 0
+) -> OnnxVision:
+    """Open an exported vision file for `llava`, refusing one exported from another model."""
+    return OnnxVision.for_spec(path, llava_vision_spec(llava), device=device, threads=threads)
+
+
+class FastLlavaScorer(TensorMaskedScorer):
+    """P(target | masked image, prompt, generated tokens before it) for a LLaVA checkpoint.
+
+    Args:
+        llava: the loaded model.
+        image: the sample's image; prompt: the prompt with its image placeholder;
+        generated_ids: the tokens the model generated (target positions index into these).
+        vision: an `OnnxVision` (see `llava_onnx_vision`) or None for the torch tower.
+        chunk_size: masked variants per forward pass (16 is best on 2 CPU cores).
+    """
+
+    def __init__(
+        self,
+        llava: LlavaModel,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        vision: VisionRunner | None = None,
+        chunk_size: int = 16,
+    ) -> None:
+
+        self._setup(image, generated_ids, chunk_size)
+        self.llava = llava
+        self.vision: VisionRunner = vision or TorchVision(llava_vision_module(llava.model))
+        model = llava.model
+        self.device = next(model.parameters()).device
+        _, tokens, _ = llava_image_tokens(llava)
+        prompt_ids = llava.prompt_ids(prompt, self.image)
+        start, count = image_span(prompt_ids, int(model.config.image_token_id), tokens)
+        self.lm = PrefixCachedLM(
+            decoder=model.model.language_model,
+            embed=model.get_input_embeddings(),
+            lm_head=model.lm_head,
+            prompt_ids=prompt_ids,
+            generated_ids=self.generated_ids,
+            image_start=start,
+            image_tokens=count,
+            timings=self.timings,
+        )
+        self.geometry = llava_geometry(llava, self.image.shape[:2])
+
+    @property
+    def name(self) -> str:
+        return f"llava-fast({self.llava.name}; {self.vision.name}; lm=torch:{self.device.type})"
+
+    def _preprocess(self, image: np.ndarray) -> Any:
+        import torch
+
+        return self.llava.pixel_values([image]).to(self.device, torch.float32)
+
+    def _encode(self, pixels: Any) -> Any:
+        return self.vision(pixels)
+
+    def masked_pixels(self, batch: MaskedBatch) -> Any:
+        """`(B, 3, H, W)` preprocessed masked images, built in tensor space."""
+        return self.masked_inputs(batch)
+
+
+class LlavaFamily:
+    """LLaVA-style checkpoints: CLIP-like tower, a projector, a Llama-like language model."""
+
+    name = "llava"
+    architecture = ARCHITECTURE
+    image_placeholder = "<image>"
+    caption_prompt = "USER: <image> Describe the image. ASSISTANT:"
+
+    def yes_no_prompt(self, question: str) -> str:
+        # the question before the image, as the reference model was trained (`question_prompt`)
+        return f"USER: {question} <image> ASSISTANT:"
+
+    def load(
+        self,
+        model_dir: str | Path,
+        *,
+        threads: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> LlavaModel:
+        return load_llava(model_dir, threads=threads, device=device, dtype=dtype)
+
+    def vision_spec(
+        self,
+        model: LlavaModel,
+        *,
+        input_hw: tuple[int, int] | None = None,
+        real_images: Sequence[np.ndarray] = (),
+    ) -> VisionSpec:
+        return llava_vision_spec(model)
+
+    def open_visions(
+        self, model: LlavaModel, path: str | Path, *, device: str = "cpu", threads: int = 0
+    ) -> VisionFiles:
+        vision = llava_onnx_vision(model, path, device=device, threads=threads)
+        return {vision.input_hw: vision}
+
+    def plain_scorer(
+        self,
+        model: LlavaModel,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        max_batch_size: int = 1,
+    ) -> LlavaScorer:
+        return LlavaScorer(model, image, prompt, generated_ids, max_batch_size=max_batch_size)
+
+    def fast_scorer(
+        self,
+        model: LlavaModel,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        vision: VisionRunner | None = None,
+        chunk_size: int = 16,
+    ) -> FastLlavaScorer:
+        return FastLlavaScorer(
+            model, image, prompt, generated_ids, vision=vision, chunk_size=chunk_size
+        )
+
+
+LLAVA = LlavaFamily()
