@@ -64,8 +64,7 @@ from detectors.pipeline import AuditSettings, audit_sample
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from detectors.regions import RegionPartition, slic_partition
 from detectors.saliency import measured_values
-from detectors.scorers.llava import LlavaModel, load_llava
-from detectors.scorers.llava_fast import FastLlavaScorer
+from detectors.scorers.families.llava import FastLlavaScorer, LlavaModel, load_llava
 from detectors.scorers.masked import MaskedBatch
 from detectors.types import Target
 from guardrail.reference.diagnosis import SceneAudit, diagnosis_metrics, mentions_of
