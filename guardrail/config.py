@@ -30,6 +30,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from detectors.scorers.families import FAMILY_NAMES
+
 if TYPE_CHECKING:
     from detectors.pipeline import AuditSettings
 
@@ -70,8 +72,8 @@ class ModelSettings(BaseModel):
     )
     family: str = Field(
         default="llava",
-        description="the model family (see `detectors.scorers.families`): llava, qwen2_5_vl "
-        "or internvl",
+        description="the model family, from the registry in `detectors.scorers.families`: "
+        + ", ".join(FAMILY_NAMES),
     )
     onnx: Path | None = Field(
         default=None,
@@ -161,8 +163,6 @@ class ModelSettings(BaseModel):
     @field_validator("family")
     @classmethod
     def _known_family(cls, value: str) -> str:
-        from detectors.scorers.families import FAMILY_NAMES
-
         if value not in FAMILY_NAMES:
             raise ValueError(f"family must be one of {', '.join(FAMILY_NAMES)}, got: {value!r}")
         return value
