@@ -36,6 +36,8 @@ from pydantic_settings.sources.utils import parse_env_vars
 from detectors.types import DEFAULT_BUDGET_FRACTION, DEFAULT_FILL, DEFAULT_N_REGIONS
 from guardrail.errors import PermanentError
 
+from detectors.scorers.families import FAMILY_NAMES
+
 if TYPE_CHECKING:
     from detectors.pipeline import AuditSettings
 
@@ -83,8 +85,8 @@ class ModelSettings(BaseModel):
     )
     family: str = Field(
         default="llava",
-        description="the model family (see `detectors.scorers.families`): llava, qwen2_5_vl "
-        "or internvl",
+        description="the model family, from the registry in `detectors.scorers.families`: "
+        + ", ".join(FAMILY_NAMES),
     )
     onnx: Path | None = Field(
         default=None,
@@ -174,8 +176,6 @@ class ModelSettings(BaseModel):
     @field_validator("family")
     @classmethod
     def _known_family(cls, value: str) -> str:
-        from detectors.scorers.families import FAMILY_NAMES
-
         if value not in FAMILY_NAMES:
             raise ValueError(f"family must be one of {', '.join(FAMILY_NAMES)}, got: {value!r}")
         return value

@@ -201,3 +201,35 @@ def test_internvl_onnx_vision_matches_torch_and_keeps_parity(
     other = load_internvl(save_tiny_internvl(tmp_path / "other", seed=1))
     with pytest.raises(OnnxMismatchError, match="exported from another model"):
         family.open_visions(other, report.path)
+
+
+def test_internvl_greedy_generation_is_the_argmax_under_teacher_forcing(
+    internvl: InternVLModel,
+) -> None:
+    """What `generate` says is what a full forward over prompt + output ranks first at every
+    step: the placeholder expansion and the base tile agree with the model's own forward."""
+    import torch
+
+    image, _, _ = _sample(internvl)
+    said = internvl.generate(image, INTERNVL_PROMPT, max_new_tokens=5)
+    assert len(said.token_ids) >= 1
+    prompt = internvl.prompt_ids(INTERNVL_PROMPT, image)
+    ids = torch.tensor([prompt + list(said.token_ids)])
+    with torch.inference_mode():
+        logits = internvl.model(input_ids=ids, pixel_values=internvl.pixel_values([image])).logits[
+            0
+        ]
+    steps = range(len(prompt) - 1, len(prompt) - 1 + len(said.token_ids))
+    assert [int(logits[i].argmax()) for i in steps] == list(said.token_ids)
+
+
+def test_internvl_in_bfloat16_stays_close_to_float32(
+    internvl: InternVLModel, internvl_dir: Path
+) -> None:
+    family = family_named("internvl")
+    half = family.load(internvl_dir, dtype="bfloat16")
+    image, generated, targets = _sample(internvl)
+    batch = _batch(image, 4, Fill.MEAN)
+    full = family.fast_scorer(internvl, image, INTERNVL_PROMPT, generated).score(batch, targets)
+    got = family.fast_scorer(half, image, INTERNVL_PROMPT, generated).score(batch, targets)
+    assert np.abs(got - full).max() < 2e-2
