@@ -33,10 +33,9 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
+from detectors.scorers.families import FAMILY_NAMES
 from detectors.types import DEFAULT_BUDGET_FRACTION, DEFAULT_FILL, DEFAULT_N_REGIONS
 from guardrail.errors import PermanentError
-
-from detectors.scorers.families import FAMILY_NAMES
 
 if TYPE_CHECKING:
     from detectors.pipeline import AuditSettings
