@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,7 +16,18 @@ from detectors.types import Attribution, AuditedWord, Verdict
 from guardrail.config import ModelSettings
 from guardrail.errors import PermanentError
 
-__all__ = ["AuditInputError", "AuditResult", "ModelAuditor", "image_placeholder"]
+if TYPE_CHECKING:
+    from detectors.calibration import Calibration
+    from detectors.scorers.families import LoadedModel
+    from detectors.scorers.remote import RemoteClient
+
+__all__ = [
+    "AuditInputError",
+    "AuditResult",
+    "LoadedAuditModel",
+    "ModelAuditor",
+    "image_placeholder",
+]
 
 
 class AuditInputError(PermanentError):
@@ -48,6 +59,30 @@ class AuditResult:
     remote: Any = None  # detectors.scorers.remote.RemoteStats of this audit, remote models only
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoadedAuditModel:
+    """What a configured model needs loaded to audit: its tokenizer and the calibration its
+    verdicts are decided with, and either the family's model with its ONNX vision files by the
+    input size each serves (local) or the client of its server (remote)."""
+
+    tokenizer: Any
+    calibration: Calibration
+    model: LoadedModel | None = None  # local models only
+    visions: dict[tuple[int, int], Any] = field(default_factory=dict)
+    client: RemoteClient | None = None  # remote models only
+    vocab: int | None = None  # remote models: the vocabulary size from the config
+
+    def local_model(self) -> LoadedModel:
+        if self.model is None:
+            raise RuntimeError("a remote model has no local weights")
+        return self.model
+
+    def remote_client(self) -> RemoteClient:
+        if self.client is None:
+            raise RuntimeError("a local model has no remote client")
+        return self.client
+
+
 class ModelAuditor:
     """One configured model, loaded on first use (thread-safe).
 
@@ -62,7 +97,7 @@ class ModelAuditor:
         self.threads = threads
         self.rate_share = max(1, rate_share)
         self._lock = threading.Lock()
-        self._loaded: dict[str, Any] | None = None
+        self._loaded: LoadedAuditModel | None = None
 
     def prompt_for(self, prompt: str) -> str:
         """The prompt as the model saw it: as sent if it holds the image placeholder, else
@@ -72,7 +107,7 @@ class ModelAuditor:
             return prompt
         return self.settings.prompt.replace("{prompt}", prompt)
 
-    def load(self) -> dict[str, Any]:
+    def load(self) -> LoadedAuditModel:
         with self._lock:
             if self._loaded is None:
                 self._loaded = self._load()
@@ -89,10 +124,10 @@ class ModelAuditor:
     def remote_stats(self) -> Any:
         """The remote client's counters (`RemoteStats`), or None (local, or not loaded)."""
         loaded = self._loaded
-        client = loaded.get("client") if loaded is not None else None
+        client = loaded.client if loaded is not None else None
         return client.stats if client is not None else None
 
-    def _load_remote(self) -> dict[str, Any]:
+    def _load_remote(self) -> LoadedAuditModel:
         from transformers import AutoTokenizer
 
         from detectors.calibration import load_calibration
@@ -113,17 +148,16 @@ class ModelAuditor:
             max_requests_per_second=rate / self.rate_share if rate else None,
             prompt_logprobs=s.remote_prompt_logprobs,
         )
-        return {
-            "model": None,
-            "client": RemoteClient(server),
-            "vocab": text.get("vocab_size"),
-            "tokenizer": AutoTokenizer.from_pretrained(s.path, local_files_only=True),
-            "calibration": load_calibration(
+        return LoadedAuditModel(
+            client=RemoteClient(server),
+            vocab=text.get("vocab_size"),
+            tokenizer=AutoTokenizer.from_pretrained(s.path, local_files_only=True),
+            calibration=load_calibration(
                 s.path, s.audit_settings(), strict=not s.allow_uncalibrated
             ),
-        }
+        )
 
-    def _load(self) -> dict[str, Any]:
+    def _load(self) -> LoadedAuditModel:
         from detectors.calibration import load_calibration
 
         s = self.settings
@@ -135,16 +169,15 @@ class ModelAuditor:
         model = family.load(s.path, device=s.device, threads=self.threads, dtype=s.dtype)
         # the exported vision file(s) by the input size each serves (Qwen2.5-VL's `onnx` may be
         # a directory of them); other sizes run the torch tower
-        vision = family.open_visions(model, s.onnx, device=s.device) if s.onnx else {}
-        tokenizer = model.tokenizer
-        return {
-            "model": model,
-            "vision": vision,
-            "tokenizer": tokenizer,
-            "calibration": load_calibration(
+        visions = family.open_visions(model, s.onnx, device=s.device) if s.onnx else {}
+        return LoadedAuditModel(
+            model=model,
+            visions=dict(visions),
+            tokenizer=model.tokenizer,
+            calibration=load_calibration(
                 s.path, s.audit_settings(), strict=not s.allow_uncalibrated
             ),
-        }
+        )
 
     def scorer(self, image: np.ndarray, prompt: str, token_ids: Sequence[int]) -> Any:
         loaded = self.load()
@@ -152,14 +185,14 @@ class ModelAuditor:
             from detectors.scorers.remote import RemoteScorer
             from guardrail.chat import user_turn
 
-            tokenizer = loaded["tokenizer"]
+            tokenizer = loaded.tokenizer
             text, image_first = user_turn(
                 self.prompt_for(prompt),
                 image_placeholder(self.settings.family),
                 self.settings.prompt,
             )
             return RemoteScorer(
-                loaded["client"],
+                loaded.remote_client(),
                 text,
                 token_ids,
                 lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=False)),
@@ -168,8 +201,8 @@ class ModelAuditor:
         from detectors.scorers.families import family_named
 
         family = family_named(self.settings.family)
-        visions = loaded["vision"]
-        model = loaded["model"]
+        visions = loaded.visions
+        model = loaded.local_model()
         hw = model.input_hw(image)
         vision = visions.get(hw)
         if visions and vision is None:
@@ -182,21 +215,21 @@ class ModelAuditor:
         return family.fast_scorer(model, image, self.prompt_for(prompt), token_ids, vision=vision)
 
     def tokenize(self, text: str) -> list[int]:
-        tokenizer = self.load()["tokenizer"]
+        tokenizer = self.load().tokenizer
         return [int(t) for t in tokenizer(text, add_special_tokens=False).input_ids]
 
     def _check_tokens(
-        self, loaded: dict[str, Any], image: np.ndarray, prompt: str, ids: Sequence[int]
+        self, loaded: LoadedAuditModel, image: np.ndarray, prompt: str, ids: Sequence[int]
     ) -> None:
         if self.remote:  # the server checks the length; the vocabulary is known from config
-            vocab = loaded["vocab"] or len(loaded["tokenizer"])
+            vocab = loaded.vocab or len(loaded.tokenizer)
             bad = [t for t in ids if not 0 <= int(t) < int(vocab)]
             if bad:
                 raise AuditInputError(
                     f"token ids {bad[:5]} do not decode: the model's vocabulary has {vocab} tokens"
                 )
             return
-        model = loaded["model"].model
+        model = loaded.local_model().model
         text_config = model.config.get_text_config()
         vocab = int(text_config.vocab_size)
         bad = [t for t in ids if not 0 <= int(t) < vocab]
@@ -207,7 +240,7 @@ class ModelAuditor:
         limit = getattr(text_config, "max_position_embeddings", None)
         if limit is not None:
             # the prompt with its image placeholder expanded to the image's tokens
-            n_prompt = len(loaded["model"].prompt_ids(self.prompt_for(prompt), image))
+            n_prompt = len(loaded.local_model().prompt_ids(self.prompt_for(prompt), image))
             if n_prompt + len(ids) > int(limit):
                 raise AuditInputError(
                     f"the prompt and output are {n_prompt + len(ids)} tokens, over the "
@@ -224,14 +257,14 @@ class ModelAuditor:
         started = time.perf_counter()
         loaded = self.load()
         ids = list(token_ids) if token_ids else self.tokenize(text)
-        tokenizer = loaded["tokenizer"]
+        tokenizer = loaded.tokenizer
         self._check_tokens(loaded, image, prompt, ids)
 
         def decode(pieces: Sequence[int]) -> str:
             return str(tokenizer.decode(list(pieces), skip_special_tokens=True))
 
         s = self.settings
-        client = loaded.get("client")
+        client = loaded.client
         before = client.stats if client is not None else None
         audit = audit_sample(
             image,
@@ -239,9 +272,9 @@ class ModelAuditor:
             ids,
             decode,
             settings=s.audit_settings(),
-            thresholds=loaded["calibration"].thresholds,
+            thresholds=loaded.calibration.thresholds,
         )
-        remote = client.stats.minus(before) if client is not None else None
+        remote = client.stats.minus(before) if client is not None and before is not None else None
         words = tuple(
             AuditedWord(position=m.position, token_id=m.token_id, word=m.word, category=m.category)
             for m in audit.mentions
@@ -255,7 +288,7 @@ class ModelAuditor:
                 forward_passes=0,
                 seconds=time.perf_counter() - started,
                 budget_exhausted=0,
-                thresholds_id=loaded["calibration"].id,
+                thresholds_id=loaded.calibration.id,
                 remote=remote,
             )
         attributions = tuple(audit.explanation.attributions)
@@ -271,6 +304,6 @@ class ModelAuditor:
             forward_passes=audit.forward_passes,
             seconds=time.perf_counter() - started,
             budget_exhausted=exhausted,
-            thresholds_id=loaded["calibration"].id,
+            thresholds_id=loaded.calibration.id,
             remote=remote,
         )

@@ -125,13 +125,15 @@ def run(args: argparse.Namespace) -> int:
     auditor = ModelAuditor(model_settings)
     quiet_progress_bars()  # no loading bars when stderr is not a terminal
     loaded = auditor.load()
-    tokenizer = loaded["tokenizer"]
+    tokenizer = loaded.tokenizer
     if args.prompt is None:
         args.prompt = family.caption_prompt
     if args.output is None and args.remote:
-        token_ids = _remote_generation(loaded["client"], image, auditor, args.prompt, tokenizer)
+        token_ids = _remote_generation(
+            loaded.remote_client(), image, auditor, args.prompt, tokenizer
+        )
     elif args.output is None:
-        generation = loaded["model"].generate(image, args.prompt)
+        generation = loaded.local_model().generate(image, args.prompt)
         token_ids = list(generation.token_ids)
     else:
         token_ids = tokenizer(args.output, add_special_tokens=False).input_ids
@@ -181,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         "calibration": calibration.provenance(),
         "words": words,
     }
-    client = loaded.get("client")
+    client = loaded.client
     if client is not None:
         report["remote"] = client.stats.as_dict()
         client.close()

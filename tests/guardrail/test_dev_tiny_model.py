@@ -90,7 +90,7 @@ def test_the_auditor_audits_with_a_tiny_internvl(tiny_internvl: tuple[Path, Path
     )
     image = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
     result = auditor.audit(image, INTERNVL_PROMPT, None, "a cat on the table")
-    assert [w[2] for w in result.words] == ["cat", "table"]
+    assert [w.word for w in result.words] == ["cat", "table"]
     assert len(result.verdicts) == 2 and result.forward_passes > 0
     assert all("internvl-fast" in a.scorer_name for a in result.attributions)
     assert all("vision=onnx:CPUExecutionProvider" in a.scorer_name for a in result.attributions)

@@ -68,7 +68,7 @@ def test_qwen_auditor_serves_a_directory_of_vision_files_one_per_size(
     auditor = ModelAuditor(
         ModelSettings(name="qwen", path=qwen_dir, family="qwen2_5_vl", onnx=files, n_regions=8)
     )
-    assert sorted(auditor.load()["vision"]) == [(28, 112), (56, 56)]
+    assert sorted(auditor.load().visions) == [(28, 112), (56, 56)]
     rng = np.random.default_rng(0)
     for shape in ((56, 56, 3), (28, 112, 3)):
         image = rng.integers(0, 255, shape, dtype=np.uint8)
@@ -101,7 +101,7 @@ def test_qwen_auditor_counts_the_image_tokens_against_the_context(tmp_path: Path
 
     model_dir = save_tiny_qwen(tmp_path / "q224", image_size=224)
     auditor = ModelAuditor(ModelSettings(name="q", path=model_dir, family="qwen2_5_vl"))
-    tokenizer = auditor.load()["tokenizer"]
+    tokenizer = auditor.load().tokenizer
     bare = len(tokenizer(QWEN_PROMPT).input_ids)
     ids = auditor.tokenize("a cat on the table")
     ids = (ids * 1024)[: 1024 - bare - 10]

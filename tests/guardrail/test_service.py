@@ -123,7 +123,7 @@ def test_a_trap_sample_is_ingested_audited_and_reported(tmp_path: Path) -> None:
         verdicts = session.query(VerdictRecord).all()
         attributions = session.query(AttributionRecord).all()
     # every stored verdict and attribution names what produced it
-    calibration = runtime.auditors["reference"].load()["calibration"]
+    calibration = runtime.auditors["reference"].load().calibration
     assert calibration.id.startswith("cal-")
     assert {(v.detector, v.detector_version, v.thresholds_id) for v in verdicts} == {
         (DETECTOR_NAME, detectors.__version__, calibration.id)
