@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from detectors.errors import DetectorError
+from detectors.errors import DetectorError, MissingDependencyError
 
 __all__ = [
     "DTYPES",
     "ModelLoadError",
     "checkpoint_config",
+    "load_pretrained",
     "require_architecture",
     "torch_dtype",
 ]
@@ -71,3 +72,41 @@ def require_architecture(model_dir: str | Path, architecture: str) -> None:
             f"{str(model_dir)!r} holds {architectures or 'an unknown architecture'}; "
             f"supported: {architecture}"
         )
+
+
+def load_pretrained(
+    model_dir: str | Path,
+    architecture: str,
+    *,
+    threads: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> Any:
+    """The `architecture` model (transformers' class of that name) of the checkpoint in
+    `model_dir`, from local files only, in `dtype`, on `device`, in eval mode; `threads` sets
+    torch's intra-op threads first.
+
+    Raises:
+        ModelLoadError: missing directory, no config, or another architecture.
+        MissingDependencyError: torch or transformers is not installed.
+        ValueError: an unknown dtype.
+    """
+    require_architecture(model_dir, architecture)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:  # pragma: no cover - core dependencies
+        raise MissingDependencyError(
+            f"scoring a {architecture} model needs torch and transformers: "
+            "pip install eagle-guardrail"
+        ) from exc
+    if threads:
+        torch.set_num_threads(threads)
+    model_class = getattr(transformers, architecture)
+    model = model_class.from_pretrained(
+        Path(model_dir), local_files_only=True, dtype=torch_dtype(dtype)
+    )
+    model.to(torch.device(device)).eval()
+    return model

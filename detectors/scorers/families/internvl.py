@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from detectors.errors import ImageTokenError, MissingDependencyError
+from detectors.errors import ImageTokenError
 from detectors.scorers.families.base import Generation, VisionFiles
 from detectors.scorers.fast import (
     PrefixCachedLM,
@@ -30,7 +30,7 @@ from detectors.scorers.fast import (
     image_span,
     to_numpy,
 )
-from detectors.scorers.loading import require_architecture, torch_dtype
+from detectors.scorers.loading import load_pretrained
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
@@ -239,22 +239,9 @@ def load_internvl(
         ValueError: an unknown dtype.
     """
     path = Path(model_dir)
-    require_architecture(path, ARCHITECTURE)
-    try:
-        import torch
-        from transformers import (
-            AutoTokenizer,
-            GotOcr2ImageProcessorPil,
-            InternVLForConditionalGeneration,
-        )
-    except ImportError as exc:  # pragma: no cover - core dependencies
-        raise MissingDependencyError("scoring InternVL needs torch and transformers") from exc
-    if threads:
-        torch.set_num_threads(threads)
-    model = InternVLForConditionalGeneration.from_pretrained(
-        path, local_files_only=True, dtype=torch_dtype(dtype)
-    )
-    model.to(torch.device(device)).eval()  # type: ignore[arg-type]  # transformers types .to oddly
+    model = load_pretrained(path, ARCHITECTURE, threads=threads, device=device, dtype=dtype)
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
+
     image_processor = GotOcr2ImageProcessorPil.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return InternVLModel(

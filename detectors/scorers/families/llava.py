@@ -17,10 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from detectors.errors import ImageTokenError, InvalidTargetError, MissingDependencyError
+from detectors.errors import ImageTokenError, InvalidTargetError
 from detectors.scorers.families.base import Generation, VisionFiles
 from detectors.scorers.fast import PrefixCachedLM, TensorMaskedScorer, image_span
-from detectors.scorers.loading import ModelLoadError, require_architecture, torch_dtype
+from detectors.scorers.loading import (
+    ModelLoadError,
+    load_pretrained,
+)
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
@@ -186,20 +189,9 @@ def load_llava(
         ValueError: an unknown dtype.
     """
     path = Path(model_dir)
-    require_architecture(path, ARCHITECTURE)
-    try:
-        import torch
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-    except ImportError as exc:  # pragma: no cover - torch is a core dependency
-        raise MissingDependencyError(
-            "scoring a LLaVA model needs torch and transformers: pip install eagle-guardrail"
-        ) from exc
-    if threads:
-        torch.set_num_threads(threads)
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, local_files_only=True, dtype=torch_dtype(dtype)
-    )
-    model.to(torch.device(device)).eval()  # type: ignore[arg-type]  # transformers types .to oddly
+    model = load_pretrained(path, ARCHITECTURE, threads=threads, device=device, dtype=dtype)
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return LlavaModel(model=model, processor=processor, path=path)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from detectors.errors import ImageTokenError, MissingDependencyError
+from detectors.errors import ImageTokenError
 from detectors.scorers.families.base import Generation, VisionFiles
 from detectors.scorers.fast import (
     PrefixCachedLM,
@@ -25,7 +25,7 @@ from detectors.scorers.fast import (
     image_span,
     to_numpy,
 )
-from detectors.scorers.loading import require_architecture, torch_dtype
+from detectors.scorers.loading import load_pretrained
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
@@ -215,22 +215,9 @@ def load_qwen(
         ValueError: an unknown dtype.
     """
     path = Path(model_dir)
-    require_architecture(path, ARCHITECTURE)
-    try:
-        import torch
-        from transformers import (
-            AutoTokenizer,
-            Qwen2_5_VLForConditionalGeneration,
-            Qwen2VLImageProcessorPil,
-        )
-    except ImportError as exc:  # pragma: no cover - core dependencies
-        raise MissingDependencyError("scoring Qwen2.5-VL needs torch and transformers") from exc
-    if threads:
-        torch.set_num_threads(threads)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, local_files_only=True, dtype=torch_dtype(dtype)
-    )
-    model.to(torch.device(device)).eval()  # type: ignore[arg-type]  # transformers types .to oddly
+    model = load_pretrained(path, ARCHITECTURE, threads=threads, device=device, dtype=dtype)
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return QwenModel(model=model, image_processor=image_processor, tokenizer=tokenizer, path=path)
