@@ -48,10 +48,10 @@ def _receiver() -> tuple[ThreadingHTTPServer, list[str]]:
 def _run(database: str, url: str, notifications: int, deliverers: int) -> dict[str, Any]:
     from prometheus_client import CollectorRegistry
 
-    from guardrail.alert_delivery import AlertDeliverer
     from guardrail.config import load_settings
-    from guardrail.metrics import Metrics
-    from guardrail.runtime import build_runtime
+    from guardrail.service.alert_delivery import AlertDeliverer
+    from guardrail.service.metrics import Metrics
+    from guardrail.service.runtime import build_runtime
     from storage import outbox
     from storage.engine import upgrade
     from storage.models import Alert

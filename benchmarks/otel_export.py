@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
 
     from guardrail.config import load_settings
-    from guardrail.metrics import Metrics
-    from guardrail.otel import AuditTrace, WordEvaluation, build_exporter
+    from guardrail.service.metrics import Metrics
+    from guardrail.service.otel import AuditTrace, WordEvaluation, build_exporter
 
     rows: list[dict[str, Any]] = []
     for n_words in args.words:

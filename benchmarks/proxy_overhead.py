@@ -42,11 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from detectors.reference import MODEL_DIR
-    from guardrail.api import create_app
-    from guardrail.background_server import BackgroundServer as _Server
     from guardrail.config import load_settings
+    from guardrail.demo.background_server import BackgroundServer as _Server
     from guardrail.reference.upstream import create_upstream_app
-    from guardrail.runtime import build_runtime
+    from guardrail.service.api import create_app
+    from guardrail.service.runtime import build_runtime
     from storage.engine import upgrade
 
     image = (ROOT / "examples" / "knife_trap.png").read_bytes()

@@ -39,7 +39,7 @@ from detectors.regions import slic_partition
 from detectors.scorers import MaskedBatch
 from detectors.scorers.families.llava import FastLlavaScorer, load_llava
 from detectors.scorers.remote import RemoteClient, RemoteScorer, RemoteServer, png_bytes
-from guardrail.background_server import free_port, spawn_guardrail
+from guardrail.demo.background_server import free_port, spawn_guardrail
 from guardrail.reference.vllm_extensions import prompt_logprobs
 
 

@@ -200,7 +200,7 @@ async def _flood(sidecar: str, images: list[tuple[str, bytes]], n: int) -> dict[
 def _start(db: str, workers: int, *, scheduler: bool = True) -> tuple[str, Any, Any]:
     """A migrated SQLite database, `guardrail reference serve` and `guardrail serve` in their own
     processes; returns the sidecar's URL and the two processes (upstream, serve)."""
-    from guardrail.background_server import free_port, spawn_guardrail
+    from guardrail.demo.background_server import free_port, spawn_guardrail
 
     up_port, side_port = free_port(), free_port()
     up, sidecar = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{side_port}"
@@ -276,11 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from detectors.reference import MODEL_DIR
-    from guardrail.api import create_app
-    from guardrail.background_server import BackgroundServer
     from guardrail.config import load_settings
+    from guardrail.demo.background_server import BackgroundServer
     from guardrail.reference.upstream import create_upstream_app
-    from guardrail.runtime import build_runtime
+    from guardrail.service.api import create_app
+    from guardrail.service.runtime import build_runtime
     from storage.engine import upgrade
 
     image = (ROOT / "examples" / "knife_trap.png").read_bytes()

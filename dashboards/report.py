@@ -1,5 +1,5 @@
 """Rendering an audit report: a self-contained HTML page (Jinja2) with its figures embedded as
-PNG.  Takes the data `guardrail.reports.gather_report` produces; opens no database."""
+PNG.  Takes the data `guardrail.service.reports.gather_report` produces; opens no database."""
 
 from __future__ import annotations
 

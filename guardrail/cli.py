@@ -42,15 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     case.add_argument("--heatmap", metavar="PNG", help="write the saliency heatmap here")
     case.set_defaults(handler=_explain_case)
 
-    from guardrail.db_command import register as register_db
-    from guardrail.demo import register as register_demo
-    from guardrail.dev_command import register as register_dev
-    from guardrail.explain_command import register as register_explain
-    from guardrail.export_command import register as register_export
-    from guardrail.probe_command import register as register_probe
+    from guardrail.commands.db import register as register_db
+    from guardrail.commands.dev import register as register_dev
+    from guardrail.commands.explain import register as register_explain
+    from guardrail.commands.export import register as register_export
+    from guardrail.commands.probe import register as register_probe
+    from guardrail.commands.report import register as register_report
+    from guardrail.commands.serve import register as register_serve
+    from guardrail.demo.run import register as register_demo
     from guardrail.reference.commands import register as register_reference
-    from guardrail.report_command import register as register_report
-    from guardrail.serve_command import register as register_serve
 
     register_explain(commands)
     register_db(commands)
@@ -70,7 +70,7 @@ def _print_version() -> int:
 
 
 def _explain_case(args: argparse.Namespace) -> int:
-    from guardrail.cases import explain_case
+    from guardrail.commands.case import explain_case
 
     print(explain_case(args.case, args.regions, args.fraction, args.heatmap))
     return 0

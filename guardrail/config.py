@@ -442,7 +442,7 @@ class Settings(BaseSettings):
     @field_validator("image_url_allowed_hosts")
     @classmethod
     def _hosts(cls, value: list[str]) -> list[str]:
-        from guardrail.image_fetch import parse_allowed_host
+        from guardrail.service.image_fetch import parse_allowed_host
 
         for entry in value:
             parse_allowed_host(entry)  # raises ValueError naming the bad entry
@@ -491,7 +491,7 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http(s) URL, got: {_masked_http_url(value)!r}")
-        from guardrail.otel import OTEL_EXTRA_MISSING, otel_installed
+        from guardrail.service.otel import OTEL_EXTRA_MISSING, otel_installed
 
         if not otel_installed():
             raise ValueError(OTEL_EXTRA_MISSING)

@@ -8,7 +8,7 @@ from sqlalchemy import Connection, Engine, text
 
 __all__ = ["AdvisoryLock"]
 
-log = logging.getLogger("guardrail.scheduler")
+log = logging.getLogger("guardrail.service.scheduler")
 
 
 class AdvisoryLock:

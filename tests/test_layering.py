@@ -138,7 +138,14 @@ def test_frameworks_are_imported_at_module_level_only_by_the_model_code() -> Non
 
 @pytest.mark.parametrize(
     "module",
-    ["detectors", "storage", "dashboards", "guardrail.api", "guardrail.proxy", "guardrail.cli"],
+    [
+        "detectors",
+        "storage",
+        "dashboards",
+        "guardrail.service.api",
+        "guardrail.service.proxy",
+        "guardrail.cli",
+    ],
 )
 def test_importing_does_not_load_a_framework(module: str) -> None:
     """`import detectors` stays light, and the process serving the proxy loads no model code

@@ -154,7 +154,7 @@ def _train(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from detectors.reference import CAPTION_PROMPT, question_prompt
     from detectors.scorers.families.llava import load_llava
-    from guardrail.images import read_image
+    from guardrail.service.images import read_image
 
     image = read_image(args.image)
     llava = load_llava(args.model)
@@ -168,7 +168,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _scene(args: argparse.Namespace) -> int:
     from detectors.reference import generate_scene
-    from guardrail.images import write_image
+    from guardrail.service.images import write_image
 
     scene = generate_scene(args.seed, args.kind)
     write_image(args.out, scene.image)

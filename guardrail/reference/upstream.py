@@ -24,8 +24,6 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from guardrail.chat import ChatFormatError
-from guardrail.images import decode_image
 from guardrail.reference.vllm_extensions import (
     ChatRequestError,
     extension_request,
@@ -33,6 +31,8 @@ from guardrail.reference.vllm_extensions import (
     render_chat,
     vllm_error,
 )
+from guardrail.service.chat import ChatFormatError
+from guardrail.service.images import decode_image
 
 __all__ = ["create_upstream_app"]
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from guardrail.chat import ChatFormatError, _data_url
 from guardrail.errors import PermanentError
+from guardrail.service.chat import ChatFormatError, _data_url
 
 __all__ = [
     "ChatRequestError",

@@ -15,12 +15,12 @@ import pytest
 import yaml
 
 from detectors.reference import CAPTION_PROMPT
-from guardrail.api import create_app
-from guardrail.background_server import BackgroundServer, free_port
 from guardrail.config import load_settings
-from guardrail.ingest import IngestRequest, ingest
-from guardrail.runtime import build_runtime
-from guardrail.worker import Worker
+from guardrail.demo.background_server import BackgroundServer, free_port
+from guardrail.service.api import create_app
+from guardrail.service.ingest import IngestRequest, ingest
+from guardrail.service.runtime import build_runtime
+from guardrail.service.worker import Worker
 from storage.engine import upgrade
 
 ROOT = Path(__file__).resolve().parents[2]

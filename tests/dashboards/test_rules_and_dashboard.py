@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from guardrail.metrics import Metrics
+from guardrail.service.metrics import Metrics
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
 RULES = DASHBOARDS / "prometheus" / "guardrail-rules.yml"

@@ -21,9 +21,9 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from detectors.reference import SceneKind, generate_scene
-from guardrail.background_server import free_port
-from guardrail.chat import image_messages
-from guardrail.images import encode_png
+from guardrail.demo.background_server import free_port
+from guardrail.service.chat import image_messages
+from guardrail.service.images import encode_png
 from tests.deploy.test_compose import _compose
 from tests.deploy.tools import ROOT
 from tests.postgres import schema_url

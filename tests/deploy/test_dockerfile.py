@@ -188,7 +188,7 @@ def test_hadolint_finds_nothing(name: str) -> None:
 
 
 def test_the_laptop_default_host_is_loopback_and_the_container_host_binds_every_interface() -> None:
-    from guardrail.serve_command import _bind
+    from guardrail.commands.serve import _bind
 
     assert load_settings(environ={}).host == "127.0.0.1"
     sock = _bind("0.0.0.0", 0)  # what GUARDRAIL_HOST=0.0.0.0 does inside the container

@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from detectors.reference import CAPTION_PROMPT
-from guardrail.background_server import free_port
 from guardrail.config import ConfigError, load_settings
+from guardrail.demo.background_server import free_port
 from guardrail.logs import JsonFormatter, configure_logging, log_context
 from storage.engine import make_engine, upgrade
 

@@ -19,7 +19,7 @@ import yaml
 
 from detectors.reference import MODEL_DIR
 from guardrail.config import Settings, load_settings
-from guardrail.metrics import Metrics
+from guardrail.service.metrics import Metrics
 from tests.deploy.tools import KUBERNETES, ROOT, executable
 
 OVERLAYS = ["base", "overlays/cpu", "overlays/gpu"]

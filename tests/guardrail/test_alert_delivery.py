@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from guardrail.alert_delivery import AlertDeliverer, DeliveryPolicy, parse_retry_after
 from guardrail.config import ConfigError, load_settings, masked
-from guardrail.health import read_backlog
-from guardrail.metrics import Metrics
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.scheduler import Scheduler, check_spikes
-from guardrail.webhooks import alertmanager_fingerprint, signature_header, verify_signature
+from guardrail.service.alert_delivery import AlertDeliverer, DeliveryPolicy, parse_retry_after
+from guardrail.service.health import read_backlog
+from guardrail.service.metrics import Metrics
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.scheduler import Scheduler, check_spikes
+from guardrail.service.webhooks import alertmanager_fingerprint, signature_header, verify_signature
 from storage import outbox
 from storage.engine import upgrade
 from storage.models import Alert, AlertNotification
@@ -585,7 +585,7 @@ def test_webhook_settings_come_from_the_environment_and_the_secret_is_masked() -
 
 
 def test_retention_deletes_old_alerts_with_their_notifications(tmp_path: Path) -> None:
-    from guardrail.scheduler import retain
+    from guardrail.service.scheduler import retain
 
     runtime = _runtime(f"sqlite:///{tmp_path / 'g.db'}", webhook_url="http://127.0.0.1:9/hook")
     _firing_alert(runtime, NOW - timedelta(days=40))
@@ -598,7 +598,7 @@ def test_retention_deletes_old_alerts_with_their_notifications(tmp_path: Path) -
 def test_the_scheduler_child_process_delivers_and_its_counts_reach_serve(tmp_path: Path) -> None:
     """As `guardrail serve` runs it: the scheduler in a supervised child process delivers the
     outbox, and its delivery counter reaches the parent's /metrics over the snapshot pipe."""
-    from guardrail.supervisor import Supervisor
+    from guardrail.service.supervisor import Supervisor
 
     receiver = Receiver()
     with receiver.serving() as url:

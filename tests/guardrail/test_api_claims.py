@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from guardrail.api import create_app
 from guardrail.config import load_settings
-from guardrail.runtime import Runtime, build_runtime
+from guardrail.service.api import create_app
+from guardrail.service.runtime import Runtime, build_runtime
 from storage.engine import upgrade
 from tests.guardrail.test_scheduler import _audited
 

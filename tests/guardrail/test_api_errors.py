@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from detectors.reference import CAPTION_PROMPT
-from guardrail.api import create_app, request_body_limit
-from guardrail.background_server import BackgroundServer
 from guardrail.config import load_settings
-from guardrail.http_errors import error_response
-from guardrail.runtime import Runtime, build_runtime
+from guardrail.demo.background_server import BackgroundServer
+from guardrail.service.api import create_app, request_body_limit
+from guardrail.service.http_errors import error_response
+from guardrail.service.runtime import Runtime, build_runtime
 from storage.engine import upgrade
 from storage.models import Sample
 from tests.postgres import schema_url
@@ -444,7 +444,7 @@ def test_what_counts_as_a_database_outage() -> None:
     from sqlalchemy import create_engine
     from sqlalchemy import exc as sa_exc
 
-    from guardrail.http_errors import is_database_outage
+    from guardrail.service.http_errors import is_database_outage
 
     assert is_database_outage(sa_exc.TimeoutError("QueuePool limit of size 5 reached"))
     engine = create_engine("sqlite://")

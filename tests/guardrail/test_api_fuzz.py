@@ -1,5 +1,5 @@
 """Fuzz the API from its own OpenAPI schema (schemathesis): no input may produce a 5xx, and
-every error answers in the one JSON shape (`guardrail.http_errors.ErrorBody`)."""
+every error answers in the one JSON shape (`guardrail.service.http_errors.ErrorBody`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from guardrail.api import create_app
 from guardrail.config import load_settings
-from guardrail.runtime import build_runtime
+from guardrail.service.api import create_app
+from guardrail.service.runtime import build_runtime
 from storage.engine import upgrade
 
 

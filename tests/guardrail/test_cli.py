@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy.exc import ArgumentError
 
 from guardrail import __version__
-from guardrail.background_server import free_port
 from guardrail.cli import main
+from guardrail.demo.background_server import free_port
 from storage.engine import HEAD, check_migrated, make_engine, upgrade
 
 
@@ -107,12 +107,12 @@ def test_database_url_mistakes_and_outages_are_one_line_errors(
 def test_sqlalchemy_errors_from_elsewhere_keep_their_traceback(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import guardrail.db_command
+    import guardrail.commands.db
 
     def bug(_args: object) -> int:
         raise ArgumentError("a bug in a query, not a database URL")
 
-    monkeypatch.setattr(guardrail.db_command, "_current", bug)
+    monkeypatch.setattr(guardrail.commands.db, "_current", bug)
     with pytest.raises(ArgumentError, match="a bug in a query"):
         main(["db", "current", "--url", "sqlite://"])
 

@@ -11,9 +11,9 @@ import pytest
 from pydantic import ValidationError
 
 from detectors.scorers.families import FAMILY_NAMES, family_named
-from guardrail.auditor import ModelAuditor
 from guardrail.cli import main
 from guardrail.config import ModelSettings
+from guardrail.service.auditor import ModelAuditor
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "knife_trap.png"
 
@@ -105,12 +105,12 @@ def test_the_sidecar_serves_an_internvl_audit(
 
     from fastapi.testclient import TestClient
 
-    from guardrail.api import create_app
     from guardrail.config import load_settings
-    from guardrail.images import encode_png, read_image
     from guardrail.reference.tiny_models import INTERNVL_PROMPT
-    from guardrail.runtime import build_runtime
-    from guardrail.worker import Worker
+    from guardrail.service.api import create_app
+    from guardrail.service.images import encode_png, read_image
+    from guardrail.service.runtime import build_runtime
+    from guardrail.service.worker import Worker
     from storage.engine import upgrade
 
     model, onnx = tiny_internvl

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from guardrail.background_server import free_port, spawn_guardrail
-from guardrail.chat import image_messages
+from guardrail.demo.background_server import free_port, spawn_guardrail
+from guardrail.service.chat import image_messages
 from storage.engine import make_engine, session_factory
 from storage.models import Job, JobStatus, Sample
 from tests.postgres import schema_url
@@ -41,7 +41,7 @@ def _ask(client: OpenAI, image: Path, request_id: str) -> str:
 
 def test_proxy_and_two_worker_processes_on_postgresql(database_url: str, tmp_path: Path) -> None:
     from detectors.reference import SceneKind, generate_scene
-    from guardrail.images import write_image
+    from guardrail.service.images import write_image
 
     images = {
         "knife": ROOT / "examples" / "knife_trap.png",

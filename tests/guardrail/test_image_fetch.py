@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from guardrail.background_server import BackgroundServer
 from guardrail.config import ConfigError, load_settings
-from guardrail.image_fetch import ImageFetcher, ImageFetchError, parse_allowed_host
+from guardrail.demo.background_server import BackgroundServer
+from guardrail.service.image_fetch import ImageFetcher, ImageFetchError, parse_allowed_host
 
 PNG = (Path(__file__).resolve().parents[2] / "examples" / "knife_trap.png").read_bytes()
 

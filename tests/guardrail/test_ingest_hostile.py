@@ -21,8 +21,9 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageOps
 
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR
-from guardrail.api import create_app
-from guardrail.canonical import (
+from guardrail.config import ModelSettings, load_settings
+from guardrail.service.api import create_app
+from guardrail.service.canonical import (
     FALLBACK_MAX_PIXELS,
     AuditResolution,
     ImageLimits,
@@ -33,10 +34,9 @@ from guardrail.canonical import (
     pixel_budget,
     read_audit_resolution,
 )
-from guardrail.config import ModelSettings, load_settings
-from guardrail.images import DecodeBusyError, decode_image, sniff_format
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.worker import Worker
+from guardrail.service.images import DecodeBusyError, decode_image, sniff_format
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.worker import Worker
 from storage.engine import upgrade
 from storage.models import Job, Sample
 
@@ -271,7 +271,7 @@ def test_a_huge_image_is_stored_at_the_models_size_with_the_originals_digest(
 def test_a_downscaled_sample_is_audited_and_reported(tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from guardrail.reports import HEATMAP_MAX_SIDE, gather_report
+    from guardrail.service.reports import HEATMAP_MAX_SIDE, gather_report
     from storage.models import AttributionRecord
 
     runtime = _runtime(tmp_path, store_raw=True)
@@ -458,7 +458,7 @@ def test_a_job_queued_before_canonical_images_is_decoded_at_the_audit_size() -> 
 def test_reading_the_audit_resolution_loads_no_model_code() -> None:
     code = (
         "import sys\n"
-        "from guardrail.canonical import read_audit_resolution\n"
+        "from guardrail.service.canonical import read_audit_resolution\n"
         "from detectors.reference import MODEL_DIR\n"
         "print(read_audit_resolution(MODEL_DIR).shortest_edge)\n"
         "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules))\n"

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR
-from guardrail.background_server import free_port, spawn_guardrail
-from guardrail.chat import image_messages
+from guardrail.demo.background_server import free_port, spawn_guardrail
+from guardrail.service.chat import image_messages
 from storage.engine import make_engine, session_factory, upgrade
 from storage.models import Job, JobStatus, WorkerRecord
 
@@ -155,8 +155,8 @@ def test_a_segfaulting_worker_never_interrupts_the_proxy_and_its_poison_job_fail
 
 def test_sigint_on_a_busy_worker_stops_it_cleanly_and_gives_the_job_back(tmp_path: Path) -> None:
     from guardrail.config import load_settings
-    from guardrail.ingest import IngestRequest, ingest
-    from guardrail.runtime import build_runtime
+    from guardrail.service.ingest import IngestRequest, ingest
+    from guardrail.service.runtime import build_runtime
 
     url = f"sqlite:///{tmp_path / 'g.db'}"
     runtime = build_runtime(load_settings(environ={}, database_url=url))

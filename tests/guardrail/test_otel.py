@@ -13,14 +13,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from detectors.reference import CAPTION_PROMPT
-from guardrail.api import create_app
 from guardrail.cli import main
 from guardrail.config import ConfigError, Settings, load_settings, masked
-from guardrail.images import encode_png, read_image
-from guardrail.metrics import Metrics
-from guardrail.otel import AuditTrace, WordEvaluation, build_exporter, traces_url
-from guardrail.runtime import build_runtime
-from guardrail.worker import Worker
+from guardrail.service.api import create_app
+from guardrail.service.images import encode_png, read_image
+from guardrail.service.metrics import Metrics
+from guardrail.service.otel import AuditTrace, WordEvaluation, build_exporter, traces_url
+from guardrail.service.runtime import build_runtime
+from guardrail.service.worker import Worker
 from storage.engine import upgrade
 from tests.guardrail.otlp_receiver import otlp_receiver
 
@@ -237,7 +237,8 @@ def test_the_base_install_never_imports_opentelemetry() -> None:
     import subprocess
 
     code = (
-        "import sys, guardrail.worker, guardrail.children, guardrail.otel, guardrail.config;"
+        "import sys, guardrail.service.worker, guardrail.service.children;"
+        "import guardrail.service.otel, guardrail.config;"
         "guardrail.config.load_settings(environ={});"
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
     )
@@ -246,9 +247,9 @@ def test_the_base_install_never_imports_opentelemetry() -> None:
 
 
 def test_the_otel_api_is_pinned() -> None:
-    import guardrail.otel
+    import guardrail.service.otel
 
-    assert sorted(guardrail.otel.__all__) == sorted(
+    assert sorted(guardrail.service.otel.__all__) == sorted(
         [
             "EVALUATION_EVENT",
             "EVALUATION_NAME",
@@ -276,7 +277,7 @@ def test_serve_exports_from_its_worker_process_and_flushes_on_a_graceful_stop(
 
     import httpx
 
-    from guardrail.background_server import free_port, spawn_guardrail
+    from guardrail.demo.background_server import free_port, spawn_guardrail
     from storage.engine import make_engine
 
     url = f"sqlite:///{tmp_path / 'g.db'}"

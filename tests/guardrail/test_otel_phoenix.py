@@ -27,12 +27,12 @@ from fastapi.testclient import TestClient
 from detectors import __version__ as detectors_version
 from detectors.language_prior import DETECTOR_NAME
 from detectors.reference import CAPTION_PROMPT
-from guardrail.api import create_app
 from guardrail.config import load_settings
-from guardrail.images import encode_png, read_image
-from guardrail.otel import AuditTrace, WordEvaluation, build_exporter
-from guardrail.runtime import build_runtime
-from guardrail.worker import Worker
+from guardrail.service.api import create_app
+from guardrail.service.images import encode_png, read_image
+from guardrail.service.otel import AuditTrace, WordEvaluation, build_exporter
+from guardrail.service.runtime import build_runtime
+from guardrail.service.worker import Worker
 from storage.engine import upgrade
 
 pytestmark = pytest.mark.slow

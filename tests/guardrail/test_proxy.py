@@ -13,13 +13,13 @@ import pytest
 from openai import OpenAI
 
 from detectors.reference import MODEL_DIR
-from guardrail.api import create_app
-from guardrail.background_server import BackgroundServer
-from guardrail.chat import image_messages
 from guardrail.config import load_settings
+from guardrail.demo.background_server import BackgroundServer
 from guardrail.reference.upstream import create_upstream_app
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.worker import Worker
+from guardrail.service.api import create_app
+from guardrail.service.chat import image_messages
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.worker import Worker
 from storage.engine import upgrade
 from storage.models import Sample
 

@@ -24,12 +24,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from guardrail.api import create_app
-from guardrail.background_server import BackgroundServer
-from guardrail.chat import image_messages
 from guardrail.config import load_settings
-from guardrail.proxy import MAX_TEE_JSON_VALUES, TeeBacklog
-from guardrail.runtime import Runtime, build_runtime
+from guardrail.demo.background_server import BackgroundServer
+from guardrail.service.api import create_app
+from guardrail.service.chat import image_messages
+from guardrail.service.proxy import MAX_TEE_JSON_VALUES, TeeBacklog
+from guardrail.service.runtime import Runtime, build_runtime
 from storage.engine import upgrade
 from storage.models import Sample
 

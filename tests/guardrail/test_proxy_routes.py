@@ -19,13 +19,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from guardrail.answers import UnreadableAnswerError, decoded_body, read_answer
-from guardrail.api import create_app
-from guardrail.background_server import BackgroundServer
-from guardrail.chat import ChatFormatError, chat_input
 from guardrail.config import ConfigError, load_settings
-from guardrail.proxy import route_label, upstream_base, valid_traceparent
-from guardrail.runtime import Runtime, build_runtime
+from guardrail.demo.background_server import BackgroundServer
+from guardrail.service.answers import UnreadableAnswerError, decoded_body, read_answer
+from guardrail.service.api import create_app
+from guardrail.service.chat import ChatFormatError, chat_input
+from guardrail.service.proxy import route_label, upstream_base, valid_traceparent
+from guardrail.service.runtime import Runtime, build_runtime
 from storage.engine import upgrade
 from storage.models import Sample
 

@@ -27,11 +27,11 @@ from starlette.routing import Route
 
 from detectors.reference import MODEL_DIR
 from detectors.reference.world import CAPTION_PROMPT
-from guardrail.api import create_app
-from guardrail.background_server import BackgroundServer
 from guardrail.config import load_settings
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.worker import Worker
+from guardrail.demo.background_server import BackgroundServer
+from guardrail.service.api import create_app
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.worker import Worker
 from storage.engine import upgrade
 from storage.models import Sample
 

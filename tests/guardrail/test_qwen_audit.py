@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guardrail.auditor import ModelAuditor
 from guardrail.cli import main
 from guardrail.config import ModelSettings
 from guardrail.reference.tiny_models import QWEN_PROMPT, save_tiny_qwen
+from guardrail.service.auditor import ModelAuditor
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_qwen_auditor_serves_a_directory_of_vision_files_one_per_size(
 def test_qwen_auditor_counts_the_image_tokens_against_the_context(tmp_path: Path) -> None:
     """At 224 x 224 the one placeholder stands for 64 image tokens: an output that fits beside
     the bare prompt text but not beside the expanded image is refused before any scoring."""
-    from guardrail.auditor import AuditInputError
+    from guardrail.service.auditor import AuditInputError
 
     model_dir = save_tiny_qwen(tmp_path / "q224", image_size=224)
     auditor = ModelAuditor(ModelSettings(name="q", path=model_dir, family="qwen2_5_vl"))
@@ -138,7 +138,7 @@ def test_qwen_greedy_generation_is_the_argmax_under_teacher_forcing(qwen_dir: Pa
 def test_explain_command_explains_a_qwen_output_with_onnx_vision(
     qwen_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from guardrail.images import write_image
+    from guardrail.service.images import write_image
 
     image = np.random.default_rng(5).integers(0, 255, (56, 56, 3), dtype=np.uint8)
     write_image(tmp_path / "in.png", image)

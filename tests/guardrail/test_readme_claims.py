@@ -19,13 +19,13 @@ import pytest
 from PIL import Image
 
 from detectors.reference import CAPTION_PROMPT
-from guardrail.background_server import free_port, spawn_guardrail
+from guardrail.commands.report import make_report
 from guardrail.config import load_settings
-from guardrail.ingest import IngestRequest, ingest
-from guardrail.report_command import make_report
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.scheduler import Scheduler
-from guardrail.worker import Worker
+from guardrail.demo.background_server import free_port, spawn_guardrail
+from guardrail.service.ingest import IngestRequest, ingest
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.scheduler import Scheduler
+from guardrail.service.worker import Worker
 from storage.engine import make_engine, upgrade
 from storage.models import Report
 from tests.guardrail.test_scheduler import _audited, _runtime

@@ -13,8 +13,8 @@ from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_s
 from detectors.scorers import MaskedBatch, Scorer
 from detectors.scorers.families.llava import LlavaModel, LlavaScorer, ModelLoadError, load_llava
 from guardrail.cli import main
-from guardrail.images import write_image
 from guardrail.reference.training import weights_checksum
+from guardrail.service.images import write_image
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ import pytest
 from openai import OpenAI
 
 from detectors.reference import MODEL_DIR
-from guardrail.background_server import BackgroundServer, free_port, spawn_guardrail
-from guardrail.chat import image_messages, user_turn
 from guardrail.cli import main
 from guardrail.config import ConfigError, load_settings, masked
+from guardrail.demo.background_server import BackgroundServer, free_port, spawn_guardrail
 from guardrail.reference.upstream import create_upstream_app
+from guardrail.service.chat import image_messages, user_turn
 from storage.engine import make_engine, session_factory
 from storage.models import AttributionRecord, Sample
 

@@ -34,9 +34,9 @@ from detectors.scorers.remote import (
     masked_server_url,
 )
 from detectors.types import Fill, Target
-from guardrail.background_server import BackgroundServer
-from guardrail.images import read_image
+from guardrail.demo.background_server import BackgroundServer
 from guardrail.reference.upstream import create_upstream_app
+from guardrail.service.images import read_image
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "knife_trap.png"
 
@@ -296,7 +296,7 @@ def test_other_refusals_and_an_unreachable_server(
         pytest.raises(RemoteRequestError, match="HTTP 401: bad key"),
     ):
         _scorer(client, llava, sample["ids"]).score(sample["batch"], sample["targets"])
-    from guardrail.background_server import free_port
+    from guardrail.demo.background_server import free_port
 
     dead = RemoteServer(url=f"http://127.0.0.1:{free_port()}", model="m", max_retries=1)
     with (
@@ -339,7 +339,7 @@ def test_bad_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
 
 def test_masked_images_cross_the_wire_losslessly(sample: dict[str, Any]) -> None:
     from detectors.scorers.remote import png_bytes
-    from guardrail.images import decode_image
+    from guardrail.service.images import decode_image
 
     pixels = sample["batch"].pixels()
     for image in pixels:

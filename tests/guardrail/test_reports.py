@@ -10,13 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from detectors.reference import CAPTION_PROMPT
-from guardrail.api import create_app
 from guardrail.cli import main
+from guardrail.commands.report import make_report
 from guardrail.config import load_settings
-from guardrail.ingest import IngestRequest, ingest
-from guardrail.report_command import make_report
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.worker import Worker
+from guardrail.service.api import create_app
+from guardrail.service.ingest import IngestRequest, ingest
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.worker import Worker
 from storage.engine import upgrade
 from storage.models import Report
 

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import event
 
 from guardrail.config import load_settings
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.scheduler import Retained, retain
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.scheduler import Retained, retain
 from storage import queue
 from storage.engine import upgrade
 from storage.models import Alert, Job, Report, Sample

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from fastapi import FastAPI, Request
 
-from guardrail.alert_delivery import AlertDeliverer
-from guardrail.background_server import BackgroundServer, free_port
+from guardrail.commands.report import make_report
 from guardrail.config import load_settings
-from guardrail.report_command import make_report
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.scheduler import (
+from guardrail.demo.background_server import BackgroundServer, free_port
+from guardrail.service.alert_delivery import AlertDeliverer
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.scheduler import (
     LeaderElection,
     Retained,
     Scheduler,

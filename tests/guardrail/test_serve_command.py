@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from guardrail.metrics import ChildSnapshots, Metrics, snapshot
+from guardrail.service.metrics import ChildSnapshots, Metrics, snapshot
 from storage.engine import make_engine, upgrade
 
 

@@ -15,12 +15,12 @@ from fastapi.testclient import TestClient
 import detectors
 from detectors.language_prior import DETECTOR_NAME
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR
-from guardrail.api import create_app
 from guardrail.cli import main
 from guardrail.config import ConfigError, load_settings
-from guardrail.images import encode_png, read_image
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.worker import Worker
+from guardrail.service.api import create_app
+from guardrail.service.images import encode_png, read_image
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.worker import Worker
 from storage import queue
 from storage.engine import upgrade
 from storage.models import AttributionRecord, Job, JobStatus, Sample, VerdictRecord, utcnow
@@ -230,7 +230,7 @@ def test_multipart_upload_and_store_raw(tmp_path: Path) -> None:
 
 def test_sampler_rate_is_deterministic_and_capped_per_minute() -> None:
     from guardrail.config import ModelSettings
-    from guardrail.sampling import Sampler
+    from guardrail.service.sampling import Sampler
 
     now = [0.0]
     half = ModelSettings(name="m", path=MODEL_DIR, sample_rate=0.5, max_audits_per_minute=3)

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from guardrail.config import load_settings
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.scheduler import check_spikes
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.scheduler import check_spikes
 from storage.engine import upgrade
 from storage.models import Alert, Report
 from tests.guardrail.test_scheduler import _audited

@@ -23,9 +23,9 @@ import pytest
 
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR
 from detectors.scorers.families.llava import LlavaModel, load_llava
-from guardrail.background_server import BackgroundServer
-from guardrail.images import read_image
+from guardrail.demo.background_server import BackgroundServer
 from guardrail.reference.upstream import create_upstream_app
+from guardrail.service.images import read_image
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "knife_trap.png"

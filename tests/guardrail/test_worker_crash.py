@@ -16,10 +16,10 @@ import pytest
 
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
 from guardrail.config import load_settings
-from guardrail.images import encode_png
-from guardrail.ingest import IngestRequest, ingest
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.worker import Worker
+from guardrail.service.images import encode_png
+from guardrail.service.ingest import IngestRequest, ingest
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.worker import Worker
 from storage.engine import upgrade
 from storage.models import FlaggedToken, Job, JobStatus, Sample
 from tests.postgres import schema_url

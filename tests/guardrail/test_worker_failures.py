@@ -10,7 +10,6 @@ import pytest
 
 from detectors.errors import InvalidImageError, RemoteUnavailableError
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR
-from guardrail.chat import ChatFormatError
 from guardrail.cli import main
 from guardrail.config import ConfigError, load_settings
 from guardrail.errors import (
@@ -21,10 +20,11 @@ from guardrail.errors import (
     UnknownModelError,
     is_permanent,
 )
-from guardrail.images import CorruptImageError, DecodeBusyError
-from guardrail.ingest import IngestBusyError, IngestError
-from guardrail.runtime import Runtime, build_runtime
-from guardrail.worker import Worker
+from guardrail.service.chat import ChatFormatError
+from guardrail.service.images import CorruptImageError, DecodeBusyError
+from guardrail.service.ingest import IngestBusyError, IngestError
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.worker import Worker
 from storage import queue
 from storage.engine import upgrade
 from storage.models import Job, JobStatus, Sample, SampleStatus

@@ -13,9 +13,9 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from guardrail.api import create_app
-from guardrail.auditor import ModelAuditor
-from guardrail.worker import Worker
+from guardrail.service.api import create_app
+from guardrail.service.auditor import ModelAuditor
+from guardrail.service.worker import Worker
 from storage import queue
 from storage.models import Job, JobStatus
 from tests.guardrail.test_service import AUTH, _body, _runtime, _trap
