@@ -5,7 +5,6 @@ from dataclasses import replace
 import numpy as np
 
 from detectors import EagleSearch, SearchBudget, Target, VerdictLabel, grid_partition, judge_sample
-from detectors.language_prior import PriorThresholds
 from detectors.scorers import AnalyticScorer, TokenResponse
 from detectors.search.cross import DONOR_COLLAPSE, DONOR_PASSES, cross_evidence
 from detectors.types import CrossEvidence, StopReason
@@ -64,19 +63,14 @@ def test_cross_probes_are_cheap() -> None:
 # to) standing; the knife's *object* is the longer prefix of its ordering that collapses it.
 KNIFE6 = [1, 2, 5, 6, 9, 10]
 FORK_OWN = [12, 13]
-TH = PriorThresholds(min_borrowed=0.7)
 
 
 def _redundant_knife(fork_is_drawn: bool) -> AnalyticScorer:
     knife = np.zeros(16)
     knife[KNIFE6] = 3.0
     fork = np.zeros(16)
-    fork[KNIFE6] = 1.5  # the knife alone makes the model say fork (p 0.99) ...
+    fork[KNIFE6] = 1.5
     if fork_is_drawn:
-        # ... a drawn fork is evidence of its own, and the knife alone no longer suffices
-        # (a real fork the model would name from the knife alone is judged borrowed: its own
-        # pixels are redundant, nothing separates it from the hallucinated one)
-        fork[KNIFE6] = 0.5
         fork[FORK_OWN] = 4.5
     return AnalyticScorer(
         {1: TokenResponse(bias=-4.0, weights=knife), 2: TokenResponse(bias=-4.0, weights=fork)}
@@ -101,10 +95,8 @@ def test_removing_the_donors_object_catches_what_its_compact_set_missed() -> Non
     # the compact set is a part of the knife: removing it leaves the knife standing
     assert len(knife_attr.compact_set) < len(KNIFE6)
     assert set(knife_attr.compact_set) <= set(KNIFE6)
-    # ... so the test that removes only it finds the fork needing its own regions outside the
-    # knife's compact set (the rest of the knife), and the borrowing score stays low
-    _, fork_before = judge_sample(attributions, TH, _without_objects(cross))
-    assert fork_before.extra["borrowing_score"] < TH.min_borrowed
+    # ... so the old test, which removes only it, judges the fork grounded
+    _, fork_before = judge_sample(attributions, cross=_without_objects(cross))
     assert fork_before.label is VerdictLabel.GROUNDED
     # the knife's object: a prefix of its ordering whose removal collapses the knife
     knife_object = cross.donor_objects[0]
@@ -112,17 +104,16 @@ def test_removing_the_donors_object_catches_what_its_compact_set_missed() -> Non
     assert set(knife_object) == set(KNIFE6)
     assert cross.without_donor_object is not None
     assert cross.without_donor_object[0, 0] <= DONOR_COLLAPSE * p_knife
-    knife, fork = judge_sample(attributions, TH, cross)
+    knife, fork = judge_sample(attributions, cross=cross)
     assert knife.label is VerdictLabel.GROUNDED
-    assert fork.extra["borrowing_score"] > TH.min_borrowed
     assert fork.label is VerdictLabel.BORROWED_EVIDENCE and fork.borrowed_from == 0
-    assert fork.hallucination_score > fork_before.hallucination_score
+    assert fork.hallucination_score > fork_before.hallucination_score + 0.3
 
 
 def test_a_real_partner_survives_the_removal_of_the_donors_object() -> None:
     attributions, cross = _truncated(fork_is_drawn=True)
     assert not set(cross.donor_objects[0]) & set(FORK_OWN)
-    knife, fork = judge_sample(attributions, TH, cross)
+    knife, fork = judge_sample(attributions, cross=cross)
     assert knife.label is VerdictLabel.GROUNDED
     assert fork.label is VerdictLabel.GROUNDED
     assert fork.hallucination_score < 0.3

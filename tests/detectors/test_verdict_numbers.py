@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -298,45 +297,21 @@ def _cross(without: list[list[float]], own_only: list[list[float]]) -> CrossEvid
     )
 
 
-def test_with_cross_probes_the_score_multiplies_two_drops() -> None:
+def test_with_cross_probes_the_score_multiplies_three_drops() -> None:
     words = [_grounded(KNIFE, 0.8, (0,)), _grounded(FORK, 0.5, (1,))]
-    # knife without the fork's set: 0.2 (drop 0.75); fork with only its own evidence outside
-    # the knife's set removed: 0.5 (drop 0); fork without the knife's set (0.1) is no factor
+    # fork without the knife's set: 0.1 (drop 0.8); knife without the fork's: 0.2 (drop 0.75);
+    # fork with only its own evidence outside the knife's set removed: 0.5 (drop 0)
     cross = _cross([[np.nan, 0.2], [0.1, np.nan]], [[np.nan, 0.8], [0.5, np.nan]])
     knife, fork = judge_sample(words, cross=cross)
-    assert fork.extra["borrowing_score"] == pytest.approx(0.75, abs=1e-12)
+    assert fork.extra["borrowing_score"] == pytest.approx(0.8 * 0.75, abs=1e-12)
     assert fork.label is VerdictLabel.BORROWED_EVIDENCE and fork.borrowed_from == 0
-    assert fork.reason.endswith("(borrowing score 0.75)")
+    assert fork.reason.endswith("(borrowing score 0.60)")
     assert knife.label is VerdictLabel.GROUNDED and knife.extra["borrowing_score"] == 0.0
-    # a fork that rises once the knife's set is gone still borrows (the handle read as a fork)
-    cross = _cross([[np.nan, 0.2], [0.7, np.nan]], [[np.nan, 0.8], [0.5, np.nan]])
+    # the fork's own evidence matters: removing it takes a quarter, the score shrinks
+    cross = _cross([[np.nan, 0.2], [0.1, np.nan]], [[np.nan, 0.8], [0.375, np.nan]])
     _, fork = judge_sample(words, cross=cross)
-    assert fork.extra["borrowing_score"] == pytest.approx(0.75, abs=1e-12)
-    # the fork's own evidence matters: removing it takes half, the score halves
-    cross = _cross([[np.nan, 0.2], [0.1, np.nan]], [[np.nan, 0.8], [0.25, np.nan]])
-    _, fork = judge_sample(words, cross=cross)
-    assert fork.extra["borrowing_score"] == pytest.approx(0.75 * 0.5, abs=1e-12)
+    assert fork.extra["borrowing_score"] == pytest.approx(0.8 * 0.75 * 0.75, abs=1e-12)
     assert fork.label is VerdictLabel.GROUNDED
-
-
-def test_the_donors_object_replaces_its_compact_set_where_found() -> None:
-    words = [_grounded(KNIFE, 0.8, (0,)), _grounded(FORK, 0.5, (1,))]
-    nan = np.nan
-    base = _cross([[nan, 0.2], [0.1, nan]], [[nan, 0.8], [0.25, nan]])
-    # the fork's set minus the knife's *object* is empty: removing it leaves the fork at 0.5
-    with_object = replace(
-        base,
-        donor_objects=((0, 1), ()),
-        without_donor_object=np.array([[0.0, nan], [0.05, nan]]),
-        own_only_removed_object=np.array([[nan, nan], [0.5, nan]]),
-    )
-    _, before = judge_sample(words, cross=base)
-    _, after = judge_sample(words, cross=with_object)
-    assert before.extra["borrowing_score"] == pytest.approx(0.375, abs=1e-12)
-    assert after.extra["borrowing_score"] == pytest.approx(0.75, abs=1e-12)
-    # a donor without an object (empty tuple) keeps the compact-set probes
-    knife, _ = judge_sample(words, cross=with_object)
-    assert knife.extra["borrowing_score"] == 0.0
 
 
 def test_cross_drops_are_clipped() -> None:
@@ -402,5 +377,5 @@ def test_cross_probes_look_past_a_word_with_zero_probability() -> None:
     )
     spoon, knife, fork = judge_sample(words, th, cross)
     assert fork.label is VerdictLabel.BORROWED_EVIDENCE and fork.borrowed_from == 0
-    assert fork.extra["borrowing_score"] == pytest.approx(0.75, abs=1e-12)
+    assert fork.extra["borrowing_score"] == pytest.approx(0.6, abs=1e-12)
     assert spoon.extra["borrowing_score"] == knife.extra["borrowing_score"] == 0.0
