@@ -95,9 +95,13 @@ def judge_sample(
     across them.
 
     Word i borrows the evidence of another grounded word j when its probability collapses
-    once j's compact set is removed, but not when only its own evidence outside j's set is
-    removed: score = drop(i without S_j) * (1 - drop(i without S_i minus S_j)), from `cross`.
-    Without `cross`, the share of i's compact set inside j's stands in for it (free, coarser).
+    once j's evidence is removed, but not when only its own evidence outside j's is removed,
+    and j in turn needs i's compact set S_i: score = drop(i without E_j) * drop(j without S_i)
+    * (1 - drop(i without S_i minus E_j)), from `cross`.  E_j is j's *object*
+    (`CrossEvidence.donor_objects`: the shortest prefix of j's ordering whose removal collapses
+    j) where the probes found one, else j's compact set S_j (minimal for j's insight, so its
+    removal may leave enough of the object to still lend to i).  Without `cross`, the share of
+    i's compact set inside j's stands in for it (free, coarser).
     """
     thresholds = thresholds or PriorThresholds()
     verdicts = [v for a in attributions for v in judge(a, thresholds)]
@@ -152,9 +156,15 @@ def _borrowing(verdicts: Sequence[Verdict], cross: CrossEvidence | None) -> np.n
             p, q = mine.p_full, other.p_full
             if p <= 0 or q <= 0:
                 continue
-            cross_drop = _clip01((p - float(cross.without_other[i, j])) / p)
+            without, own_only = cross.without_other[i, j], cross.own_only_removed[i, j]
+            if _has_object(cross, j):
+                assert cross.without_donor_object is not None
+                assert cross.own_only_removed_object is not None
+                without = cross.without_donor_object[i, j]
+                own_only = cross.own_only_removed_object[i, j]
+            cross_drop = _clip01((p - float(without)) / p)
             back_drop = _clip01((q - float(cross.without_other[j, i])) / q)
-            own_drop = _clip01((p - float(cross.own_only_removed[i, j])) / p)
+            own_drop = _clip01((p - float(own_only)) / p)
             out[i, j] = cross_drop * back_drop * (1.0 - own_drop)
     for i in range(t):
         for j in range(i + 1, t):
@@ -166,6 +176,16 @@ def _borrowing(verdicts: Sequence[Verdict], cross: CrossEvidence | None) -> np.n
             else:
                 out[j, i] = 0.0
     return out
+
+
+def _has_object(cross: CrossEvidence, j: int) -> bool:
+    """Whether the donor-object probes of word j were made and found its object."""
+    return (
+        cross.without_donor_object is not None
+        and cross.own_only_removed_object is not None
+        and j < len(cross.donor_objects)
+        and len(cross.donor_objects[j]) > 0
+    )
 
 
 def _replace(verdict: Verdict, **changes: object) -> Verdict:

@@ -166,12 +166,26 @@ class CrossEvidence:
             removed (NaN on the diagonal).
         own_only_removed: `(T, T)`; [i, j] = probability of word i with its own compact set
             minus word j's removed (NaN on the diagonal).
-        forward_passes: passes spent on these probes (cache hits are free).
+        forward_passes: passes spent on these probes (cache hits are free), the donor-object
+            search included.
+        donor_objects: per word j, the regions of its *object*: the shortest prefix of j's
+            ordering found whose removal brings P(j) to at most a fraction of its p_full
+            (`detectors.search.cross.DONOR_COLLAPSE`); the compact set when its removal already
+            does; empty when no prefix within the probe budget does.  Empty tuple: not probed.
+        without_donor_object: `(T, T)`; [i, j] = probability of word i with word j's object
+            removed; [j, j] = P(j) itself with it removed; NaN where j has no object (None:
+            not probed).
+        own_only_removed_object: `(T, T)`; [i, j] = probability of word i with its own
+            compact set minus word j's object removed (NaN on the diagonal and where j has no
+            object; None: not probed).
     """
 
     without_other: np.ndarray
     own_only_removed: np.ndarray
     forward_passes: int
+    donor_objects: tuple[tuple[int, ...], ...] = ()
+    without_donor_object: np.ndarray | None = None
+    own_only_removed_object: np.ndarray | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
