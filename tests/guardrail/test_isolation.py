@@ -167,7 +167,9 @@ def test_sigint_on_a_busy_worker_stops_it_cleanly_and_gives_the_job_back(tmp_pat
             model="reference",
             prompt=CAPTION_PROMPT,
             image_bytes=EXAMPLE.read_bytes(),
-            output="fork knife car clock .",
+            # eight words searched over 256 regions: an audit of several seconds even on a
+            # quiet machine (4 words over 64 regions took 1.2 s, inside the grace period)
+            output="fork knife car clock . fork knife car clock .",
             force=True,
         ),
     )
@@ -176,7 +178,7 @@ def test_sigint_on_a_busy_worker_stops_it_cleanly_and_gives_the_job_back(tmp_pat
         "GUARDRAIL_DATABASE_URL": url,
         "GUARDRAIL_STOP_GRACE_SECONDS": "1",
         "GUARDRAIL_TORCH_THREADS": "1",
-        "GUARDRAIL_MODELS": json.dumps([{**SLOW, "budget_fraction": 1.0, "n_regions": 64}]),
+        "GUARDRAIL_MODELS": json.dumps([{**SLOW, "budget_fraction": 1.0, "n_regions": 256}]),
     }
     log = tmp_path / "worker.log"
     with log.open("wb") as stderr:

@@ -69,7 +69,9 @@ def test_the_proxy_passes_responses_through_and_tees_them(upstream: str, tmp_pat
         )
         text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
         assert text == "fork knife car clock ."
-        _wait_for_samples(runtime, 1)  # the same request twice: one sample (deterministic key)
+        # plain and streamed: two samples, teed on the tee's own threads after each answer
+        # went back, so wait for both before the worker looks for their jobs
+        _wait_for_samples(runtime, 2)
     worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics)
     assert worker.run_once() and worker.run_once()
     with runtime.sessions() as session:
