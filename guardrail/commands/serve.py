@@ -77,8 +77,12 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
     configure_logging(settings.log_format)
     sock = _bind(settings.host, settings.port)
-    runtime = build_runtime(settings)
-    check_migrated(runtime.engine)
+    try:
+        runtime = build_runtime(settings)
+        check_migrated(runtime.engine)
+    except BaseException:  # a refused start lets go of its port at once (not at GC)
+        sock.close()
+        raise
     if not settings.api_tokens:
         log.warning("no api_tokens configured: the API accepts unauthenticated requests")
     # audits and the scheduler (reports draw heatmaps) run in supervised child processes:

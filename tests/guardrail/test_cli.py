@@ -80,6 +80,7 @@ def test_database_url_mistakes_and_outages_are_one_line_errors(
 ) -> None:
     monkeypatch.delenv("GUARDRAIL_CONFIG", raising=False)
     port = free_port()  # nothing listens there
+    monkeypatch.setenv("GUARDRAIL_PORT", str(free_port()))  # serve's own, never the default
     cases = [
         ("not a url", "ArgumentError: database URL 'not a url' is not usable"),
         (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -249,9 +250,14 @@ def test_sampler_rate_is_deterministic_and_capped_per_minute() -> None:
 def test_serve_refuses_an_unmigrated_database(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from guardrail.demo.background_server import free_port
+
     monkeypatch.setenv("GUARDRAIL_DATABASE_URL", f"sqlite:///{tmp_path / 'new.db'}")
-    assert main(["serve", "--workers", "0"]) == 2
+    port = free_port()
+    assert main(["serve", "--workers", "0", "--port", str(port)]) == 2
     assert "guardrail db upgrade" in capsys.readouterr().err
+    with socket.socket() as again:  # the refused start let go of its port
+        again.bind(("127.0.0.1", port))
 
 
 @pytest.mark.parametrize(
