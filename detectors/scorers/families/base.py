@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
@@ -162,3 +162,38 @@ class ModelFamily(Protocol[M]):
         """Tensor-space masks, the text before the image cached, target-only logits; `vision`
         is an ONNX encoder for this image's input size or None for the torch tower."""
         ...
+
+
+class ScorerFactories:
+    """The two scorer constructors of a family, from its classes: a family sets
+    `plain_scorer_class` and `fast_scorer_class` (same constructor shape for every family)."""
+
+    plain_scorer_class: ClassVar[type[Any]]
+    fast_scorer_class: ClassVar[type[Any]]
+
+    def plain_scorer(
+        self,
+        model: Any,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        max_batch_size: int = 1,
+    ) -> Any:
+        return self.plain_scorer_class(
+            model, image, prompt, generated_ids, max_batch_size=max_batch_size
+        )
+
+    def fast_scorer(
+        self,
+        model: Any,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        vision: VisionRunner | None = None,
+        chunk_size: int = 16,
+    ) -> Any:
+        return self.fast_scorer_class(
+            model, image, prompt, generated_ids, vision=vision, chunk_size=chunk_size
+        )

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from detectors.errors import ImageTokenError
-from detectors.scorers.families.base import Generation, VisionFiles
+from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles
 from detectors.scorers.fast import (
     PrefixCachedLM,
     TensorMaskedScorer,
@@ -356,8 +356,11 @@ class FastInternVLScorer(TensorMaskedScorer):
         return self.masked_inputs(batch)
 
 
-class InternVLFamily:
+class InternVLFamily(ScorerFactories):
     """InternVL3/3.5 checkpoints: InternViT, pixel shuffle, an MLP projector, a Qwen2 LM."""
+
+    plain_scorer_class = InternVLScorer
+    fast_scorer_class = FastInternVLScorer
 
     name = "internvl"
     architecture = ARCHITECTURE
@@ -401,31 +404,6 @@ class InternVLFamily:
     ) -> VisionFiles:
         vision = OnnxVision.for_spec(path, model.vision_spec(), device=device, threads=threads)
         return {vision.input_hw: vision}
-
-    def plain_scorer(
-        self,
-        model: InternVLModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        max_batch_size: int = 1,
-    ) -> InternVLScorer:
-        return InternVLScorer(model, image, prompt, generated_ids, max_batch_size=max_batch_size)
-
-    def fast_scorer(
-        self,
-        model: InternVLModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        vision: VisionRunner | None = None,
-        chunk_size: int = 16,
-    ) -> FastInternVLScorer:
-        return FastInternVLScorer(
-            model, image, prompt, generated_ids, vision=vision, chunk_size=chunk_size
-        )
 
 
 INTERNVL = InternVLFamily()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from detectors.errors import ImageTokenError, InvalidTargetError
-from detectors.scorers.families.base import Generation, VisionFiles
+from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles
 from detectors.scorers.fast import PrefixCachedLM, TensorMaskedScorer, image_span
 from detectors.scorers.loading import (
     ModelLoadError,
@@ -375,8 +375,11 @@ class FastLlavaScorer(TensorMaskedScorer):
         return self.masked_inputs(batch)
 
 
-class LlavaFamily:
+class LlavaFamily(ScorerFactories):
     """LLaVA-style checkpoints: CLIP-like tower, a projector, a Llama-like language model."""
+
+    plain_scorer_class = LlavaScorer
+    fast_scorer_class = FastLlavaScorer
 
     name = "llava"
     architecture = ARCHITECTURE
@@ -411,31 +414,6 @@ class LlavaFamily:
     ) -> VisionFiles:
         vision = llava_onnx_vision(model, path, device=device, threads=threads)
         return {vision.input_hw: vision}
-
-    def plain_scorer(
-        self,
-        model: LlavaModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        max_batch_size: int = 1,
-    ) -> LlavaScorer:
-        return LlavaScorer(model, image, prompt, generated_ids, max_batch_size=max_batch_size)
-
-    def fast_scorer(
-        self,
-        model: LlavaModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        vision: VisionRunner | None = None,
-        chunk_size: int = 16,
-    ) -> FastLlavaScorer:
-        return FastLlavaScorer(
-            model, image, prompt, generated_ids, vision=vision, chunk_size=chunk_size
-        )
 
 
 LLAVA = LlavaFamily()

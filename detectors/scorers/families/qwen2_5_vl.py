@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from detectors.errors import ImageTokenError
-from detectors.scorers.families.base import Generation, VisionFiles
+from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles
 from detectors.scorers.fast import (
     PrefixCachedLM,
     TensorMaskedScorer,
@@ -466,8 +466,11 @@ class FastQwenScorer(TensorMaskedScorer):
         return self.vision(images)
 
 
-class QwenFamily:
+class QwenFamily(ScorerFactories):
     """Qwen2.5-VL checkpoints: a windowed ViT with 2-D rope, a patch merger, 3-D rope text."""
+
+    plain_scorer_class = QwenScorer
+    fast_scorer_class = FastQwenScorer
 
     name = "qwen2_5_vl"
     architecture = ARCHITECTURE
@@ -511,31 +514,6 @@ class QwenFamily:
         self, model: QwenModel, path: str | Path, *, device: str = "cpu", threads: int = 0
     ) -> VisionFiles:
         return qwen_onnx_visions(model, path, device=device, threads=threads)
-
-    def plain_scorer(
-        self,
-        model: QwenModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        max_batch_size: int = 1,
-    ) -> QwenScorer:
-        return QwenScorer(model, image, prompt, generated_ids, max_batch_size=max_batch_size)
-
-    def fast_scorer(
-        self,
-        model: QwenModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        vision: VisionRunner | None = None,
-        chunk_size: int = 16,
-    ) -> FastQwenScorer:
-        return FastQwenScorer(
-            model, image, prompt, generated_ids, vision=vision, chunk_size=chunk_size
-        )
 
 
 QWEN2_5_VL = QwenFamily()
