@@ -96,18 +96,25 @@ async def _ingest(sidecar: str, image_b64: str, n: int, concurrency: int) -> dic
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
+    # the load generator shares the machine's cores with the sidecar: the body is encoded once
+    # and only its request id is filled in per request, so that the client's own CPU takes as
+    # little as it can from the server being measured
+    template = json.dumps(
+        {
+            "model": "reference",
+            "prompt": "USER: <image> Describe the image. ASSISTANT:",
+            "output": "fork knife car clock .",
+            "image_base64": image_b64,
+            "request_id": "ingest-%d",
+        }
+    )
+    headers = {"content-type": "application/json"}
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         while not queue.empty():
             i = queue.get_nowait()
-            body = {
-                "model": "reference",
-                "prompt": "USER: <image> Describe the image. ASSISTANT:",
-                "output": "fork knife car clock .",
-                "image_base64": image_b64,
-                "request_id": f"ingest-{i}",
-            }
-            r = await client.post(f"{sidecar}/v1/samples", json=body)
+            body = template.replace("%d", str(i), 1).encode()
+            r = await client.post(f"{sidecar}/v1/samples", content=body, headers=headers)
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
 
     limits = httpx.Limits(max_connections=concurrency)

@@ -73,11 +73,14 @@ def enqueue(
     max_attempts: int = 5,
     image_data: bytes | None = None,
     prompt: str | None = None,
+    flush: bool = True,
 ) -> Job:
-    """A job for `sample_id`; `image_data` and `prompt` ride with it until it is finished."""
+    """A job for `sample_id`; `image_data` and `prompt` ride with it until it is finished.
+    `flush=False` leaves the INSERT to the session's next flush."""
     job = Job(sample_id=sample_id, max_attempts=max_attempts, image_data=image_data, prompt=prompt)
     session.add(job)
-    session.flush()
+    if flush:
+        session.flush()
     return job
 
 

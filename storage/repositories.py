@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,15 +22,19 @@ from storage.models import (
     Sample,
     SampleStatus,
     VerdictRecord,
+    new_id,
 )
+from storage.queue import enqueue
 
 __all__ = [
+    "NewSample",
     "add_sample",
     "firing_alert",
     "get_sample",
     "label_map",
     "save_audit",
     "store_report",
+    "store_samples",
 ]
 
 
@@ -73,10 +78,16 @@ def add_sample(
     response_id: str | None = None,
     traceparent: str | None = None,
     choice_index: int | None = None,
+    sample_id: str | None = None,
+    flush: bool = True,
 ) -> Sample:
-    """A new sample (pass `prompt` and `image_data` only when the operator stores raw data)."""
+    """A new sample (pass `prompt` and `image_data` only when the operator stores raw data).
+
+    `sample_id` sets its id instead of a fresh one; `flush=False` leaves the INSERT to the
+    session's next flush (several samples then go in one statement)."""
     width, height = image_size
     sample = Sample(
+        id=sample_id or new_id(),
         model=model,
         request_id=request_id,
         response_id=response_id,
@@ -92,8 +103,38 @@ def add_sample(
         image_data=image_data,
     )
     session.add(sample)
-    session.flush()
+    if flush:
+        session.flush()
     return sample
+
+
+@dataclass(frozen=True, slots=True)
+class NewSample:
+    """A sample and its job, ready to store: `add_sample`'s arguments and the job's."""
+
+    sample: dict[str, Any]
+    max_attempts: int
+    image_data: bytes
+    prompt: str
+
+
+def store_samples(session: Session, accepted: Sequence[NewSample]) -> list[str]:
+    """Add `accepted` samples and their jobs to `session` (two multi-row INSERTs, samples
+    first for the jobs' foreign key); their ids, in order.  `GroupCommit`'s write."""
+    ids = [new_id() for _ in accepted]
+    for sample_id, one in zip(ids, accepted, strict=True):
+        add_sample(session, **one.sample, sample_id=sample_id, flush=False)
+    session.flush()
+    for sample_id, one in zip(ids, accepted, strict=True):
+        enqueue(
+            session,
+            sample_id,
+            max_attempts=one.max_attempts,
+            image_data=one.image_data,
+            prompt=one.prompt,
+            flush=False,
+        )
+    return ids
 
 
 def save_audit(

@@ -5,6 +5,10 @@ header, geometry at the audit resolution); only a sampled one is decoded, under 
 pixel budget, and stored as its canonical image (`guardrail.service.canonical`): upright
 8-bit RGB PNG at most the model's input size.  The sample keeps the SHA-256 and size of the
 image as sent, and the sampling key is that digest.
+
+Samples accepted by concurrent requests are committed together (`storage.group_commit`): the
+commit (an fsync on SQLite) is paid once per batch, not once per sample, and a request is
+answered only once its own sample is durable.
 """
 
 from __future__ import annotations
@@ -25,8 +29,7 @@ from guardrail.service.canonical import (
 from guardrail.service.images import DecodeBusyError, ImageRejectedError, image_header, sniff_format
 from guardrail.service.runtime import Runtime
 from guardrail.service.sampling import request_key
-from storage import queue
-from storage.repositories import add_sample
+from storage.repositories import NewSample
 
 __all__ = ["IngestError", "IngestRequest", "ingest", "unsafe_text_reason"]
 
@@ -169,29 +172,26 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
         )
     except ImageRejectedError as exc:
         raise _image_error(exc) from None
-    with runtime.sessions.begin() as session:
-        sample = add_sample(
-            session,
-            model=model.name,
-            image_sha256=digest,
-            image_size=(image.original_width, image.original_height),
-            generated_text=request.output or "",
-            token_ids=request.token_ids,
-            request_id=request.request_id,
-            response_id=request.response_id,
-            traceparent=request.traceparent,
-            choice_index=request.choice_index,
-            metadata=request.metadata,
-            prompt=request.prompt if settings.store_raw else None,
-            image_data=image.png if settings.store_raw else None,
-        )
-        queue.enqueue(
-            session,
-            sample.id,
+    sample_id = runtime.sample_writer.submit(
+        NewSample(
+            sample={
+                "model": model.name,
+                "image_sha256": digest,
+                "image_size": (image.original_width, image.original_height),
+                "generated_text": request.output or "",
+                "token_ids": request.token_ids,
+                "request_id": request.request_id,
+                "response_id": request.response_id,
+                "traceparent": request.traceparent,
+                "choice_index": request.choice_index,
+                "metadata": request.metadata,
+                "prompt": request.prompt if settings.store_raw else None,
+                "image_data": image.png if settings.store_raw else None,
+            },
             max_attempts=settings.max_attempts,
             image_data=image.png,
             prompt=request.prompt,
         )
-        sample_id = sample.id
+    )
     m.samples_sampled.labels(model=model.name).inc()
     return {"sampled": True, "id": sample_id, "status": "queued", "reason": decision.reason}

@@ -14,8 +14,13 @@ from guardrail.service.auditor import ModelAuditor
 from guardrail.service.metrics import Metrics
 from guardrail.service.sampling import Sampler
 from storage.engine import make_engine, session_factory
+from storage.group_commit import GroupCommit
+from storage.repositories import NewSample, store_samples
 
-__all__ = ["Runtime", "build_runtime"]
+__all__ = ["INGEST_THREADS", "Runtime", "build_runtime"]
+
+# threads accepting samples at once (decoding releases the GIL; their commits are grouped)
+INGEST_THREADS = 4
 
 
 @dataclass
@@ -26,8 +31,10 @@ class Runtime:
     metrics: Metrics
     auditors: dict[str, ModelAuditor]
     sampler: Sampler
-    # ingest writes: one thread on SQLite (one writer, no lock contention), more on PostgreSQL
+    # ingest: validating, sampling and decoding run in these threads side by side; their
+    # writes are committed together by `sample_writer` (one transaction at a time)
     ingest_executor: ThreadPoolExecutor
+    sample_writer: GroupCommit[NewSample, str]
     # the proxy's tee: reading answers and fetching image URLs (slow, network-bound) happens
     # here, so that a slow fetch never holds the ingest thread the samples API waits on; each
     # tee hands its samples to `ingest_executor` and waits for them (bounded by the backlog)
@@ -47,16 +54,16 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
         m.name: ModelAuditor(m, threads=settings.torch_threads, rate_share=share)
         for m in settings.models
     }
+    sessions = session_factory(engine)
     metrics = metrics or Metrics.create()
     metrics.start_series([m.name for m in settings.models])
     return Runtime(
         settings=settings,
         engine=engine,
-        sessions=session_factory(engine),
+        sessions=sessions,
         metrics=metrics,
         auditors=auditors,
         sampler=Sampler({m.name: m for m in settings.models}),
-        ingest_executor=ThreadPoolExecutor(
-            max_workers=1 if url.startswith("sqlite") else 8, thread_name_prefix="ingest"
-        ),
+        ingest_executor=ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="ingest"),
+        sample_writer=GroupCommit(sessions, store_samples, max_batch=64),
     )

@@ -29,7 +29,7 @@ from guardrail.demo.background_server import BackgroundServer
 from guardrail.service.api import create_app
 from guardrail.service.chat import image_messages
 from guardrail.service.proxy import MAX_TEE_JSON_VALUES, TeeBacklog
-from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.runtime import INGEST_THREADS, Runtime, build_runtime
 from storage.engine import upgrade
 from storage.models import Sample
 
@@ -175,6 +175,12 @@ def drops(runtime: Runtime, reason: str) -> float:
     return runtime.metrics.registry.get_sample_value(DROPS, {"reason": reason}) or 0.0
 
 
+def stall_ingest(runtime: Runtime, release: threading.Event) -> None:
+    """Hold every ingest thread until `release` is set."""
+    for _ in range(INGEST_THREADS):
+        runtime.ingest_executor.submit(release.wait)
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -280,7 +286,7 @@ def test_the_tee_backlog_is_bounded_in_bytes_and_drains_to_zero(
         proxy_max_pending=1000, proxy_max_pending_bytes=int(2.5 * per_exchange)
     )
     release = threading.Event()
-    runtime.ingest_executor.submit(release.wait)  # the one SQLite ingest thread is stalled
+    stall_ingest(runtime, release)
     try:
         with httpx.Client(timeout=10) as client:
             for body in bodies:
@@ -320,7 +326,7 @@ def test_the_tee_backlog_is_bounded_in_count_with_a_blocked_executor(
     answer = json.dumps(completion("a knife on a table .")).encode()
     runtime, url, backlog = sidecar_factory(proxy_max_pending=1)
     release = threading.Event()
-    runtime.ingest_executor.submit(release.wait)
+    stall_ingest(runtime, release)
     try:
         with httpx.Client(timeout=10) as client:
             for i in range(4):

@@ -33,7 +33,7 @@ def bearer_auth(settings: Settings) -> list[Any]:
     one, 403 for another; nothing is checked when no tokens are configured)."""
     digests = [hashlib.sha256(t.get_secret_value().encode()).digest() for t in settings.api_tokens]
 
-    def authorize(
+    async def authorize(  # async: no blocking work, so no thread hop per request
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
     ) -> None:
         if not digests:

@@ -179,7 +179,7 @@ class _Correlation:
     traceparent: str | None
 
 
-def _correlation(
+async def _correlation(  # async: no blocking work, so no thread hop per request
     x_request_id: Annotated[
         str | None,
         Header(description="the caller's request id (1-128 visible ASCII characters)"),
