@@ -15,6 +15,7 @@ once, so that an outage is not paid for once per item.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,16 @@ class _Pending(Generic[T, R]):
     def finish(self, result: R | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    """A copy of `exc` to raise in another thread, or `exc` itself when it cannot be copied."""
+    try:
+        twin = copy.copy(exc)
+    except Exception:
+        return exc
+    twin.__traceback__ = None
+    return twin if type(twin) is type(exc) else exc
 
 
 class GroupCommit(Generic[T, R]):
@@ -121,8 +132,8 @@ class GroupCommit(Generic[T, R]):
                     pending.finish(result)
             return
         except BaseException as exc:  # the database itself failed: every item fails with it
-            for pending in batch:
-                pending.finish(error=exc)
+            for pending in batch:  # each thread raises its own copy (its own traceback)
+                pending.finish(error=_own_copy(exc))
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not ours
                 raise
             return
