@@ -268,6 +268,15 @@ class Settings(BaseSettings):
     ingest_decode_wait_seconds: float = Field(
         default=5.0, gt=0, description="wait for decode capacity before answering 503"
     )
+    ingest_decode_processes: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="child processes that decode sampled images (never the serving process)",
+    )
+    ingest_decode_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="longest one image may take to decode before a 422"
+    )
     max_request_bytes: int | None = Field(
         default=None,
         ge=1024,

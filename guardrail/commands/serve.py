@@ -124,6 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
         supervisor.stop()
         runtime.tee_executor.shutdown(wait=True, cancel_futures=False)  # hands on to ingest
         runtime.ingest_executor.shutdown(wait=True, cancel_futures=False)
+        runtime.decoders.close()
     return 130 if received and received[0] == signal.SIGINT else 0
 
 

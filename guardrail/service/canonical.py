@@ -319,10 +319,11 @@ def canonical_image(
     limits: ImageLimits,
     resolution: AuditResolution,
     n_regions: int,
-    budget: PixelBudget,
+    budget: PixelBudget | None,
     wait_seconds: float,
 ) -> CanonicalImage:
-    """The canonical image of `data` (see the module docstring for each step).
+    """The canonical image of `data` (see the module docstring for each step), decoded under
+    `budget` (None: the caller holds it).
 
     Raises:
         UnsupportedImageFormatError (415): not PNG, JPEG or WebP.

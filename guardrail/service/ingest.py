@@ -1,9 +1,10 @@
 """Accepting a sample: validate, sample, and store it with its job in one transaction.
 
 The image is checked cheaply for every request (format from its magic bytes, size from its
-header, geometry at the audit resolution); only a sampled one is decoded, under the process's
-pixel budget, and stored as its canonical image (`guardrail.service.canonical`): upright
-8-bit RGB PNG at most the model's input size.  The sample keeps the SHA-256 and size of the
+header, geometry at the audit resolution); only a sampled one is decoded, in a decoder child
+process (`guardrail.service.decoders`) under the process's pixel budget, and stored as its
+canonical image (`guardrail.service.canonical`): upright 8-bit RGB PNG at most the model's
+input size.  The sample keeps the SHA-256 and size of the
 image as sent, and the sampling key is that digest.
 
 Samples accepted by concurrent requests are committed together (`storage.group_commit`): the
@@ -23,7 +24,6 @@ from guardrail.service.auditor import image_placeholder
 from guardrail.service.canonical import (
     ImageLimits,
     audit_resolution,
-    canonical_image,
     pixel_budget,
 )
 from guardrail.service.images import DecodeBusyError, ImageRejectedError, image_header, sniff_format
@@ -162,7 +162,7 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
         m.samples_skipped.labels(model=model.name, reason=decision.reason).inc()
         return {"sampled": False, "reason": decision.reason}
     try:
-        image = canonical_image(
+        image = runtime.decoders.canonical(
             request.image_bytes,
             limits=limits,
             resolution=resolution,

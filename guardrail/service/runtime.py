@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from guardrail.config import Settings
 from guardrail.service.auditor import ModelAuditor
+from guardrail.service.decoders import DecoderPool
 from guardrail.service.metrics import Metrics
 from guardrail.service.sampling import Sampler
 from storage.engine import make_engine, session_factory
@@ -35,6 +36,8 @@ class Runtime:
     # writes are committed together by `sample_writer` (one transaction at a time)
     ingest_executor: ThreadPoolExecutor
     sample_writer: GroupCommit[NewSample, str]
+    # the child processes that decode sampled images (native code on client data)
+    decoders: DecoderPool
     # the proxy's tee: reading answers and fetching image URLs (slow, network-bound) happens
     # here, so that a slow fetch never holds the ingest thread the samples API waits on; each
     # tee hands its samples to `ingest_executor` and waits for them (bounded by the backlog)
@@ -66,4 +69,8 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
         sampler=Sampler({m.name: m for m in settings.models}),
         ingest_executor=ThreadPoolExecutor(max_workers=INGEST_THREADS, thread_name_prefix="ingest"),
         sample_writer=GroupCommit(sessions, store_samples, max_batch=64),
+        decoders=DecoderPool(
+            settings.ingest_decode_processes,
+            timeout_seconds=settings.ingest_decode_timeout_seconds,
+        ),
     )
