@@ -168,6 +168,18 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _serve_children(pid: int) -> tuple[list[int], list[int]]:
+    """`serve`'s audit processes and its image decoders (children of its forkserver)."""
+    workers, decoders = [], []
+    for child in _children(pid):
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"forkserver" in cmdline:
+            decoders += _children(child)
+        else:
+            workers.append(child)
+    return workers, decoders
+
+
 async def _flood(sidecar: str, images: list[tuple[str, bytes]], n: int) -> dict[str, Any]:
     statuses: dict[str, int] = {}
     semaphore = asyncio.Semaphore(8)
@@ -254,8 +266,9 @@ def large_image_flood(n: int) -> dict[str, Any]:
                     if line.startswith("guardrail_audits_total{")
                 )
             )
-            workers = _children(serve.pid)
+            workers, decoders = _serve_children(serve.pid)
             peak_worker = max((_peak_rss_mb(pid) for pid in workers), default=float("nan"))
+            peak_decoder = max((_peak_rss_mb(pid) for pid in decoders), default=float("nan"))
             return {
                 "requests": n,
                 "images": [f"{k} {len(d) // 1024} KB" for k, d in images],
@@ -264,6 +277,7 @@ def large_image_flood(n: int) -> dict[str, Any]:
                 "audited": audited,
                 "peak_rss_mb_serve": _peak_rss_mb(serve.pid),
                 "peak_rss_mb_worker": peak_worker,
+                "peak_rss_mb_decoder": peak_decoder,
             }
         finally:
             for process in (serve, upstream):
@@ -378,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["ingest_5xx_during_db_outage"] = report["outage"]["ingest_5xx_during_db_outage"]
     report["peak_rss_mb_serve"] = report["flood"]["peak_rss_mb_serve"]
     report["peak_rss_mb_worker"] = report["flood"]["peak_rss_mb_worker"]
+    report["peak_rss_mb_decoder"] = report["flood"]["peak_rss_mb_decoder"]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -403,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"large-image flood: {f['requests']} requests ({', '.join(f['images'])}) in "
         f"{f['seconds']:.1f} s, statuses {f['statuses']}, {f['audited']} audited; peak RSS "
-        f"serve {f['peak_rss_mb_serve']:.0f} MB, worker {f['peak_rss_mb_worker']:.0f} MB"
+        f"serve {f['peak_rss_mb_serve']:.0f} MB, worker {f['peak_rss_mb_worker']:.0f} MB, "
+        f"image decoder {f['peak_rss_mb_decoder']:.0f} MB"
     )
     return 0
 

@@ -98,8 +98,10 @@ def test_sidecar_load_benchmark_prints_json() -> None:
         "ingest_samples_per_s",
         "peak_rss_mb_serve",
         "peak_rss_mb_worker",
+        "peak_rss_mb_decoder",
     ):
         assert isinstance(report[key], float), key
+    assert report["peak_rss_mb_decoder"] > 0  # the flood's images were decoded in children
     assert report["failed_requests_during_db_outage"] == 0
     assert report["ingest_5xx_during_db_outage"] == 0
 
