@@ -62,6 +62,18 @@ def test_scorer_speed_benchmark_prints_json() -> None:
     assert set(tower) == {"transformers_torch", "batched_torch", "batched_onnx"}
 
 
+def test_blend_speed_benchmark_prints_json() -> None:
+    report = _run_json("blend_speed.py", "--rows", "2", "--repeats", "1")
+    results = report["results"]
+    assert isinstance(results, list)
+    assert [(r["case"], r["rows"]) for r in results] == [("identity", 2), ("resized", 2)]
+    identity, resized = results
+    assert identity["band_share"] == 0.0 and 0.0 < resized["band_share"] < 0.2
+    for row in results:
+        assert set(row["ms_per_chunk"]) == {"dense", "shares", "shares+out"}
+        assert max(row["max_abs_diff_from_dense"].values()) <= 1e-6
+
+
 def test_explain_speed_benchmark_prints_json() -> None:
     report = _run_json("explain_speed.py", "--scenes", "1", "--regions", "8", "--fraction", "0.5")
     for key in ("speedup", "attainment", "reference_passes", "ours_passes"):
