@@ -87,8 +87,9 @@ class RegionShares:
     per pixel, and dense shares only for the band of pixels that several regions share.
 
     Attributes (torch tensors on one device; P = h * w input pixels):
-        labels: `(P,)` int64: the region that holds all of a pixel (off the band).
-        band: `(N,)` int64: the pixels that more than one region holds a share of.
+        labels: `(P,)` int64: the region that holds all of a pixel (on the band, its largest
+            share, overwritten by the band's product).
+        band: `(N,)` int64: the pixels not held whole by one region (share exactly 1.0).
         band_shares: `(R, N)` float32: those pixels' shares.
     """
 
