@@ -62,6 +62,34 @@ def test_scorer_speed_benchmark_prints_json() -> None:
     assert set(tower) == {"transformers_torch", "batched_torch", "batched_onnx"}
 
 
+def test_scorer_speed_runs_only_the_named_rows() -> None:
+    small = ["--variants", "2", "--repeats", "1", "--chunks", "2", "--chunk", "2"]
+    report = _run_json("scorer_speed.py", *small, "--models", "tiny-internvl")
+    results = report["results"]
+    assert isinstance(results, list)
+    assert [r["model"] for r in results] == ["tiny-internvl"]
+    assert results[0]["max_abs_prob_diff"] <= 1e-5
+    assert report["speedup_reference_model"] is None  # the reference model's row did not run
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scorer_speed.py"), "--models", "gpt-4"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--models takes some of reference," in proc.stderr
+
+
+def test_blend_speed_benchmark_prints_json() -> None:
+    report = _run_json("blend_speed.py", "--rows", "2", "--repeats", "1")
+    results = report["results"]
+    assert isinstance(results, list)
+    assert [(r["case"], r["rows"]) for r in results] == [("identity", 2), ("resized", 2)]
+    identity, resized = results
+    assert identity["band_share"] == 0.0 and 0.0 < resized["band_share"] < 0.2
+    for row in results:
+        assert set(row["ms_per_chunk"]) == {"dense", "shares", "shares+out"}
+        assert max(row["max_abs_diff_from_dense"].values()) <= 1e-6
+
+
 def test_explain_speed_benchmark_prints_json() -> None:
     report = _run_json("explain_speed.py", "--scenes", "1", "--regions", "8", "--fraction", "0.5")
     for key in ("speedup", "attainment", "reference_passes", "ours_passes"):

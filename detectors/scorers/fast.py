@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -270,7 +271,7 @@ class TensorMaskedScorer:
 
         from detectors.errors import InvalidImageError
         from detectors.scorers.masked import fill_image
-        from detectors.scorers.tensor_masks import soft_region_masks
+        from detectors.scorers.tensor_masks import region_shares
 
         if batch.image.shape != self.image.shape:
             raise InvalidImageError(
@@ -279,22 +280,35 @@ class TensorMaskedScorer:
             )
         state = self._mask_state()
         if batch.partition is not state["partition"]:
-            soft = soft_region_masks(batch.partition, self.geometry)
-            state["soft"] = torch.from_numpy(soft.reshape(soft.shape[0], -1)).to(self.device)
+            state["shares"] = region_shares(batch.partition, self.geometry, self.device)
             state["partition"] = batch.partition
         if batch.fill not in state["fills"]:
             fill = self._preprocess(fill_image(self.image, batch.fill))
             state["fills"][batch.fill] = (fill, state["base"] - fill)
         return torch.from_numpy(batch.keep.astype(np.float32)).to(self.device)
 
-    def _blend(self, keep: Any, fill: Any) -> Any:
-        """`(b, C, H, W)`: fill + share of kept regions * (base - fill), one fused op.  Built
-        a chunk at a time: one large fresh buffer per batch costs more than the arithmetic."""
+    def _blend(self, keep: Any, fill: Any, *, reuse: bool = False) -> Any:
+        """`(b, C, H, W)`: fill + share of kept regions * (base - fill), one fused op, built a
+        chunk at a time.  With `reuse` (the caller is done with the previous chunk's images) it
+        is written into buffers kept from chunk to chunk: a large fresh tensor is fresh pages
+        from the kernel, which cost several times the arithmetic (benchmarks/blend_speed.py)."""
         import torch
 
         image, diff = self._masks["fills"][fill]
-        share = (keep @ self._masks["soft"]).view(keep.shape[0], 1, *image.shape[-2:])
-        return torch.addcmul(image, share, diff)
+        rows = keep.shape[0]
+        share_out, out = self._chunk_buffers(keep, image) if reuse else (None, None)
+        share = self._masks["shares"].kept(keep, out=share_out)
+        return torch.addcmul(image, share.view(rows, 1, *image.shape[-2:]), diff, out=out)
+
+    def _chunk_buffers(self, keep: Any, image: Any) -> tuple[Any, Any]:
+        """`(b, H*W)` and `(b, C, H, W)` buffers for `_blend`, grown when a chunk is larger."""
+        rows = keep.shape[0]
+        buffers: tuple[Any, Any] | None = self._masks.get("buffers")
+        if buffers is None or buffers[1].shape[0] < rows:
+            shape = image.shape[1:]
+            buffers = (keep.new_empty(rows, shape[-2] * shape[-1]), image.new_empty(rows, *shape))
+            self._masks["buffers"] = buffers
+        return buffers[0][:rows], buffers[1][:rows]
 
     def masked_inputs(self, batch: Any) -> Any:
         """`(B, C, H, W)` preprocessed masked images, built in tensor space."""
@@ -310,7 +324,8 @@ class TensorMaskedScorer:
         out = []
         for i in range(0, batch.size, self.chunk_size):
             rows = keep[i : i + self.chunk_size]
-            images = run_timed(t, "masking", self._blend, rows, batch.fill)
+            # the encoder is done with a chunk's images when it returns: reuse their buffers
+            images = run_timed(t, "masking", partial(self._blend, reuse=True), rows, batch.fill)
             features = run_timed(t, "vision", self._encode, images)
             out.append(run_timed(t, "language_model", self.lm.probs, features, targets))
         probs = to_numpy(torch.cat(out))

@@ -7,17 +7,23 @@ the model's size) this equals masking in pixel space and preprocessing each vari
 float rounding: the processor's rescale and normalise are affine per channel.  When it resizes,
 the two differ only along region borders, where the resize mixes kept and removed pixels; the
 tests measure that difference.
+
+The blend needs, per variant, the share of every input pixel that its kept regions hold: a
+`(b, R) x (R, h*w)` product with the soft masks.  Most pixels lie inside one region, whose share
+is 1.0, so `RegionShares` stores a region id per pixel (a gather) and keeps dense shares only
+for the band of pixels that a resize mixes (none without a resize).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from detectors.regions import RegionPartition
 
-__all__ = ["InputGeometry", "soft_region_masks"]
+__all__ = ["InputGeometry", "RegionShares", "region_shares", "soft_region_masks"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -73,3 +79,56 @@ def soft_region_masks(partition: RegionPartition, geometry: InputGeometry) -> np
         out[r] = resized[top : top + ch, left : left + cw]
     total = out.sum(axis=0, keepdims=True)
     return np.asarray(out / np.maximum(total, 1e-12), dtype=np.float32)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class RegionShares:
+    """One partition's soft region masks on one input grid, stored for the blend: a region id
+    per pixel, and dense shares only for the band of pixels that several regions share.
+
+    Attributes (torch tensors on one device; P = h * w input pixels):
+        labels: `(P,)` int64: the region that holds all of a pixel (on the band, its largest
+            share, overwritten by the band's product).
+        band: `(N,)` int64: the pixels not held whole by one region (share exactly 1.0).
+        band_shares: `(R, N)` float32: those pixels' shares.
+    """
+
+    labels: Any
+    band: Any
+    band_shares: Any
+
+    def kept(self, keep: Any, *, out: Any = None) -> Any:
+        """`(b, P)` float32: the share of every pixel that the kept regions hold, for `(b, R)`
+        float32 `keep`: `keep @ soft` up to float rounding on the band, exactly off it."""
+        import torch
+
+        share = torch.index_select(keep, 1, self.labels, out=out)
+        if self.band.numel():
+            share.index_copy_(1, self.band, keep @ self.band_shares)
+        return share
+
+
+def region_shares(
+    partition: RegionPartition, geometry: InputGeometry, device: Any = "cpu"
+) -> RegionShares:
+    """`soft_region_masks(partition, geometry)` as `RegionShares` on `device`."""
+    import torch
+
+    n = partition.n_regions
+    if geometry.resize_hw == partition.labels.shape:
+        top, left, ch, cw = geometry.crop_box
+        labels = partition.labels[top : top + ch, left : left + cw].reshape(-1).astype(np.int64)
+        band = np.empty(0, dtype=np.int64)
+        band_shares = np.empty((n, 0), dtype=np.float32)
+    else:
+        soft = soft_region_masks(partition, geometry).reshape(n, -1)
+        labels = soft.argmax(axis=0)
+        # off the band a pixel's shares are exactly one 1.0 and zeros, so the gather is exact
+        whole = (soft[labels, np.arange(soft.shape[1])] == 1.0) & ((soft > 0).sum(axis=0) == 1)
+        band = np.flatnonzero(~whole)
+        band_shares = np.ascontiguousarray(soft[:, band])
+    return RegionShares(
+        labels=torch.from_numpy(labels).to(device),
+        band=torch.from_numpy(band).to(device),
+        band_shares=torch.from_numpy(band_shares).to(device),
+    )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from detectors import Fill, Target
 from detectors.errors import ImageTokenError, InvalidImageError, InvalidTargetError
@@ -144,6 +145,25 @@ def test_tensor_masks_differ_only_at_region_borders_when_the_processor_resizes(
     mean_diff = float(np.abs(tensor - pixel).mean())
     assert 0 < mean_diff < 0.05
     assert np.abs(got - want).max() < 0.05
+
+
+def test_scoring_reuses_its_chunk_buffers_but_never_the_callers_images(
+    tiny_llava: LlavaModel,
+) -> None:
+    """`score` blends every chunk into the same buffers (chunks of 3, 3 and 2 here) and keeps
+    parity; images handed out by `masked_pixels` stay as they were after later scoring."""
+    image = generate_scene(11_000_004, SceneKind.CLEAN).image[:80, :100].copy()
+    generated = [tiny_llava.tokenizer.convert_tokens_to_ids(w) for w in ["a", "cat", "."]]
+    targets = [Target(position=1, token_id=generated[1], text="cat")]
+    first, second = _batch(image, 24, 8, Fill.MEAN), _batch(image, 24, 8, Fill.MEAN, seed=1)
+    fast = FastLlavaScorer(tiny_llava, image, LLAVA_PROMPT, generated, chunk_size=3)
+    handed_out = fast.masked_pixels(first)
+    kept = handed_out.clone()
+    got = fast.score(second, targets)
+    one_chunk = FastLlavaScorer(tiny_llava, image, LLAVA_PROMPT, generated, chunk_size=8)
+    assert np.abs(got - one_chunk.score(second, targets)).max() <= PARITY
+    assert torch.equal(handed_out, kept)
+    assert fast._masks["buffers"][1].shape[0] == 3  # one chunk's worth, reused
 
 
 def test_tiny_llava_with_256_image_tokens_keeps_parity(tmp_path: Path) -> None:
