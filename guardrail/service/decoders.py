@@ -28,6 +28,7 @@ import queue
 import signal
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -165,9 +166,16 @@ class DecoderPool:
         processes: children decoding at once (started on first use).
         timeout_seconds: the longest one image may take; past it the child is killed and the
             image refused (422).
+        on_crash: called each time an image crashes or hangs its child (a metric).
     """
 
-    def __init__(self, processes: int, *, timeout_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        processes: int,
+        *,
+        timeout_seconds: float = 30.0,
+        on_crash: Callable[[], None] | None = None,
+    ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be at least 1, got {processes}")
         self.processes = processes
@@ -178,6 +186,7 @@ class DecoderPool:
         self._started = False
         self._closed = False
         self.crashes = 0  # children lost to an image (died or timed out)
+        self._on_crash = on_crash
         self._finalizer = weakref.finalize(self, _stop_all, self._children)
 
     def _context(self) -> Any:
@@ -274,6 +283,8 @@ class DecoderPool:
         child.process.join(timeout=1.0)
         alive = child.process.is_alive()
         self.crashes += 1
+        if self._on_crash is not None:
+            self._on_crash()
         if alive:
             log.warning("an image decoder ran past %g s; it is replaced", self.timeout_seconds)
             raise DecoderFailedError(

@@ -99,6 +99,7 @@ class Metrics:
     proxy_tee_pending: Gauge
     proxy_tee_pending_bytes: Gauge
     alert_deliveries: Counter
+    image_decoder_crashes: Counter
     backlog: BacklogCollector
     children: ChildSnapshots = field(default_factory=lambda: ChildSnapshots())
 
@@ -228,6 +229,12 @@ class Metrics:
             otel_evaluations_truncated=Counter(
                 "guardrail_otel_evaluations_truncated_total",
                 "Word evaluations left out of a verdict span beyond otel_max_words_per_span",
+                registry=r,
+            ),
+            image_decoder_crashes=Counter(
+                "guardrail_image_decoder_crashes_total",
+                "Image decoder processes lost to the image they decoded (it crashed or hung "
+                "them; the image got a 422 and the process was replaced)",
                 registry=r,
             ),
             worker_restarts=Counter(

@@ -72,5 +72,6 @@ def build_runtime(settings: Settings, metrics: Metrics | None = None) -> Runtime
         decoders=DecoderPool(
             settings.ingest_decode_processes,
             timeout_seconds=settings.ingest_decode_timeout_seconds,
+            on_crash=metrics.image_decoder_crashes.inc,
         ),
     )

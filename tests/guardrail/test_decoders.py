@@ -196,6 +196,8 @@ def test_the_api_answers_422_when_an_image_kills_its_decoder_and_serves_on(
         assert answer.status_code == 422, answer.text
         assert "crashed the decoder (killed by SIGKILL)" in answer.json()["error"]["message"]
         assert post(EXAMPLE.read_bytes()).status_code == 202  # serving on, with a new child
+        crashes = runtime.metrics.registry.get_sample_value("guardrail_image_decoder_crashes_total")
+        assert crashes == 1
         assert set(runtime.decoders.pids).isdisjoint(doomed)
     finally:
         runtime.decoders.close()
