@@ -371,7 +371,15 @@ def test_the_heartbeat_extends_the_lease_from_the_clock_every_third_of_it(
 def test_the_loop_beats_while_it_runs_and_forgets_its_row_when_stopped(tmp_path: Path) -> None:
     runtime = _runtime(tmp_path)
     clock = Clock()
-    worker = _worker(runtime, clock=clock, poll_seconds=0.05, heartbeat_seconds=0.2)
+    during: list[list[tuple[str, int | None, datetime | None]]] = []
+
+    def beat_mid_audit() -> None:  # the periodic beat, while auditing, names the job
+        clock.now = T0 + timedelta(seconds=60)
+        _wait(lambda: _heartbeats(runtime)[0][2] == _naive(clock.now), "a beat mid-audit")
+        during.append(_heartbeats(runtime))
+
+    auditors = {n: _During(a, beat_mid_audit) for n, a in runtime.auditors.items()}
+    worker = _worker(runtime, auditors, clock=clock, poll_seconds=0.05, heartbeat_seconds=0.2)
     loop = threading.Thread(target=worker.run, daemon=True)
     loop.start()
     try:
@@ -380,6 +388,8 @@ def test_the_loop_beats_while_it_runs_and_forgets_its_row_when_stopped(tmp_path:
         _wait(lambda: _heartbeats(runtime) == [("w-1", None, _naive(clock.now))], "a second beat")
         (sample_id,) = _submit(runtime)
         _wait(lambda: _state(runtime, sample_id)[0].status is JobStatus.DONE, "the audit")
+        job_id = _state(runtime, sample_id)[0].id
+        assert during == [[("w-1", job_id, _naive(T0 + timedelta(seconds=60)))]]
         assert worker.jobs_done == 1
     finally:
         worker.stop.set()
@@ -407,7 +417,7 @@ def test_the_loop_outlives_a_broken_database_and_polls_at_its_pace(
     assert worker.jobs_done == 0
 
 
-def _wait(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
