@@ -390,7 +390,7 @@ def test_the_loop_beats_while_it_runs_and_forgets_its_row_when_stopped(tmp_path:
         _wait(lambda: _state(runtime, sample_id)[0].status is JobStatus.DONE, "the audit")
         job_id = _state(runtime, sample_id)[0].id
         assert during == [[("w-1", job_id, _naive(T0 + timedelta(seconds=60)))]]
-        assert worker.jobs_done == 1
+        _wait(lambda: worker.jobs_done == 1, "the job to be counted")  # after its commit
     finally:
         worker.stop.set()
         loop.join(timeout=30)
