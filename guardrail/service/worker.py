@@ -212,23 +212,7 @@ class Worker:
         except Exception as exc:
             heartbeat.set()
             beat.join()
-            self.metrics.audit_failures.labels(model=model).inc()
-            message = f"{type(exc).__name__}: {exc}"
-            log.warning("worker %s: job %s failed: %s", self.owner, job_id, message)
-            log.debug("%s", traceback.format_exc())
-            permanent = is_permanent(exc)  # by type: guardrail.errors
-            with self.sessions.begin() as session:
-                status = queue.fail(
-                    session, job_id, self.owner, message, permanent=permanent, now=self.clock()
-                )
-                if status is not None and status.value == "failed":
-                    failed = session.get(Sample, sample_id)
-                    if failed is not None:
-                        failed.status = SampleStatus.FAILED
-            if status is not None and status.value == "failed":
-                reasons = queue.FailureReason
-                reason = reasons.INVALID_INPUT if permanent else reasons.ERROR
-                self.metrics.jobs_failed.labels(model=model, reason=reason).inc()
+            self._failed(job_id, sample_id, model, exc)
             return True
         heartbeat.set()
         beat.join()
@@ -286,6 +270,27 @@ class Worker:
                 end_time_ns=started_ns + int(result.seconds * 1e9),
             )
         return True
+
+    def _failed(self, job_id: int, sample_id: str, model: str, exc: Exception) -> None:
+        """Record a failed attempt: back to the queue after its backoff, or failed for good
+        (bad input at once, by the error's type; any error once the attempts are spent)."""
+        self.metrics.audit_failures.labels(model=model).inc()
+        message = f"{type(exc).__name__}: {exc}"
+        log.warning("worker %s: job %s failed: %s", self.owner, job_id, message)
+        log.debug("%s", traceback.format_exc())
+        permanent = is_permanent(exc)  # by type: guardrail.errors
+        with self.sessions.begin() as session:
+            status = queue.fail(
+                session, job_id, self.owner, message, permanent=permanent, now=self.clock()
+            )
+            if status is not None and status.value == "failed":
+                failed = session.get(Sample, sample_id)
+                if failed is not None:
+                    failed.status = SampleStatus.FAILED
+        if status is not None and status.value == "failed":
+            reasons = queue.FailureReason
+            reason = reasons.INVALID_INPUT if permanent else reasons.ERROR
+            self.metrics.jobs_failed.labels(model=model, reason=reason).inc()
 
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
         interval = max(0.5, self.lease_seconds / 3)
