@@ -99,8 +99,12 @@ def test_the_shipped_model_is_calibrated_for_the_defaults_on_its_weights() -> No
     assert calibration.calibrated and calibration.settings.fill is DEFAULT_FILL
     provenance = calibration.provenance()
     assert provenance["fitted_on"]["split"] == "validation"
-    with pytest.raises(CalibrationMismatchError, match="fill black"):
-        load_calibration(Path(MODEL_DIR), AuditSettings(fill=Fill.BLACK))
+    # the paper's black fill has its own thresholds (`guardrail reference calibrate --fill black`)
+    black = load_calibration(Path(MODEL_DIR), AuditSettings(fill=Fill.BLACK), verify_weights=True)
+    assert black.calibrated and black.settings.fill is Fill.BLACK
+    assert black.thresholds != calibration.thresholds
+    with pytest.raises(CalibrationMismatchError, match="fill grey"):
+        load_calibration(Path(MODEL_DIR), AuditSettings(fill=Fill.GREY))
 
 
 def test_guardrail_explain_refuses_an_uncalibrated_fill_before_loading(tmp_path: Path) -> None:
@@ -108,10 +112,10 @@ def test_guardrail_explain_refuses_an_uncalibrated_fill_before_loading(tmp_path:
     shutil.copytree(MODEL_DIR, model)
     image = Path(__file__).resolve().parents[2] / "examples" / "knife_trap.png"
     command = [sys.executable, "-m", "guardrail", "explain", str(image), "--model", str(model)]
-    command += ["--output", "fork knife .", "--out", str(tmp_path / "out"), "--fill", "black"]
+    command += ["--output", "fork knife .", "--out", str(tmp_path / "out"), "--fill", "grey"]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert refused.returncode != 0
-    assert "not calibrated" in refused.stderr and "--fill black" in refused.stderr
+    assert "not calibrated" in refused.stderr and "--fill grey" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "out").exists()
 
 
@@ -120,7 +124,7 @@ def test_a_sidecar_model_with_uncalibrated_settings_is_refused_at_configuration(
 
     model = {"name": "reference", "path": str(MODEL_DIR)}
     assert load_settings(environ={}, models=[model]).models[0].audit_settings().fill is DEFAULT_FILL
-    for change, named in (({"fill": "black"}, "fill black"), ({"n_regions": 32}, "n_regions 32")):
+    for change, named in (({"fill": "grey"}, "fill grey"), ({"n_regions": 32}, "n_regions 32")):
         with pytest.raises(ConfigError, match=named) as caught:
             load_settings(environ={}, models=[{**model, **change}])
         assert "guardrail reference calibrate" in str(caught.value)
