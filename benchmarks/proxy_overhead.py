@@ -35,6 +35,20 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     }
 
 
+def _teed(runtime: Any, expected: int, timeout: float = 30.0) -> int:
+    """Samples stored once the tee has caught up (it ingests after each answer went back):
+    `expected`, or what there is when `timeout` runs out."""
+    from storage.models import Sample
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with runtime.sessions() as session:
+            count = session.query(Sample).count()
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=50)
@@ -58,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         runtime = build_runtime(settings)
         upgrade(runtime.engine)
+        runtime.decoders.start()  # as `guardrail serve` does
         with _Server(create_app(runtime)) as sidecar, httpx.Client(timeout=60) as client:
             for stream in (False, True):
                 timings: dict[str, list[float]] = {"direct": [], "proxy": []}
@@ -93,10 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "overhead_p50_ms": proxy["p50_ms"] - direct["p50_ms"],
                     "overhead_p95_ms": proxy["p95_ms"] - direct["p95_ms"],
                 }
-            with runtime.sessions() as session:
-                from storage.models import Sample
-
-                rows["samples_teed"] = session.query(Sample).count()
+            rows["samples_teed"] = _teed(runtime, expected=2 * (args.requests + 3))
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.machine()},
         "requests": args.requests,

@@ -96,6 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     runtime.supervisor = supervisor
     supervisor.start()
+    runtime.decoders.start()  # ready before the first image: a child imports the decoders once
     app = create_app(runtime)
     server = uvicorn.Server(
         uvicorn.Config(

@@ -206,6 +206,24 @@ class DecoderPool:
             for _ in range(self.processes):
                 self._idle.put(None)  # a slot: its child starts when first taken
 
+    def start(self) -> None:
+        """Start every child now instead of on first use (`guardrail serve` does, so that the
+        first images do not wait for a new interpreter to import the decoders)."""
+        self._start()
+        slots = []
+        while True:
+            try:
+                slots.append(self._idle.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            for i, slot in enumerate(slots):
+                if slot is None:
+                    slots[i] = self._spawn()
+        finally:
+            for slot in slots:
+                self._idle.put(slot)
+
     def _spawn(self) -> _Child:
         child = _Child(self._context())
         with self._lock:

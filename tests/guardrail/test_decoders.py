@@ -201,3 +201,15 @@ def test_the_api_answers_422_when_an_image_kills_its_decoder_and_serves_on(
         assert set(runtime.decoders.pids).isdisjoint(doomed)
     finally:
         runtime.decoders.close()
+
+
+def test_start_readies_every_child_before_the_first_image() -> None:
+    pool = DecoderPool(2)
+    try:
+        pool.start()
+        started = pool.pids
+        assert len(started) == 2 and os.getpid() not in started
+        _canonical(pool, EXAMPLE.read_bytes())
+        assert sorted(pool.pids) == sorted(started)  # the image went to a started child
+    finally:
+        pool.close()
