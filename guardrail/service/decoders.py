@@ -61,8 +61,8 @@ class _Job:
 
 
 def _decode(job: _Job) -> tuple[Any, ...]:
-    """What a child sends back: ("ok", the canonical image's fields) or ("rejected", the
-    error's class name, its message)."""
+    """What a child sends back: ("ok", the `CanonicalImage`) or ("rejected", the error's
+    class name, its message)."""
     try:
         image = canonical_image(
             job.data,
@@ -74,15 +74,7 @@ def _decode(job: _Job) -> tuple[Any, ...]:
         )
     except ImageRejectedError as exc:
         return ("rejected", type(exc).__name__, str(exc))
-    return (
-        "ok",
-        image.png,
-        image.width,
-        image.height,
-        image.original_width,
-        image.original_height,
-        image.original_format,
-    )
+    return ("ok", image)
 
 
 def _child_main(conn: Connection) -> None:
@@ -277,15 +269,8 @@ class DecoderPool:
             self._idle.put(child)
         kind, *fields = reply
         if kind == "ok":
-            png, width, height, original_width, original_height, original_format = fields
-            return CanonicalImage(
-                png=png,
-                width=width,
-                height=height,
-                original_width=original_width,
-                original_height=original_height,
-                original_format=original_format,
-            )
+            image: CanonicalImage = fields[0]
+            return image
         if kind == "rejected":
             raise _rebuild(*fields)
         raise RuntimeError(f"the image decoder failed: {fields[0]}: {fields[1]}")
