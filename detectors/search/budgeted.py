@@ -39,6 +39,12 @@ the surrogate and the screening are in `detectors.search.surrogate`.
    counter-evidence, such as the object that argues against a prior-driven word).  The
    regions left in the middle are ordered for free by continuing both greedy searches on their
    surrogates, from the front and from the back in turn (without a tail: from the front).
+7. Without a measured tail, the end of the ordering comes from measurements too: the regions
+   whose screened removal from the original image *raised* the token (counter-evidence: the
+   knife that argues for "yes" when the answer explained is "no") go last, the strongest last.
+   Those are the regions a correction removes first (EAGLE.md section 8), and the surrogate,
+   saturated once the compact set explains the token, cannot rank them (it placed the
+   counter-evidence of a wrong "yes" anywhere in the middle).  Costs no pass.
 """
 
 from __future__ import annotations
@@ -128,6 +134,9 @@ class _Search:
         self.nec_goal = tuning.coverage * float(1.0 - blank[self.columns].mean())
         self.pool = list(range(n))
         self.surrogate, self.tail_surrogate = surrogate, surrogate.copy()
+        # the screening's deletion measurements, before later steps replace them
+        self.screened = surrogate.screened.copy()
+        self.counter_drop = surrogate.screened_drop.mean(axis=1)
         self.chosen = np.zeros(n, dtype=np.bool_)
         self.behind = np.zeros(n, dtype=np.bool_)
         self.tail: list[int] = []
@@ -206,7 +215,9 @@ class _Search:
         rest = list(self.pool)
         if not self.tail:
             middle = [self.surrogate.take_best(rest, self.f_of) for _ in self.pool]
-            return [*self.trace.selected, *middle]
+            counter = self._counter_evidence(middle)
+            behind = set(counter)
+            return [*self.trace.selected, *(r for r in middle if r not in behind), *counter]
         # both ends were refined: fill the middle from both sides, each on its own surrogate
         front: list[int] = []
         back: list[int] = []
@@ -215,6 +226,13 @@ class _Search:
             if rest:
                 back.append(self.tail_surrogate.take_best(rest, self.f_tail))
         return [*self.trace.selected, *front, *reversed(back), *reversed(self.tail)]
+
+    def _counter_evidence(self, regions: list[int]) -> list[int]:
+        """The regions among `regions` whose measured single-region removal raised the token
+        (mean logit over the targets), by increasing effect: the strongest comes last."""
+        drop = self.counter_drop
+        found = [r for r in regions if self.screened[r] and drop[r] < 0.0]
+        return sorted(found, key=lambda r: (-drop[r], r))
 
     # -- one step at either end -------------------------------------------------------------
 

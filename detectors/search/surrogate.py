@@ -41,7 +41,11 @@ class LogitSurrogate:
     surrogate moves each increment linearly with the context size from its latest measurement
     (for a model additive in logit space a0 = d0 and the prediction is exact).
 
-    Arrays are `(N, T)` for increments and `(T,)` for logits, T = explained targets."""
+    Arrays are `(N, T)` for increments and `(T,)` for logits, T = explained targets.
+
+    `screened` marks the regions whose single-region deletion was measured (the rest got the
+    mean increment); `screened_drop` keeps those measurements, `(N, T)` logits, as they were
+    before any later step replaced them."""
 
     def __init__(
         self,
@@ -49,9 +53,14 @@ class LogitSurrogate:
         deletion_drop: np.ndarray,
         blank: np.ndarray,
         full: np.ndarray,
+        screened: np.ndarray | None = None,
     ) -> None:
         n = insertion_gain.shape[0]
         self.n = n
+        self.screened = (
+            np.zeros(n, dtype=np.bool_) if screened is None else np.asarray(screened, np.bool_)
+        )
+        self.screened_drop = deletion_drop.copy()
         self.slope = (deletion_drop - insertion_gain) / max(1, n - 1)
         self.a = insertion_gain.copy()  # latest insertion increment, measured at context a_at
         self.a_at = np.zeros(n)
@@ -120,7 +129,8 @@ def screen(
         got = scores.shape[0]
         d[:got] = logit(full)[None] - logit(scores)
         a[:got] = d[:got]
+    screened = ~np.isnan(d[:, 0])
     for arr in (a, d):
         known = ~np.isnan(arr[:, 0])
         arr[~known] = arr[known].mean(axis=0) if known.any() else 0.0
-    return LogitSurrogate(a, d, blank, full)
+    return LogitSurrogate(a, d, blank, full, screened=screened)

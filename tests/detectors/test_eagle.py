@@ -208,6 +208,23 @@ def test_budgeted_search_finds_evidence_that_only_a_pair_of_regions_carries() ->
     assert a.forward_passes <= budget.max_forward_passes  # type: ignore[operator]
 
 
+def test_counter_evidence_goes_last_when_the_search_stops_early() -> None:
+    # Region 5 carries the token.  Region 2 alone raises it (the knife that makes "fork"
+    # likely on an empty table) but next to region 5 it argues against it: removing it from
+    # the original raises the token.  Region 1 argues against it everywhere, less strongly.
+    # The surrogate, extrapolating region 2's increment from its screening on the blank image,
+    # would rank it high; the end of the ordering comes from the screening's measurements
+    # instead, the strongest counter-evidence last.  That is what a correction removes first
+    # (EAGLE.md section 8).
+    scorer = _response_scorer(-3.0, {5: 8.0, 2: 1.0, 1: -0.5}, ((2, 5, -3.0),), noise=0.0)
+    image, partition = _setup(64)
+    budget = SearchBudget.fraction_of_exact(64, 0.10)
+    a = EagleSearch(scorer, budget).attribute(image, partition, [TARGET])
+    assert a.stopped_by is StopReason.CONVERGED
+    assert a.compact_set == (5,)
+    assert a.order[-2:].tolist() == [1, 2]
+
+
 def _objective_area(scorer: AnalyticScorer, order: np.ndarray) -> float:
     image, partition = _setup(order.size)
     return objective_area(*order_curves(scorer, image, partition, order, [TARGET]))
