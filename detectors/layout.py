@@ -102,9 +102,13 @@ class ImageLayout:
         return cls(canvas_hw=(canvas[0], canvas[1]), boxes=boxes)  # type: ignore[arg-type]
 
 
-def side_by_side(images: Sequence[np.ndarray]) -> tuple[np.ndarray, ImageLayout]:
+def side_by_side(
+    images: Sequence[np.ndarray], *, max_pixels: int | None = None
+) -> tuple[np.ndarray, ImageLayout]:
     """`images` scaled to the tallest one's height (aspect ratio kept, widths rounded) and
     placed left to right: the canvas and its layout.  No canvas pixel is outside an image.
+    With `max_pixels` the common height is lowered until the canvas holds at most that many
+    pixels (e.g. the images' own pixels in all: the canvas is never larger than they are).
 
     Raises:
         InvalidImageError: an image is not a non-empty `(H, W, 3)` uint8 array.
@@ -115,6 +119,9 @@ def side_by_side(images: Sequence[np.ndarray]) -> tuple[np.ndarray, ImageLayout]
     import cv2
 
     height = max(int(validate_image(i).shape[0]) for i in images)
+    if max_pixels is not None:
+        widths_per_row = sum(i.shape[1] / i.shape[0] for i in images)
+        height = max(1, min(height, int((max_pixels / widths_per_row) ** 0.5)))
     tiles = []
     for image in images:
         h, w = image.shape[:2]
@@ -122,7 +129,9 @@ def side_by_side(images: Sequence[np.ndarray]) -> tuple[np.ndarray, ImageLayout]
             tiles.append(np.ascontiguousarray(image))
             continue
         width = max(1, round(w * height / h))
-        tiles.append(np.asarray(cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)))
+        shrink = height < h  # area averaging when shrinking, as the processors' resamplers do
+        how = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
+        tiles.append(np.asarray(cv2.resize(image, (width, height), interpolation=how)))
     boxes: list[Box] = []
     left = 0
     for tile in tiles:
@@ -152,8 +161,9 @@ def merge_partitions(layout: ImageLayout, partitions: Sequence[RegionPartition])
         labels[top : top + h, left : left + w] = part.labels + offset
         offset += part.n_regions
     labels[labels < 0] = offset - 1
-    methods = "; ".join(p.method for p in partitions)
-    return RegionPartition(labels, f"images({methods})")
+    # short (stored in 64 characters): the first image's method and the count
+    kind = partitions[0].method.split("(")[0]
+    return RegionPartition(labels, f"per-image({kind},images={len(partitions)},n={offset})")
 
 
 def layout_partition(canvas: np.ndarray, layout: ImageLayout, n_regions: int) -> RegionPartition:

@@ -50,7 +50,7 @@ def test_merged_partitions_offset_each_images_ids() -> None:
     left, right = layout.split(merged.labels[..., None])
     assert set(np.unique(left).tolist()) == {0, 1, 2, 3}
     assert set(np.unique(right).tolist()) == {4, 5, 6}
-    assert merged.method == "images(grid(2x2); grid(1x3))"
+    assert merged.method == "per-image(grid,images=2,n=7)"
     with pytest.raises(PartitionError, match="2 partitions"):
         merge_partitions(ImageLayout.single((20, 20)), [grid_partition(a, 2, 2)] * 2)
 

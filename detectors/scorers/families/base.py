@@ -115,6 +115,12 @@ class ModelFamily(Protocol[M]):
         ...
 
     @property
+    def image_segment(self) -> str:
+        """What stands for one image in a prompt of several (the placeholder with the
+        family's markers around it)."""
+        ...
+
+    @property
     def max_images(self) -> int:
         """The most images one audited prompt may hold (1: the family is audited on one
         image; several are laid out on one canvas, see `detectors.layout`)."""

@@ -371,6 +371,7 @@ class InternVLFamily(ScorerFactories):
     name = "internvl"
     architecture = ARCHITECTURE
     image_placeholder = IMAGE_PLACEHOLDER
+    image_segment = IMAGE_PLACEHOLDER
     caption_prompt = (
         "<|im_start|>user\n<IMG_CONTEXT>\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n"
     )

@@ -390,6 +390,7 @@ class LlavaFamily(ScorerFactories):
     name = "llava"
     architecture = ARCHITECTURE
     image_placeholder = "<image>"
+    image_segment = "<image>"
     caption_prompt = "USER: <image> Describe the image. ASSISTANT:"
 
     def yes_no_prompt(self, question: str) -> str:

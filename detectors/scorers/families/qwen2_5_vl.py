@@ -505,6 +505,7 @@ class QwenFamily(ScorerFactories):
     max_images = 16
     architecture = ARCHITECTURE
     image_placeholder = "<|image_pad|>"
+    image_segment = "<|vision_start|><|image_pad|><|vision_end|>"
     caption_prompt = CAPTION_PROMPT_QWEN
 
     def yes_no_prompt(self, question: str) -> str:

@@ -1,0 +1,211 @@
+"""Several images in one chat message, served: a Qwen2.5-VL sample holds all of them and is
+audited in one search over the regions of every image; a LLaVA one keeps the counted
+`multi_image` skip; more images than `max_images_per_sample` are counted as
+`too_many_images`."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from detectors.reference import MODEL_DIR
+from guardrail.config import load_settings
+from guardrail.demo.background_server import BackgroundServer
+from guardrail.reference.tiny_models import save_tiny_qwen
+from guardrail.service.api import create_app
+from guardrail.service.images import encode_png
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.worker import Worker
+from storage.engine import upgrade
+from storage.models import Sample
+
+TOKEN = "s3cret-token-0001"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _png(seed: int, shape: tuple[int, int] = (56, 56)) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode_png(rng.integers(0, 255, (*shape, 3), dtype=np.uint8))
+
+
+def _part(png: bytes) -> dict[str, Any]:
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_qwen(tmp_path_factory.mktemp("qwen"), image_size=56)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    async def chat(request: Request) -> JSONResponse:
+        await request.body()
+        message = {"role": "assistant", "content": "a cat on the table"}
+        return JSONResponse({"id": "chatcmpl-1", "choices": [{"index": 0, "message": message}]})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    with BackgroundServer(app) as url:
+        yield url
+
+
+@pytest.fixture()
+def sidecar(
+    tmp_path: Path, qwen_dir: Path, upstream: str
+) -> Iterator[Callable[..., tuple[Runtime, str]]]:
+    servers: list[BackgroundServer] = []
+
+    def start(**overrides: Any) -> tuple[Runtime, str]:
+        settings = load_settings(
+            environ={},
+            database_url=f"sqlite:///{tmp_path / 'g.db'}",
+            upstream_url=upstream,
+            api_tokens=[TOKEN],
+            models=[
+                {"name": "qwen", "path": str(qwen_dir), "family": "qwen2_5_vl", "n_regions": 8},
+                {"name": "reference", "path": str(MODEL_DIR), "family": "llava"},
+            ],
+            **overrides,
+        )
+        runtime = build_runtime(settings)
+        upgrade(runtime.engine)
+        server = BackgroundServer(create_app(runtime))
+        servers.append(server)
+        return runtime, server.__enter__()
+
+    yield start
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+def _chat(url: str, model: str, content: list[dict[str, Any]]) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": content}]}
+    headers = {"x-guardrail-audit": "always"}
+    got = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert got.status_code == 200, got.text
+
+
+def _wait(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.time() + 30
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_two_images_through_the_proxy_are_audited_in_one_search(
+    sidecar: Callable[..., tuple[Runtime, str]],
+) -> None:
+    runtime, url = sidecar(max_images_per_sample=2)
+    get = runtime.metrics.registry.get_sample_value
+    text = {"type": "text", "text": "describe the image ."}
+    _chat(url, "qwen", [_part(_png(1)), _part(_png(2, (28, 112))), text])
+
+    def stored() -> Sample | None:
+        with runtime.sessions() as session:
+            return session.query(Sample).one_or_none()
+
+    _wait(lambda: stored() is not None, "the sample")
+    worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics)
+    assert worker.run_once() is True and worker.run_once() is False  # one job, one search
+    sample = stored()
+    assert sample is not None
+    view = httpx.get(f"{url}/v1/samples/{sample.id}", headers=AUTH, timeout=30).json()
+    assert view["status"] == "audited", view
+    assert view["image_count"] == 2
+    boxes = view["image_layout"]["boxes"]
+    assert len(boxes) == 2 and boxes[0][1] == 0 and boxes[1][1] == boxes[0][3]
+    assert view["image_size"] == [boxes[1][1] + boxes[1][3], boxes[0][2]]  # the canvas
+    assert [t["word"] for t in view["tokens"]] == ["cat", "table"]
+    for token in view["tokens"]:
+        attribution = token["attribution"]
+        assert "2 images" in attribution["scorer"]
+        assert (
+            attribution["partition"].startswith("per-image(")
+            and "images=2" in attribution["partition"]
+        )
+        # one ordering of the regions of both images, and where the compact set lies
+        assert sorted(attribution["order"]) == list(range(len(attribution["order"])))
+        assert attribution["compact_set_images"] and set(attribution["compact_set_images"]) <= {
+            0,
+            1,
+        }
+
+    # LLaVA audits one image: two are a counted skip; three images for Qwen are over the limit
+    _chat(url, "reference", [_part(_png(1)), _part(_png(2)), text])
+    _chat(url, "qwen", [_part(_png(1)), _part(_png(2)), _part(_png(3)), text])
+    for reason in ("multi_image", "too_many_images"):
+        _wait(
+            lambda r=reason: get("guardrail_proxy_not_applicable_total", {"reason": r}) == 1,  # type: ignore[misc]
+            reason,
+        )
+    with runtime.sessions() as session:
+        assert session.query(Sample).count() == 1
+
+
+def test_the_samples_api_takes_several_images_for_a_model_that_takes_several(
+    sidecar: Callable[..., tuple[Runtime, str]],
+) -> None:
+    _, url = sidecar()
+    one = "<|vision_start|><|image_pad|><|vision_end|>"
+    body = {
+        "model": "qwen",
+        "prompt": f"<|im_start|> user {one} {one} describe . <|im_end|> <|im_start|> assistant",
+        "output": "a cat on the table",
+        "image_base64": base64.b64encode(_png(1)).decode(),
+        "more_images_base64": [base64.b64encode(_png(2)).decode()],
+    }
+    answer = httpx.post(f"{url}/v1/samples", json=body, headers=AUTH, timeout=30)
+    assert answer.status_code == 202, answer.text
+    view = httpx.get(f"{url}/v1/samples/{answer.json()['id']}", headers=AUTH, timeout=30).json()
+    assert view["image_count"] == 2 and view["image_size"] == [112, 56]
+    # one placeholder for two images
+    wrong = {**body, "prompt": f"<|im_start|> user {one} describe . <|im_end|>"}
+    refused = httpx.post(f"{url}/v1/samples", json=wrong, headers=AUTH, timeout=30)
+    assert refused.status_code == 422 and "1 '<|image_pad|>' placeholders for 2" in refused.text
+    # LLaVA audits one image per sample
+    llava = {**body, "model": "reference", "prompt": "USER: <image> <image> hi ASSISTANT:"}
+    refused = httpx.post(f"{url}/v1/samples", json=llava, headers=AUTH, timeout=30)
+    assert refused.status_code == 422 and "audited on one image" in refused.text
+
+
+def test_the_conversation_reader_gives_every_image_its_own_segment() -> None:
+    from guardrail.service.chat import ChatFormatError, chat_input
+
+    segment = "<|vision_start|><|image_pad|><|vision_end|>"
+    url = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    earlier = {"role": "user", "content": [_part(b"first"), {"type": "text", "text": "this?"}]}
+    body = {
+        "messages": [
+            earlier,
+            {"role": "assistant", "content": "A cat."},
+            {"role": "user", "content": [url, {"type": "text", "text": "and this?"}]},
+        ]
+    }
+    parsed = chat_input(body, "<|image_pad|>", max_images=4, segment=segment)
+    assert parsed.images == ((b"first", None), (None, "https://example.com/a.png"))
+    assert parsed.prompt == (
+        f"USER: {segment} this? ASSISTANT: A cat. USER: {segment} and this? ASSISTANT:"
+    )
+    template = f"<|im_start|>user\n{segment}{{prompt}}<|im_end|>\n<|im_start|>assistant\n"
+    parsed = chat_input(body, "<|image_pad|>", template, max_images=4, segment=segment)
+    assert parsed.prompt == (
+        f"<|im_start|>user\n{segment}{segment}and this?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with pytest.raises(ChatFormatError) as one:
+        chat_input(body, "<image>")
+    assert one.value.reason == "multi_image"
+    with pytest.raises(ChatFormatError) as over:
+        chat_input({"messages": [{"role": "user", "content": [url] * 3}]}, "x", max_images=2)
+    assert over.value.reason == "too_many_images"
