@@ -69,6 +69,12 @@ class ImageLayout:
         """One image filling the whole canvas (what a plain one-image audit is)."""
         return self.boxes == ((0, 0, *self.canvas_hw),)
 
+    def region_counts(self, n_regions: int) -> list[int]:
+        """About `n_regions` regions shared out by the images' areas, at least 2 each (what
+        `layout_partition` asks of each image)."""
+        areas = [h * w for _, _, h, w in self.boxes]
+        return [max(2, round(n_regions * a / sum(areas))) for a in areas]
+
     def split(self, canvas: np.ndarray) -> list[np.ndarray]:
         """The images of a `(..., H, W, C)` canvas (or a batch of them), as views, in order.
 
@@ -176,7 +182,6 @@ def layout_partition(canvas: np.ndarray, layout: ImageLayout, n_regions: int) ->
     if layout.is_single:
         return slic_partition(canvas, n_regions)
     crops = layout.split(validate_image(canvas))
-    areas = np.array([c.shape[0] * c.shape[1] for c in crops], dtype=np.float64)
-    shares = [max(2, round(n_regions * a / areas.sum())) for a in areas]
-    parts = [slic_partition(np.ascontiguousarray(c), n) for c, n in zip(crops, shares, strict=True)]
+    counts = layout.region_counts(n_regions)
+    parts = [slic_partition(np.ascontiguousarray(c), n) for c, n in zip(crops, counts, strict=True)]
     return merge_partitions(layout, parts)

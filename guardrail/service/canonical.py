@@ -377,8 +377,8 @@ def canonical_canvas(
         pixels.append(np.ascontiguousarray(bgr[..., ::-1]))
     total = sum(i.width * i.height for i in images)
     canvas, layout = side_by_side(pixels, max_pixels=total)
-    for n, (_, _, h, w) in enumerate(layout.boxes, start=1):
-        share = max(2, round(n_regions * h * w / (canvas.shape[0] * canvas.shape[1])))
+    counts = layout.region_counts(n_regions)
+    for n, ((_, _, h, w), share) in enumerate(zip(layout.boxes, counts, strict=True), start=1):
         try:
             if min(h, w) < min_side:
                 raise ImageGeometryError(f"its short side must be at least {min_side} pixels")

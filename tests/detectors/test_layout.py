@@ -75,3 +75,17 @@ def test_one_image_is_partitioned_as_without_a_layout() -> None:
     image = _image(48, 64, 3)
     partition = layout_partition(image, ImageLayout.single((48, 64)), 16)
     assert partition.method.startswith(("slico", "skimage-slico"))
+
+
+def test_side_by_side_within_a_pixel_bound_lowers_the_common_height() -> None:
+    images = [_image(100, 50, 0), _image(50, 200, 1)]
+    total = sum(i.shape[0] * i.shape[1] for i in images)
+    canvas, layout = side_by_side(images, max_pixels=total)
+    assert canvas.shape[0] * canvas.shape[1] <= total
+    assert layout.canvas_hw[0] < 100 and all(
+        h == layout.canvas_hw[0] for _, _, h, _ in layout.boxes
+    )
+    assert layout.region_counts(30) == [
+        max(2, round(30 * h * w / (canvas.shape[0] * canvas.shape[1])))
+        for _, _, h, w in layout.boxes
+    ]

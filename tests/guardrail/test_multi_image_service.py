@@ -209,3 +209,23 @@ def test_the_conversation_reader_gives_every_image_its_own_segment() -> None:
     with pytest.raises(ChatFormatError) as over:
         chat_input({"messages": [{"role": "user", "content": [url] * 3}]}, "x", max_images=2)
     assert over.value.reason == "too_many_images"
+
+
+def test_an_image_too_small_beside_the_others_is_refused() -> None:
+    from guardrail.service.canonical import CanonicalImage, canonical_canvas
+    from guardrail.service.images import DegenerateImageError
+
+    def canonical(h: int, w: int) -> CanonicalImage:
+        png = _png(h, (h, w))
+        return CanonicalImage(
+            png=png, width=w, height=h, original_width=w, original_height=h, original_format="PNG"
+        )
+
+    canvas, layout = canonical_canvas(
+        [canonical(60, 60), canonical(40, 90)], min_side=16, n_regions=8
+    )
+    assert (canvas.height, canvas.width) == layout.canvas_hw
+    assert canvas.width * canvas.height <= 60 * 60 + 40 * 90
+    # a tall narrow image beside a wide one: side by side at a common height, it gets 6 px wide
+    with pytest.raises(DegenerateImageError, match="image 1 of 2 is 6x56 pixels"):
+        canonical_canvas([canonical(400, 40), canonical(40, 400)], min_side=16, n_regions=8)
