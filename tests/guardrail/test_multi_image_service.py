@@ -67,14 +67,20 @@ def sidecar(
 ) -> Iterator[Callable[..., tuple[Runtime, str]]]:
     servers: list[BackgroundServer] = []
 
-    def start(**overrides: Any) -> tuple[Runtime, str]:
+    def start(qwen: dict[str, Any] | None = None, **overrides: Any) -> tuple[Runtime, str]:
         settings = load_settings(
             environ={},
             database_url=f"sqlite:///{tmp_path / 'g.db'}",
             upstream_url=upstream,
             api_tokens=[TOKEN],
             models=[
-                {"name": "qwen", "path": str(qwen_dir), "family": "qwen2_5_vl", "n_regions": 8},
+                {
+                    "name": "qwen",
+                    "path": str(qwen_dir),
+                    "family": "qwen2_5_vl",
+                    "n_regions": 8,
+                    **(qwen or {}),
+                },
                 {"name": "reference", "path": str(MODEL_DIR), "family": "llava"},
             ],
             **overrides,
@@ -178,6 +184,79 @@ def test_the_samples_api_takes_several_images_for_a_model_that_takes_several(
     llava = {**body, "model": "reference", "prompt": "USER: <image> <image> hi ASSISTANT:"}
     refused = httpx.post(f"{url}/v1/samples", json=llava, headers=AUTH, timeout=30)
     assert refused.status_code == 422 and "audited on one image" in refused.text
+
+
+SEGMENT = "<|vision_start|><|image_pad|><|vision_end|>"
+TWO_IMAGES = f"USER: {SEGMENT} {SEGMENT} describe the image . ASSISTANT:"
+
+
+def _next_logp(qwen: Any, image: np.ndarray, layout: Any, ids: list[int]) -> Any:
+    """Log-probabilities of `ids` after "a", for the canvas `image` of two images."""
+    import torch
+
+    a = int(qwen.tokenizer.convert_tokens_to_ids("a"))
+    tokens = torch.tensor([[*qwen.prompt_ids(TWO_IMAGES, image, layout), a]])
+    pixels, grid = qwen.pixel_inputs([np.ascontiguousarray(i) for i in layout.split(image)])
+    with torch.inference_mode():
+        logits = qwen.model(
+            input_ids=tokens,
+            pixel_values=pixels,
+            image_grid_thw=grid,
+            mm_token_type_ids=(tokens == qwen.image_token_id).int(),
+        ).logits[0, -1]
+    return torch.log_softmax(logits.float(), dim=-1)[ids]
+
+
+def _evidence_word(runtime: Runtime, grey: np.ndarray, noise: np.ndarray) -> str:
+    """The object word after "a" whose log-probability the noise image raises most over a
+    grey canvas, with the noise image first and second (the same word both ways)."""
+    import torch
+
+    from detectors.layout import side_by_side
+
+    qwen: Any = runtime.auditors["qwen"].load().local_model()
+    words = ["cat", "dog", "cup", "table"]
+    ids = [int(qwen.tokenizer.convert_tokens_to_ids(w)) for w in words]
+    rises = []
+    for images in ([grey, noise], [noise, grey]):
+        canvas, layout = side_by_side(images)
+        blank = np.full_like(canvas, 128)
+        rises.append(_next_logp(qwen, canvas, layout, ids) - _next_logp(qwen, blank, layout, ids))
+    best = int(torch.minimum(rises[0], rises[1]).argmax())
+    assert float(rises[0][best]) > 0 and float(rises[1][best]) > 0
+    return words[best]
+
+
+def test_a_words_attribution_points_into_whichever_image_holds_the_evidence(
+    sidecar: Callable[..., tuple[Runtime, str]],
+) -> None:
+    """One image is plain grey, the colour removed regions become (fill = grey): it carries no
+    evidence, so the word's compact set lies in the other image, first or second."""
+    runtime, url = sidecar(qwen={"fill": "grey"})
+    grey = np.full((56, 56, 3), 128, dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8)
+    word = _evidence_word(runtime, grey, noise)
+    ids = {}
+    for evidence, images in ((1, [grey, noise]), (0, [noise, grey])):
+        b64 = [base64.b64encode(encode_png(i)).decode() for i in images]
+        body = {
+            "model": "qwen",
+            "prompt": TWO_IMAGES,
+            "output": f"a {word}",
+            "image_base64": b64[0],
+            "more_images_base64": b64[1:],
+        }
+        answer = httpx.post(f"{url}/v1/samples", json=body, headers=AUTH, timeout=30)
+        assert answer.status_code == 202, answer.text
+        ids[evidence] = answer.json()["id"]
+    worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics)
+    assert worker.run_once() and worker.run_once() and not worker.run_once()
+    for evidence, sample_id in ids.items():
+        view = httpx.get(f"{url}/v1/samples/{sample_id}", headers=AUTH, timeout=30).json()
+        assert view["status"] == "audited", view
+        [token] = view["tokens"]
+        assert token["word"] == word
+        assert token["attribution"]["compact_set_images"] == [evidence]
 
 
 def test_the_conversation_reader_gives_every_image_its_own_segment() -> None:
