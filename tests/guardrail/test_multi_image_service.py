@@ -308,3 +308,29 @@ def test_an_image_too_small_beside_the_others_is_refused() -> None:
     # a tall narrow image beside a wide one: side by side at a common height, it gets 6 px wide
     with pytest.raises(DegenerateImageError, match="image 1 of 2 is 6x56 pixels"):
         canonical_canvas([canonical(400, 40), canonical(40, 400)], min_side=16, n_regions=8)
+
+
+def test_the_auditor_encodes_two_images_with_the_vision_file_of_their_size(
+    qwen_dir: Path, tmp_path: Path
+) -> None:
+    from detectors.layout import side_by_side
+    from guardrail.cli import main
+    from guardrail.config import ModelSettings
+    from guardrail.service.auditor import AuditInputError, ModelAuditor
+
+    onnx = tmp_path / "q.onnx"
+    assert main(["export-vision", str(qwen_dir), "--out", str(onnx), "--input-size", "56x56"]) == 0
+    auditor = ModelAuditor(
+        ModelSettings(name="q", path=qwen_dir, family="qwen2_5_vl", onnx=onnx, n_regions=8)
+    )
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(2)]
+    canvas, layout = side_by_side(images)
+    result = auditor.audit(canvas, TWO_IMAGES, None, "a cat on the table", layout)
+    assert [w.word for w in result.words] == ["cat", "table"]
+    for attribution in result.attributions:
+        assert "2 images; vision=onnx:CPUExecutionProvider" in attribution.scorer_name
+        method = attribution.partition.method
+        assert method.startswith("per-image(") and "images=2" in method
+    with pytest.raises(AuditInputError, match="2 image placeholders, one per image"):
+        auditor.audit(canvas, TWO_IMAGES.replace(f"{SEGMENT} ", "", 1), None, "a cat", layout)
