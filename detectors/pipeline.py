@@ -10,6 +10,7 @@ import numpy as np
 from detectors.budget import SearchBudget
 from detectors.explanation import Explanation, explain
 from detectors.language_prior import PriorThresholds
+from detectors.layout import ImageLayout, layout_partition
 from detectors.objects import DEFAULT_VOCABULARY, ObjectMention, ObjectVocabulary, flag_objects
 from detectors.regions import RegionPartition, slic_partition
 from detectors.scorers.protocol import Scorer
@@ -76,17 +77,25 @@ def audit_sample(
     thresholds: PriorThresholds | None = None,
     vocabulary: ObjectVocabulary = DEFAULT_VOCABULARY,
     partition: RegionPartition | None = None,
+    layout: ImageLayout | None = None,
     progress: bool = False,
 ) -> SampleAudit:
     """Flag the object words of `token_ids`, run one budgeted EAGLE search per word (sharing
     forward passes), and judge each word (borrowed evidence across words included).
 
-    `scorer` must score this sample (its image, prompt and generated tokens)."""
+    `scorer` must score this sample (its image, prompt and generated tokens).  With `layout`
+    `image` is a canvas of several images: each is partitioned on its own and the one search
+    ranks the regions of all of them (`detectors.layout`)."""
     settings = settings or AuditSettings()
     mentions = tuple(flag_objects(token_ids, decode, vocabulary))
     if not mentions:
         return SampleAudit(mentions=(), explanation=None)
-    partition = partition or slic_partition(image, settings.n_regions)
+    if partition is None:
+        partition = (
+            slic_partition(image, settings.n_regions)
+            if layout is None
+            else layout_partition(image, layout, settings.n_regions)
+        )
     explanation = explain(
         image,
         scorer,

@@ -247,6 +247,14 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="a worker without a heartbeat this long is not live"
     )
     max_image_bytes: int = Field(default=20 * 2**20, ge=1024)
+    max_images_per_sample: int = Field(
+        default=4,
+        ge=1,
+        le=16,
+        description="most images one sample may hold, for model families that take several "
+        "(Qwen2.5-VL): audited in one search over the regions of all of them; more are "
+        "refused (counted as too_many_images)",
+    )
     max_image_pixels: int = Field(
         default=40_000_000,
         ge=4096,

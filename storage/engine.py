@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD = "0007"
+HEAD = "0008"
 
 
 class UnmigratedDatabaseError(RuntimeError):

@@ -90,6 +90,9 @@ class Sample(Base):
     image_sha256: Mapped[str] = mapped_column(String(64), index=True)
     image_width: Mapped[int] = mapped_column(Integer)
     image_height: Mapped[int] = mapped_column(Integer)
+    # several images laid out on one canvas (`detectors.layout.ImageLayout.as_dict`): the
+    # stored image is the canvas; None for one image
+    image_layout: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     generated_text: Mapped[str] = mapped_column(Text)
     token_ids: Mapped[list[Any]] = mapped_column(JSON)
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

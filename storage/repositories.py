@@ -78,6 +78,7 @@ def add_sample(
     response_id: str | None = None,
     traceparent: str | None = None,
     choice_index: int | None = None,
+    image_layout: dict[str, Any] | None = None,
     sample_id: str | None = None,
     flush: bool = True,
 ) -> Sample:
@@ -96,6 +97,7 @@ def add_sample(
         image_sha256=image_sha256,
         image_width=width,
         image_height=height,
+        image_layout=image_layout,
         generated_text=generated_text,
         token_ids=[int(t) for t in token_ids] if token_ids is not None else [],
         extra=dict(metadata or {}),

@@ -21,7 +21,14 @@ import numpy as np
 from detectors.errors import ImageTokenError, InvalidTargetError
 from detectors.types import Target
 
-__all__ = ["PrefixCachedLM", "TensorMaskedScorer", "Timings", "check_targets", "image_span"]
+__all__ = [
+    "PrefixCachedLM",
+    "TensorMaskedScorer",
+    "Timings",
+    "check_targets",
+    "image_span",
+    "image_spans",
+]
 
 
 @dataclass
@@ -70,6 +77,35 @@ def image_span(ids: Sequence[int], image_token_id: int, expected: int) -> tuple[
     return start, count
 
 
+def image_spans(
+    ids: Sequence[int], image_token_id: int, expected: Sequence[int]
+) -> list[tuple[int, int]]:
+    """`(start, count)` of each contiguous run of image tokens in `ids`, one per image.
+
+    Raises:
+        ImageTokenError: not one run per image, or a run of another length than its image's.
+    """
+    runs: list[tuple[int, int]] = []
+    for i, t in enumerate(ids):
+        if t != image_token_id:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    if len(runs) != len(expected):
+        raise ImageTokenError(
+            f"the prompt has {len(runs)} runs of image tokens for {len(expected)} images"
+        )
+    for n, ((_, count), want) in enumerate(zip(runs, expected, strict=True)):
+        if count != want:
+            raise ImageTokenError(
+                f"image {n + 1}: the prompt has {count} image tokens but the image gives "
+                f"{want} features"
+            )
+    return runs
+
+
 def check_targets(targets: Sequence[Target], generated_ids: Sequence[int]) -> None:
     """Every target must name a generated token, at a position that exists."""
     if not targets:
@@ -94,7 +130,9 @@ class PrefixCachedLM:
         embed: its input embedding module.
         lm_head: its output projection.
         prompt_ids: the prompt with its image tokens expanded; generated_ids: what was generated.
-        image_start, image_tokens: where the image features go.
+        image_start, image_tokens: where the image features go (one image).
+        image_spans: `(start, count)` per image instead, for several images (the features
+            of all images concatenated in this order); `image_start` is then the first start.
         position_ids: `(k, 1, L)` explicit positions for the whole prompt + generation (3D rope
             models), or None for 1-D positions.
     """
@@ -109,10 +147,20 @@ class PrefixCachedLM:
         generated_ids: Sequence[int],
         image_start: int,
         image_tokens: int,
+        image_spans: Sequence[tuple[int, int]] | None = None,
         position_ids: Any = None,
         timings: Timings | None = None,
     ) -> None:
         import torch
+
+        spans = list(image_spans) if image_spans else [(image_start, image_tokens)]
+        if spans[0][0] != image_start:
+            raise ImageTokenError(
+                f"the first image starts at {spans[0][0]}, not at image_start={image_start}"
+            )
+        # where each image's features go, relative to the first image's start
+        self._slots = [(s - image_start, n) for s, n in spans]
+        image_tokens = sum(n for _, n in spans)
 
         self.timings = timings if timings is not None else Timings()
         self.decoder, self.embed, self.lm_head = decoder, embed, lm_head
@@ -179,7 +227,11 @@ class PrefixCachedLM:
         base = len(self.prompt_ids)
         stop = base + max(t.position for t in targets)  # the last row that predicts a target
         embeds = self._suffix_embeds(stop).expand(b, -1, -1).clone()
-        embeds[:, : self.image_tokens] = features.to(self.dtype)
+        features = features.to(self.dtype)
+        taken = 0
+        for at, n in self._slots:
+            embeds[:, at : at + n] = features[:, taken : taken + n]
+            taken += n
         cache = self._cache(b)
         with torch.inference_mode():
             started = time.perf_counter()

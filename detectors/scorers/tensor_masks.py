@@ -23,7 +23,7 @@ import numpy as np
 
 from detectors.regions import RegionPartition
 
-__all__ = ["InputGeometry", "RegionShares", "region_shares", "soft_region_masks"]
+__all__ = ["InputGeometry", "RegionShares", "label_shares", "region_shares", "soft_region_masks"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,8 +63,10 @@ def soft_region_masks(partition: RegionPartition, geometry: InputGeometry) -> np
     """`(R, h, w)` float32: each region's share of every input-grid pixel (they sum to 1).
 
     Identity geometry gives the exact 0/1 region masks."""
-    labels = partition.labels
-    n = partition.n_regions
+    return _soft_masks(partition.labels, partition.n_regions, geometry)
+
+
+def _soft_masks(labels: np.ndarray, n: int, geometry: InputGeometry) -> np.ndarray:
     top, left, ch, cw = geometry.crop_box
     if geometry.resize_hw == labels.shape:
         onehot = labels[None] == np.arange(n)[:, None, None]
@@ -112,16 +114,23 @@ def region_shares(
     partition: RegionPartition, geometry: InputGeometry, device: Any = "cpu"
 ) -> RegionShares:
     """`soft_region_masks(partition, geometry)` as `RegionShares` on `device`."""
+    return label_shares(partition.labels, partition.n_regions, geometry, device)
+
+
+def label_shares(
+    label_map: np.ndarray, n: int, geometry: InputGeometry, device: Any = "cpu"
+) -> RegionShares:
+    """`RegionShares` of an `(H, W)` label map with ids 0..n-1 (some may be unused, and one
+    region is allowed: a part of a partition, e.g. one image of several)."""
     import torch
 
-    n = partition.n_regions
-    if geometry.resize_hw == partition.labels.shape:
+    if geometry.resize_hw == label_map.shape:
         top, left, ch, cw = geometry.crop_box
-        labels = partition.labels[top : top + ch, left : left + cw].reshape(-1).astype(np.int64)
+        labels = label_map[top : top + ch, left : left + cw].reshape(-1).astype(np.int64)
         band = np.empty(0, dtype=np.int64)
         band_shares = np.empty((n, 0), dtype=np.float32)
     else:
-        soft = soft_region_masks(partition, geometry).reshape(n, -1)
+        soft = _soft_masks(label_map, n, geometry).reshape(n, -1)
         labels = soft.argmax(axis=0)
         # off the band a pixel's shares are exactly one 1.0 and zeros, so the gather is exact
         whole = (soft[labels, np.arange(soft.shape[1])] == 1.0) & ((soft > 0).sum(axis=0) == 1)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from detectors.errors import ImageTokenError
+from detectors.layout import ImageLayout
 from detectors.pipeline import audit_sample
 from detectors.types import Attribution, AuditedWord, Verdict
 from guardrail.config import ModelSettings
@@ -179,9 +181,17 @@ class ModelAuditor:
             ),
         )
 
-    def scorer(self, image: np.ndarray, prompt: str, token_ids: Sequence[int]) -> Any:
+    def scorer(
+        self,
+        image: np.ndarray,
+        prompt: str,
+        token_ids: Sequence[int],
+        layout: ImageLayout | None = None,
+    ) -> Any:
         loaded = self.load()
         if self.remote:
+            if layout is not None and not layout.is_single:
+                raise AuditInputError("a remote model is audited on one image per sample")
             from detectors.scorers.remote import RemoteScorer
             from guardrail.service.chat import user_turn
 
@@ -203,7 +213,9 @@ class ModelAuditor:
         family = family_named(self.settings.family)
         visions = loaded.visions
         model = loaded.local_model()
-        hw = model.input_hw(image)
+        # several images: the vision file of the size most of them are processed to
+        sizes = [model.input_hw(i) for i in layout.split(image)] if layout else []
+        hw = max(sizes, key=sizes.count) if sizes else model.input_hw(image)
         vision = visions.get(hw)
         if visions and vision is None:
             _log.info(
@@ -212,14 +224,21 @@ class ModelAuditor:
                 self.settings.onnx,
                 *hw,
             )
-        return family.fast_scorer(model, image, self.prompt_for(prompt), token_ids, vision=vision)
+        return family.fast_scorer(
+            model, image, self.prompt_for(prompt), token_ids, vision=vision, layout=layout
+        )
 
     def tokenize(self, text: str) -> list[int]:
         tokenizer = self.load().tokenizer
         return [int(t) for t in tokenizer(text, add_special_tokens=False).input_ids]
 
     def _check_tokens(
-        self, loaded: LoadedAuditModel, image: np.ndarray, prompt: str, ids: Sequence[int]
+        self,
+        loaded: LoadedAuditModel,
+        image: np.ndarray,
+        prompt: str,
+        ids: Sequence[int],
+        layout: ImageLayout | None = None,
     ) -> None:
         if self.remote:  # the server checks the length; the vocabulary is known from config
             vocab = loaded.vocab or len(loaded.tokenizer)
@@ -240,7 +259,11 @@ class ModelAuditor:
         limit = getattr(text_config, "max_position_embeddings", None)
         if limit is not None:
             # the prompt with its image placeholder expanded to the image's tokens
-            n_prompt = len(loaded.local_model().prompt_ids(self.prompt_for(prompt), image))
+            local = loaded.local_model()
+            try:
+                n_prompt = len(local.prompt_ids(self.prompt_for(prompt), image, layout))
+            except ImageTokenError as exc:
+                raise AuditInputError(str(exc)) from None
             if n_prompt + len(ids) > int(limit):
                 raise AuditInputError(
                     f"the prompt and output are {n_prompt + len(ids)} tokens, over the "
@@ -248,8 +271,15 @@ class ModelAuditor:
                 )
 
     def audit(
-        self, image: np.ndarray, prompt: str, token_ids: Sequence[int] | None, text: str
+        self,
+        image: np.ndarray,
+        prompt: str,
+        token_ids: Sequence[int] | None,
+        text: str,
+        layout: ImageLayout | None = None,
     ) -> AuditResult:
+        """Audit one sample: `image` (a canvas of several images where `layout` says so, for
+        a family that takes several), the prompt, and the output's tokens (or its text)."""
         import time
 
         from detectors.types import StopReason
@@ -258,7 +288,7 @@ class ModelAuditor:
         loaded = self.load()
         ids = list(token_ids) if token_ids else self.tokenize(text)
         tokenizer = loaded.tokenizer
-        self._check_tokens(loaded, image, prompt, ids)
+        self._check_tokens(loaded, image, prompt, ids, layout)
 
         def decode(pieces: Sequence[int]) -> str:
             return str(tokenizer.decode(list(pieces), skip_special_tokens=True))
@@ -268,10 +298,11 @@ class ModelAuditor:
         before = client.stats if client is not None else None
         audit = audit_sample(
             image,
-            self.scorer(image, prompt, ids),
+            self.scorer(image, prompt, ids, layout),
             ids,
             decode,
             settings=s.audit_settings(),
+            layout=layout,
             thresholds=loaded.calibration.thresholds,
         )
         remote = client.stats.minus(before) if client is not None and before is not None else None

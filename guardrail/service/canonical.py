@@ -22,7 +22,7 @@ import json
 import math
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ from guardrail.service.images import (
 )
 
 if TYPE_CHECKING:
+    from detectors.layout import ImageLayout
     from guardrail.config import ModelSettings
 
 __all__ = [
@@ -59,7 +60,9 @@ __all__ = [
     "ImageLimits",
     "PixelBudget",
     "audit_resolution",
+    "canonical_canvas",
     "canonical_image",
+    "decode_canvas",
     "decode_for_audit",
     "decode_scaled",
     "pixel_budget",
@@ -350,6 +353,53 @@ def canonical_image(
     )
 
 
+def canonical_canvas(
+    images: Sequence[CanonicalImage], *, min_side: int, n_regions: int
+) -> tuple[CanonicalImage, ImageLayout]:
+    """Several canonical images as one canonical canvas, side by side at a common height
+    (`detectors.layout.side_by_side`), never more pixels than the images hold in all, and its
+    layout.  The canvas's "original" size is its own; its format that of the first image.
+
+    Raises:
+        DegenerateImageError (422): an image too small on the canvas for `min_side` or for its
+            share of `n_regions`.
+    """
+    import cv2
+
+    from detectors.layout import side_by_side
+
+    pixels = []
+    for image in images:
+        buffer = np.frombuffer(image.png, dtype=np.uint8)
+        bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise CorruptImageError("a canonical image is not a readable PNG")
+        pixels.append(np.ascontiguousarray(bgr[..., ::-1]))
+    total = sum(i.width * i.height for i in images)
+    canvas, layout = side_by_side(pixels, max_pixels=total)
+    counts = layout.region_counts(n_regions)
+    for n, ((_, _, h, w), share) in enumerate(zip(layout.boxes, counts, strict=True), start=1):
+        try:
+            if min(h, w) < min_side:
+                raise ImageGeometryError(f"its short side must be at least {min_side} pixels")
+            slic_region_side(h, w, share)
+        except ImageGeometryError as exc:
+            raise DegenerateImageError(
+                f"image {n} of {len(images)} is {w}x{h} pixels beside the others, too small to "
+                f"be audited with them: {exc}"
+            ) from None
+    height, width = int(canvas.shape[0]), int(canvas.shape[1])
+    image = CanonicalImage(
+        png=encode_png(canvas),
+        width=width,
+        height=height,
+        original_width=width,
+        original_height=height,
+        original_format=images[0].original_format,
+    )
+    return image, layout
+
+
 def decode_scaled(data: bytes, *, max_side: int, max_pixels: int) -> np.ndarray:
     """PNG, JPEG or WebP bytes as an upright `(H, W, 3)` uint8 RGB array whose longest side
     is at most `max_side` (downscaled while decoding: large JPEGs at a reduced scale; never
@@ -388,6 +438,28 @@ def decode_for_audit(data: bytes, model: ModelSettings) -> np.ndarray:
     target = resolution.target_size(width, height)
     rgb, _ = _decode_to(data, fmt, (width, height), target, resolution.resample, None, 0.0)
     return rgb
+
+
+def decode_canvas(data: bytes, layout: Mapping[str, Any]) -> tuple[np.ndarray, ImageLayout]:
+    """A job's canvas of several images (`canonical_canvas`) as stored, and its layout.
+
+    Raises:
+        ImageRejectedError: not a PNG/JPEG/WebP under Pillow's pixel limit, truncated or
+            corrupt, or not the size its layout says.
+        ValueError: a malformed layout.
+    """
+    from detectors.layout import ImageLayout
+
+    where = ImageLayout.from_dict(layout)
+    fmt = sniff_format(data)
+    width, height = image_header(data, fmt)
+    if (height, width) != where.canvas_hw:
+        raise CorruptImageError(
+            f"the stored canvas is {width}x{height} pixels; its layout says "
+            f"{where.canvas_hw[1]}x{where.canvas_hw[0]}"
+        )
+    rgb, _ = _decode_to(data, fmt, (width, height), (width, height), _BICUBIC, None, 0.0)
+    return rgb, where
 
 
 def _decode_to(

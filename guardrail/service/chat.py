@@ -14,7 +14,8 @@ __all__ = ["ChatFormatError", "ChatInput", "chat_input", "image_messages", "user
 
 class ChatFormatError(PermanentError):
     """The messages cannot be audited; `reason` says why: `text_only` (no image in any turn),
-    `multi_image` (several images), `image_unreadable` (an image part that is neither a
+    `multi_image` (several images, for a model audited on one), `too_many_images` (more than
+    the sample may hold), `image_unreadable` (an image part that is neither a
     base64 data URL nor an http(s) URL) or `messages_unreadable` (not the chat shape)."""
 
     def __init__(self, message: str, reason: str = "messages_unreadable") -> None:
@@ -22,15 +23,20 @@ class ChatFormatError(PermanentError):
         self.reason = reason
 
 
+ImagePart = tuple[bytes | None, str | None]  # a data URL's bytes, or an http(s) URL
+
+
 @dataclass(frozen=True, slots=True)
 class ChatInput:
-    """The one image of a conversation and the prompt around it.
+    """The image(s) of a conversation and the prompt around them.
 
-    `image_bytes` holds a data URL's image; `image_url` an http(s) URL to fetch instead."""
+    `image_bytes` holds the first image of a data URL; `image_url` an http(s) URL to fetch
+    instead; `images` every image in order (the first included), as such pairs."""
 
     image_bytes: bytes | None
-    prompt: str  # the conversation with the image placeholder where the image was
+    prompt: str  # the conversation with the image placeholder where each image was
     image_url: str | None = None
+    images: tuple[ImagePart, ...] = ()
 
 
 def _data_url(url: str) -> bytes:
@@ -64,9 +70,7 @@ def _image(part: dict[str, Any]) -> tuple[bytes | None, str | None]:
     )
 
 
-def _turn(
-    content: Any, placeholder: str, images: list[tuple[bytes | None, str | None]]
-) -> list[str]:
+def _turn(content: Any, placeholder: str, images: list[ImagePart]) -> list[str]:
     """A message's text parts with the placeholder where its images stand (images
     collected)."""
     if isinstance(content, str):
@@ -89,21 +93,52 @@ def _turn(
     return pieces
 
 
-def chat_input(body: dict[str, Any], placeholder: str, template: str | None = None) -> ChatInput:
-    """The conversation's image (in any user turn) and the prompt the model saw.
+def _count_images(messages: list[Any]) -> int:
+    return sum(
+        1
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for part in m["content"]
+        if isinstance(part, dict) and part.get("type") == "image_url"
+    )
+
+
+def chat_input(
+    body: dict[str, Any],
+    placeholder: str,
+    template: str | None = None,
+    *,
+    max_images: int = 1,
+    segment: str | None = None,
+) -> ChatInput:
+    """The conversation's images (in any user turn) and the prompt the model saw.
 
     Without `template` the prompt is the user and assistant turns as "USER: ... ASSISTANT:
     ... USER: ... ASSISTANT:", the placeholder where the image stood (one user turn gives
     "USER: <image> Describe the image. ASSISTANT:").  With `template`, `{prompt}` in it is
-    replaced by the text of the last user turn.
+    replaced by the text of the last user turn.  Several images (up to `max_images`) each
+    stand as `segment` (the family's placeholder with its markers), in the text or, with a
+    template, where the template holds its one image.
 
     Raises:
-        ChatFormatError: no image, several images, an unreadable image or messages.
+        ChatFormatError: no image, several images where one is audited (`multi_image`), more
+            than `max_images` (`too_many_images`), an unreadable image or messages.
     """
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise ChatFormatError("messages must be a list", reason="messages_unreadable")
-    images: list[tuple[bytes | None, str | None]] = []
+    count = _count_images(messages)
+    if count > 1 and max_images == 1:
+        raise ChatFormatError(f"{count} images; one image is audited", reason="multi_image")
+    if count > max_images:
+        raise ChatFormatError(
+            f"{count} images; at most {max_images} are audited in one sample",
+            reason="too_many_images",
+        )
+    single = placeholder
+    if count > 1 and segment:
+        placeholder = segment
+    images: list[ImagePart] = []
     turns: list[str] = []
     last_user: list[str] | None = None
     for message in messages:
@@ -121,17 +156,19 @@ def chat_input(body: dict[str, Any], placeholder: str, template: str | None = No
             turns.append(f"ASSISTANT: {text}" if text else "ASSISTANT:")
     if not images:
         raise ChatFormatError("no image in any turn", reason="text_only")
-    if len(images) > 1:
-        raise ChatFormatError(f"{len(images)} images; one image is audited", reason="multi_image")
     if last_user is None:
         raise ChatFormatError("no user message", reason="messages_unreadable")
     image_bytes, image_url = images[0]
     if template:
         text = " ".join(p for p in last_user if p and p != placeholder)
-        return ChatInput(image_bytes, template.replace("{prompt}", text), image_url)
+        prompt = template.replace("{prompt}", text)
+        if len(images) > 1:  # the template's one image becomes one per image
+            one = segment if segment and segment in prompt else single
+            prompt = prompt.replace(one, (segment or single) * len(images), 1)
+        return ChatInput(image_bytes, prompt, image_url, tuple(images))
     # a conversation that ends on an assistant turn is a continuation of that turn
     ending = "" if turns[-1].startswith("ASSISTANT") else " ASSISTANT:"
-    return ChatInput(image_bytes, " ".join(turns) + ending, image_url)
+    return ChatInput(image_bytes, " ".join(turns) + ending, image_url, tuple(images))
 
 
 def image_messages(

@@ -28,10 +28,10 @@ import queue
 import signal
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrail.service import images
 from guardrail.service.canonical import (
@@ -39,9 +39,13 @@ from guardrail.service.canonical import (
     CanonicalImage,
     ImageLimits,
     PixelBudget,
+    canonical_canvas,
     canonical_image,
 )
 from guardrail.service.images import DecodeBusyError, ImageRejectedError
+
+if TYPE_CHECKING:
+    from detectors.layout import ImageLayout
 
 __all__ = ["DecoderFailedError", "DecoderPool", "decode_pixels"]
 
@@ -60,9 +64,24 @@ class _Job:
     n_regions: int
 
 
-def _decode(job: _Job) -> tuple[Any, ...]:
-    """What a child sends back: ("ok", the `CanonicalImage`) or ("rejected", the error's
-    class name, its message)."""
+@dataclass(frozen=True, slots=True)
+class _Canvas:
+    images: tuple[CanonicalImage, ...]
+    min_side: int
+    n_regions: int
+
+
+def _decode(job: _Job | _Canvas) -> tuple[Any, ...]:
+    """What a child sends back: ("ok", the `CanonicalImage`) (with its layout for a canvas)
+    or ("rejected", the error's class name, its message)."""
+    if isinstance(job, _Canvas):
+        try:
+            canvas, layout = canonical_canvas(
+                job.images, min_side=job.min_side, n_regions=job.n_regions
+            )
+        except ImageRejectedError as exc:
+            return ("rejected", type(exc).__name__, str(exc))
+        return ("ok", canvas, layout)
     try:
         image = canonical_image(
             job.data,
@@ -245,8 +264,40 @@ class DecoderPool:
                 `DecoderFailedError` (422) when the image crashed or hung its child.
             DecodeBusyError (503): no budget or no free child within `wait_seconds`.
         """
+        reply = self._run(
+            _Job(data, limits, resolution, n_regions), decode_pixels(data), budget, wait_seconds
+        )
+        image: CanonicalImage = reply[0]
+        return image
+
+    def canvas(
+        self,
+        images: Sequence[CanonicalImage],
+        *,
+        min_side: int,
+        n_regions: int,
+        budget: PixelBudget,
+        wait_seconds: float,
+    ) -> tuple[CanonicalImage, ImageLayout]:
+        """`canonical_canvas(images, ...)`: several canonical images laid side by side on one
+        canonical canvas, in a child (the pixels of the images and the canvas held from
+        `budget`).
+
+        Raises:
+            ImageRejectedError: an image too small beside the others (422), or
+                `DecoderFailedError` (422) when it crashed or hung its child.
+            DecodeBusyError (503): no budget or no free child within `wait_seconds`.
+        """
+        pixels = 2 * sum(i.width * i.height for i in images)
+        reply = self._run(_Canvas(tuple(images), min_side, n_regions), pixels, budget, wait_seconds)
+        return reply[0], reply[1]
+
+    def _run(
+        self, job: _Job | _Canvas, pixels: int, budget: PixelBudget, wait_seconds: float
+    ) -> list[Any]:
+        """A job run by a free child while `pixels` are held from `budget`: its results."""
         self._start()
-        with budget.hold(decode_pixels(data), timeout=wait_seconds):
+        with budget.hold(pixels, timeout=wait_seconds):
             try:
                 slot = self._idle.get(timeout=wait_seconds)
             except queue.Empty:
@@ -260,7 +311,7 @@ class DecoderPool:
                     if child is not None:
                         self._retire(child)
                     child = self._spawn()
-                reply = self._ask(child, _Job(data, limits, resolution, n_regions))
+                reply = self._ask(child, job)
             except BaseException:
                 if child is not None:
                     self._retire(child)
@@ -269,13 +320,12 @@ class DecoderPool:
             self._idle.put(child)
         kind, *fields = reply
         if kind == "ok":
-            image: CanonicalImage = fields[0]
-            return image
+            return fields
         if kind == "rejected":
             raise _rebuild(*fields)
         raise RuntimeError(f"the image decoder failed: {fields[0]}: {fields[1]}")
 
-    def _ask(self, child: _Child, job: _Job) -> tuple[Any, ...]:
+    def _ask(self, child: _Child, job: _Job | _Canvas) -> tuple[Any, ...]:
         try:
             child.conn.send(job)
             if child.conn.poll(self.timeout_seconds):

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from guardrail.config import ModelSettings, Settings
 from guardrail.errors import PermanentError, RetryableError
 from guardrail.service.auditor import image_placeholder
 from guardrail.service.canonical import (
@@ -73,12 +74,37 @@ class IngestBusyError(IngestError, RetryableError):
     """Ingest could not decode the image in time (503, with `retry_after`): retry later."""
 
 
-def _image_error(exc: ImageRejectedError) -> IngestError:
+def _image_error(exc: ImageRejectedError, which: str = "image") -> IngestError:
     if isinstance(exc, DecodeBusyError):
         return IngestBusyError(
-            exc.status, f"image: {exc}", error_type=exc.error_type, retry_after=exc.retry_after
+            exc.status, f"{which}: {exc}", error_type=exc.error_type, retry_after=exc.retry_after
         )
-    return IngestError(exc.status, f"image: {exc}", error_type=exc.error_type)
+    return IngestError(exc.status, f"{which}: {exc}", error_type=exc.error_type)
+
+
+def max_images(model: ModelSettings, settings: Settings) -> int:
+    """The most images one sample of `model` may hold: 1 for a family audited on one image,
+    else the family's limit capped by `max_images_per_sample`."""
+    from detectors.scorers.families import family_named
+
+    if model.scorer == "remote":
+        return 1  # the remote scorer sends one image
+    return max(1, min(family_named(model.family).max_images, settings.max_images_per_sample))
+
+
+def _check_image_count(runtime: Runtime, model: ModelSettings, n: int) -> None:
+    limit = max_images(model, runtime.settings)
+    if n <= limit:
+        return
+    if limit == 1:
+        raise IngestError(
+            422, f"{n} images: model {model.name!r} ({model.family}) is audited on one image"
+        )
+    raise IngestError(
+        422,
+        f"{n} images: at most {limit} are audited in one sample of model {model.name!r} "
+        "(max_images_per_sample)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +123,8 @@ class IngestRequest:
     image_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     force: bool = False
+    # the images after the first, for a model family that takes several in one prompt
+    more_images: tuple[bytes, ...] = ()
 
 
 def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
@@ -122,34 +150,49 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
         # the API refuses these at its edge; the proxy's tee comes here directly
         if reason := unsafe_text_reason(text):
             raise IngestError(422, f"{name}: {reason}")
-    if len(request.image_bytes) > settings.max_image_bytes:
-        raise IngestError(
-            413,
-            f"image: {len(request.image_bytes)} bytes, over the {settings.max_image_bytes} "
-            "bytes allowed (max_image_bytes)",
-            error_type="payload_too_large",
-        )
+    images = (request.image_bytes, *request.more_images)
+    _check_image_count(runtime, model, len(images))
     limits = ImageLimits(
         max_pixels=settings.max_image_pixels,
         min_side=settings.min_image_side,
         max_aspect_ratio=settings.max_image_aspect_ratio,
     )
     resolution = audit_resolution(model)
-    try:  # cheap checks on every request: magic bytes, header, geometry (nothing decoded)
-        fmt = sniff_format(request.image_bytes)
-        width, height = image_header(request.image_bytes, fmt)
-        limits.check(width, height, resolution.target_size(width, height), model.n_regions)
-    except ImageRejectedError as exc:
-        raise _image_error(exc) from None
+    for n, data in enumerate(images, start=1):
+        which = "image" if len(images) == 1 else f"image {n} of {len(images)}"
+        if len(data) > settings.max_image_bytes:
+            raise IngestError(
+                413,
+                f"{which}: {len(data)} bytes, over the {settings.max_image_bytes} "
+                "bytes allowed (max_image_bytes)",
+                error_type="payload_too_large",
+            )
+        try:  # cheap checks on every request: magic bytes, header, geometry (nothing decoded)
+            fmt = sniff_format(data)
+            width, height = image_header(data, fmt)
+            limits.check(width, height, resolution.target_size(width, height), model.n_regions)
+        except ImageRejectedError as exc:
+            raise _image_error(exc, which) from None
     auditor = runtime.auditors[model.name]
     placeholder = image_placeholder(model.family)
-    if placeholder not in auditor.prompt_for(request.prompt):
+    found = auditor.prompt_for(request.prompt).count(placeholder)
+    if not found:
         raise IngestError(
             422,
             f"prompt: holds no {placeholder!r} placeholder and model {model.name!r} has no "
             "prompt template",
         )
-    digest = hashlib.sha256(request.image_bytes).hexdigest()
+    if len(images) > 1 and found != len(images):
+        raise IngestError(
+            422,
+            f"prompt: holds {found} {placeholder!r} placeholders for {len(images)} images "
+            "(one per image, in order)",
+        )
+    digests = [hashlib.sha256(data).hexdigest() for data in images]
+    # several images: the digest of their digests, in order
+    digest = (
+        digests[0] if len(images) == 1 else hashlib.sha256(",".join(digests).encode()).hexdigest()
+    )
     key = request_key(
         model.name,
         request.request_id,
@@ -161,15 +204,29 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
     if not decision.sampled:
         m.samples_skipped.labels(model=model.name, reason=decision.reason).inc()
         return {"sampled": False, "reason": decision.reason}
+    budget = pixel_budget(settings.ingest_decode_pixels or settings.max_image_pixels)
+    layout = None
     try:
-        image = runtime.decoders.canonical(
-            request.image_bytes,
-            limits=limits,
-            resolution=resolution,
-            n_regions=model.n_regions,
-            budget=pixel_budget(settings.ingest_decode_pixels or settings.max_image_pixels),
-            wait_seconds=settings.ingest_decode_wait_seconds,
-        )
+        canonical = [
+            runtime.decoders.canonical(
+                data,
+                limits=limits,
+                resolution=resolution,
+                n_regions=model.n_regions,
+                budget=budget,
+                wait_seconds=settings.ingest_decode_wait_seconds,
+            )
+            for data in images
+        ]
+        image = canonical[0]
+        if len(canonical) > 1:  # one canvas, audited in one search over all the images
+            image, layout = runtime.decoders.canvas(
+                canonical,
+                min_side=settings.min_image_side,
+                n_regions=model.n_regions,
+                budget=budget,
+                wait_seconds=settings.ingest_decode_wait_seconds,
+            )
     except ImageRejectedError as exc:
         raise _image_error(exc) from None
     sample_id = runtime.sample_writer.submit(
@@ -178,6 +235,7 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
                 "model": model.name,
                 "image_sha256": digest,
                 "image_size": (image.original_width, image.original_height),
+                "image_layout": layout.as_dict() if layout is not None else None,
                 "generated_text": request.output or "",
                 "token_ids": request.token_ids,
                 "request_id": request.request_id,

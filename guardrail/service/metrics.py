@@ -274,7 +274,7 @@ class Metrics:
             proxy_not_applicable=Counter(
                 "guardrail_proxy_not_applicable_total",
                 "Proxied chat answers the audit does not apply to, by reason (text_only, "
-                "multi_image, image_url_not_allowed, no_text): not failures",
+                "multi_image, too_many_images, image_url_not_allowed, no_text): not failures",
                 ["reason"],
                 registry=r,
             ),

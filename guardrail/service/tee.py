@@ -9,7 +9,8 @@ correlation keys.
 
 Every choice of a teed 200 answer ends in exactly one place: a sample (or a sampling skip,
 counted by ingest), `guardrail_proxy_not_applicable_total{reason}` (the audit does not apply:
-text-only or multi-image conversations, image URLs the operator does not fetch, choices
+text-only conversations, several images for a model audited on one or more than
+`max_images_per_sample`, image URLs the operator does not fetch, choices
 without text), or `guardrail_proxy_fail_open_drops_total{reason}` (a failure).
 """
 
@@ -22,10 +23,9 @@ from typing import Any
 
 from guardrail.config import ModelSettings
 from guardrail.service.answers import UnreadableAnswerError, decoded_body, read_answer
-from guardrail.service.auditor import image_placeholder
 from guardrail.service.chat import ChatFormatError, ChatInput, chat_input
 from guardrail.service.image_fetch import ImageFetcher, ImageFetchError
-from guardrail.service.ingest import IngestError, IngestRequest, ingest
+from guardrail.service.ingest import IngestError, IngestRequest, ingest, max_images
 from guardrail.service.runtime import Runtime
 from guardrail.service.sampling import Sampler, request_key
 
@@ -33,7 +33,7 @@ __all__ = ["Tee", "TeedExchange"]
 
 log = logging.getLogger("guardrail.proxy")
 
-_NOT_APPLICABLE = frozenset({"text_only", "multi_image"})
+_NOT_APPLICABLE = frozenset({"text_only", "multi_image", "too_many_images"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +90,18 @@ class Tee:
             self.not_applicable("no_text", len(answer.texts) - len(with_text))
         if not with_text:
             return
+        from detectors.scorers.families import family_named
+
         model = exchange.model
+        family = family_named(model.family)
         try:
-            parsed = chat_input(exchange.body, image_placeholder(model.family), model.prompt)
+            parsed = chat_input(
+                exchange.body,
+                family.image_placeholder,
+                model.prompt,
+                max_images=max_images(model, self.runtime.settings),
+                segment=family.image_segment,
+            )
         except ChatFormatError as exc:
             if exc.reason in _NOT_APPLICABLE:
                 self.not_applicable(exc.reason, len(with_text))
@@ -102,25 +111,32 @@ class Tee:
                 self.drop("request_unreadable", len(with_text))
             return
         prompt = self.runtime.auditors[model.name].prompt_for(parsed.prompt)
-        image, image_key = self._image(exchange, parsed, prompt, with_text)
-        if image is None:
+        images, image_key = self._images(exchange, parsed, prompt, with_text)
+        if images is None:
             return
         for index, text in with_text.items():
-            self._ingest(exchange, prompt, image, image_key, index, text, answer.id)
+            self._ingest(exchange, prompt, images, image_key, index, text, answer.id)
 
-    def _image(
+    def _images(
         self,
         exchange: TeedExchange,
         parsed: ChatInput,
         prompt: str,
         texts: dict[int, str],
-    ) -> tuple[bytes | None, str | None]:
-        """The image's bytes (fetched for a URL) and the digest the sampling key uses in
-        place of the image's (the URL's: sampled before fetching); None when every choice
-        has been accounted for here."""
-        if parsed.image_url is None:
-            return parsed.image_bytes, None
-        url_key = hashlib.sha256(parsed.image_url.encode("utf-8", "replace")).hexdigest()
+    ) -> tuple[list[bytes] | None, str | None]:
+        """The images' bytes (fetched for URLs) and the digest the sampling key uses in
+        place of the image's (for URLs or several images: sampled before fetching); None when
+        every choice has been accounted for here."""
+        parts = parsed.images or ((parsed.image_bytes, parsed.image_url),)
+        if len(parts) == 1 and parsed.image_url is None:
+            return ([parsed.image_bytes] if parsed.image_bytes is not None else None), None
+        keys = [
+            hashlib.sha256(url.encode("utf-8", "replace") if url else data or b"").hexdigest()
+            for data, url in parts
+        ]
+        url_key = keys[0] if len(keys) == 1 else hashlib.sha256(",".join(keys).encode()).hexdigest()
+        if all(url is None for _, url in parts):
+            return [data or b"" for data, _ in parts], url_key
         model = exchange.model
         if not exchange.force:
             # a choice the sampler will not take is not worth a fetch: decided on the same
@@ -142,7 +158,10 @@ class Tee:
             if not texts:
                 return None, None
         try:
-            return self.fetcher.fetch(parsed.image_url), url_key
+            fetched = [
+                data or b"" if url is None else self.fetcher.fetch(url) for data, url in parts
+            ]
+            return fetched, url_key
         except ImageFetchError as exc:
             if exc.by_policy:
                 self.not_applicable("image_url_not_allowed", len(texts))
@@ -155,7 +174,7 @@ class Tee:
         self,
         exchange: TeedExchange,
         prompt: str,
-        image: bytes,
+        images: list[bytes],
         image_key: str | None,
         index: int,
         text: str,
@@ -170,7 +189,8 @@ class Tee:
                 IngestRequest(
                     model=exchange.model.name,
                     prompt=prompt,
-                    image_bytes=image,
+                    image_bytes=images[0],
+                    more_images=tuple(images[1:]),
                     output=text,
                     request_id=exchange.request_id,
                     response_id=response_id,

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from guardrail.errors import MissingImageError, UnknownModelError, is_permanent
 from guardrail.logs import log_context
 from guardrail.service.auditor import ModelAuditor
-from guardrail.service.canonical import decode_for_audit
+from guardrail.service.canonical import decode_canvas, decode_for_audit
 from guardrail.service.metrics import Metrics, category_label
 from guardrail.service.otel import AuditTrace, audit_trace, word_evaluations
 from storage import queue
@@ -156,6 +156,7 @@ class Worker:
             sample = session.get(Sample, sample_id)
             assert sample is not None  # the foreign key guarantees it
             model, text, token_ids = sample.model, sample.generated_text, list(sample.token_ids)
+            layout = sample.image_layout
             request_id = sample.request_id
             trace = audit_trace(sample)
             sample.status = SampleStatus.AUDITING
@@ -165,7 +166,7 @@ class Worker:
             with log_context(request_id=request_id, sample_id=sample_id):
                 log.info("worker %s: auditing job %s (model %s)", self.owner, job_id, model)
                 return self._audit(
-                    job_id, sample_id, model, text, token_ids, image_data, prompt, trace
+                    job_id, sample_id, model, text, token_ids, image_data, prompt, trace, layout
                 )
         finally:
             self._count_remote(model)
@@ -195,6 +196,7 @@ class Worker:
         image_data: bytes | None,
         prompt: str,
         trace: AuditTrace,
+        layout: dict[str, Any] | None = None,
     ) -> bool:
         started_ns = time.time_ns()
         heartbeat = threading.Event()
@@ -206,9 +208,13 @@ class Worker:
                 raise UnknownModelError(f"model {model!r} is not configured on this worker")
             if image_data is None:
                 raise MissingImageError("the job carries no image")
-            # canonical since ingest made it so; older jobs are downscaled while decoding
-            image = decode_for_audit(image_data, auditor.settings)
-            result = auditor.audit(image, prompt, token_ids or None, text)
+            if layout:  # a canvas of several images: decoded as stored (ingest bounded it)
+                image, image_layout = decode_canvas(image_data, layout)
+                result = auditor.audit(image, prompt, token_ids or None, text, image_layout)
+            else:
+                # canonical since ingest made it so; older jobs are downscaled while decoding
+                image = decode_for_audit(image_data, auditor.settings)
+                result = auditor.audit(image, prompt, token_ids or None, text)
         except Exception as exc:
             heartbeat.set()
             beat.join()

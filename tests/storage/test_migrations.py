@@ -19,7 +19,7 @@ def _columns(engine: Engine, table: str) -> set[str]:
 
 def test_upgrade_to_head_and_downgrade_to_nothing(engine: Engine) -> None:
     upgrade(engine)
-    assert current_revision(engine) == HEAD == "0007"
+    assert current_revision(engine) == HEAD == "0008"
     for table, columns in PROVENANCE.items():
         assert columns <= _columns(engine, table), table
     assert "ix_verdicts_thresholds_id" in {

@@ -11,14 +11,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
+from detectors.errors import ImageTokenError
 from detectors.scorers.protocol import Scorer
 from detectors.scorers.vision import OnnxVision, VisionRunner, VisionSpec
 
-__all__ = ["Generation", "LoadedModel", "ModelFamily", "VisionFiles"]
+if TYPE_CHECKING:
+    from detectors.layout import ImageLayout
+
+__all__ = [
+    "Generation",
+    "LoadedModel",
+    "ModelFamily",
+    "VisionFiles",
+    "check_layout",
+    "one_image",
+]
 
 # the ONNX vision files opened for one model, by the processed input size `(H, W)` each serves
 VisionFiles = Mapping[tuple[int, int], OnnxVision]
@@ -70,8 +81,11 @@ class LoadedModel(Protocol):
         """The `(H, W)` pixels the model's image processor turns `image` into."""
         ...
 
-    def prompt_ids(self, prompt: str, image: np.ndarray) -> list[int]:
-        """Token ids of `prompt` with its one image placeholder expanded to the image tokens."""
+    def prompt_ids(
+        self, prompt: str, image: np.ndarray, layout: ImageLayout | None = None
+    ) -> list[int]:
+        """Token ids of `prompt` with its image placeholder expanded to the image tokens (one
+        placeholder per image of `layout` when `image` is a canvas of several)."""
         ...
 
     def generate(self, image: np.ndarray, prompt: str, max_new_tokens: int = 12) -> Generation:
@@ -97,7 +111,19 @@ class ModelFamily(Protocol[M]):
 
     @property
     def image_placeholder(self) -> str:
-        """The one placeholder a prompt holds where the image goes."""
+        """The placeholder a prompt holds where an image goes."""
+        ...
+
+    @property
+    def image_segment(self) -> str:
+        """What stands for one image in a prompt of several (the placeholder with the
+        family's markers around it)."""
+        ...
+
+    @property
+    def max_images(self) -> int:
+        """The most images one audited prompt may hold (1: the family is audited on one
+        image; several are laid out on one canvas, see `detectors.layout`)."""
         ...
 
     @property
@@ -145,8 +171,10 @@ class ModelFamily(Protocol[M]):
         generated_ids: Sequence[int],
         *,
         max_batch_size: int = 1,
+        layout: ImageLayout | None = None,
     ) -> Scorer:
-        """The plain scorer: masks in pixel space, one full forward per masked image."""
+        """The plain scorer: masks in pixel space, one full forward per masked image; `image`
+        is a canvas of several images where `layout` says so (`max_images` > 1 only)."""
         ...
 
     def fast_scorer(
@@ -158,18 +186,48 @@ class ModelFamily(Protocol[M]):
         *,
         vision: VisionRunner | None = None,
         chunk_size: int = 16,
+        layout: ImageLayout | None = None,
     ) -> Scorer:
         """Tensor-space masks, the text before the image cached, target-only logits; `vision`
-        is an ONNX encoder for this image's input size or None for the torch tower."""
+        is an ONNX encoder for this image's input size or None for the torch tower; `layout`
+        as for `plain_scorer`."""
         ...
+
+
+def check_layout(family: str, max_images: int, layout: ImageLayout | None) -> bool:
+    """Whether `layout` lays out several images (False for None or one image filling its
+    canvas).
+
+    Raises:
+        ImageTokenError: more images than the family audits in one prompt.
+    """
+    if layout is None or layout.is_single:
+        return False
+    if layout.n_images > max_images:
+        raise ImageTokenError(
+            f"the {family} family audits at most {max_images} image(s) per prompt, got "
+            f"{layout.n_images}"
+        )
+    return True
+
+
+def one_image(family: str, layout: ImageLayout | None) -> None:
+    """Refuse a layout of several images in a family that takes one."""
+    check_layout(family, 1, layout)
 
 
 class ScorerFactories:
     """The two scorer constructors of a family, from its classes: a family sets
-    `plain_scorer_class` and `fast_scorer_class` (same constructor shape for every family)."""
+    `plain_scorer_class` and `fast_scorer_class` (same constructor shape for every family);
+    a layout of several images is passed on only to a family whose `max_images` allows it."""
 
+    name: ClassVar[str]
+    max_images: ClassVar[int] = 1
     plain_scorer_class: ClassVar[type[Any]]
     fast_scorer_class: ClassVar[type[Any]]
+
+    def _layout_kwargs(self, layout: ImageLayout | None) -> dict[str, Any]:
+        return {"layout": layout} if check_layout(self.name, self.max_images, layout) else {}
 
     def plain_scorer(
         self,
@@ -179,9 +237,15 @@ class ScorerFactories:
         generated_ids: Sequence[int],
         *,
         max_batch_size: int = 1,
+        layout: ImageLayout | None = None,
     ) -> Any:
         return self.plain_scorer_class(
-            model, image, prompt, generated_ids, max_batch_size=max_batch_size
+            model,
+            image,
+            prompt,
+            generated_ids,
+            max_batch_size=max_batch_size,
+            **self._layout_kwargs(layout),
         )
 
     def fast_scorer(
@@ -193,7 +257,14 @@ class ScorerFactories:
         *,
         vision: VisionRunner | None = None,
         chunk_size: int = 16,
+        layout: ImageLayout | None = None,
     ) -> Any:
         return self.fast_scorer_class(
-            model, image, prompt, generated_ids, vision=vision, chunk_size=chunk_size
+            model,
+            image,
+            prompt,
+            generated_ids,
+            vision=vision,
+            chunk_size=chunk_size,
+            **self._layout_kwargs(layout),
         )

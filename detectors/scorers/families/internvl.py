@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from detectors.errors import ImageTokenError
-from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles
+from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles, one_image
 from detectors.scorers.fast import (
     PrefixCachedLM,
     TensorMaskedScorer,
@@ -42,6 +42,9 @@ from detectors.scorers.vision import (
     weights_fingerprint,
 )
 from detectors.types import Target
+
+if TYPE_CHECKING:
+    from detectors.layout import ImageLayout
 
 __all__ = [
     "INTERNVL",
@@ -108,13 +111,16 @@ class InternVLModel:
         out = self.image_processor(images=list(images), crop_to_patches=False, return_tensors="pt")
         return out["pixel_values"]
 
-    def prompt_ids(self, prompt: str, image: np.ndarray) -> list[int]:
+    def prompt_ids(
+        self, prompt: str, image: np.ndarray, layout: ImageLayout | None = None
+    ) -> list[int]:
         """Token ids of `prompt` with its one `<IMG_CONTEXT>` expanded to `<img>`, the image
         tokens, `</img>`.
 
         Raises:
             ImageTokenError: the prompt does not hold exactly one placeholder.
         """
+        one_image("internvl", layout)
         ids = [int(i) for i in self.tokenizer(prompt, add_special_tokens=False).input_ids]
         hits = ids.count(self.image_token_id)
         if hits != 1:
@@ -365,6 +371,7 @@ class InternVLFamily(ScorerFactories):
     name = "internvl"
     architecture = ARCHITECTURE
     image_placeholder = IMAGE_PLACEHOLDER
+    image_segment = IMAGE_PLACEHOLDER
     caption_prompt = (
         "<|im_start|>user\n<IMG_CONTEXT>\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n"
     )

@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from detectors.errors import ImageTokenError, InvalidTargetError
-from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles
+from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles, one_image
 from detectors.scorers.fast import PrefixCachedLM, TensorMaskedScorer, image_span
 from detectors.scorers.loading import (
     ModelLoadError,
@@ -35,6 +35,9 @@ from detectors.scorers.vision import (
     weights_fingerprint,
 )
 from detectors.types import Target
+
+if TYPE_CHECKING:
+    from detectors.layout import ImageLayout
 
 __all__ = [
     "LLAVA",
@@ -127,12 +130,15 @@ class LlavaModel:
         out = self.processor.image_processor(images=list(images), return_tensors="pt")
         return out["pixel_values"]
 
-    def prompt_ids(self, prompt: str, image: np.ndarray) -> list[int]:
+    def prompt_ids(
+        self, prompt: str, image: np.ndarray, layout: ImageLayout | None = None
+    ) -> list[int]:
         """Token ids of `prompt` with its image placeholder expanded to the image tokens.
 
         Raises:
             ImageTokenError: the prompt does not hold exactly one image placeholder.
         """
+        one_image("llava", layout)
         placeholder = self.processor.image_token
         if prompt.count(placeholder) != 1:
             raise ImageTokenError(
@@ -384,6 +390,7 @@ class LlavaFamily(ScorerFactories):
     name = "llava"
     architecture = ARCHITECTURE
     image_placeholder = "<image>"
+    image_segment = "<image>"
     caption_prompt = "USER: <image> Describe the image. ASSISTANT:"
 
     def yes_no_prompt(self, question: str) -> str:

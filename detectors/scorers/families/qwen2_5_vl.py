@@ -16,8 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from detectors.errors import ImageTokenError
-from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles
+from detectors.errors import ImageTokenError, InvalidImageError
+from detectors.layout import ImageLayout
+from detectors.scorers.families.base import (
+    Generation,
+    ScorerFactories,
+    VisionFiles,
+    check_layout,
+)
 from detectors.scorers.fast import (
     PrefixCachedLM,
     TensorMaskedScorer,
@@ -185,18 +191,30 @@ class QwenModel:
         }
         return weights_fingerprint(parts, [("visual", self.model.model.visual)])
 
-    def prompt_ids(self, prompt: str, image: np.ndarray) -> list[int]:
-        """Token ids of `prompt` with its one `<|image_pad|>` expanded to the image's tokens."""
-        tokens = self.image_tokens(self.input_hw(image))
+    def prompt_ids(
+        self, prompt: str, image: np.ndarray, layout: ImageLayout | None = None
+    ) -> list[int]:
+        """Token ids of `prompt` with its `<|image_pad|>` expanded to the image's tokens: one
+        placeholder, or one per image of `layout` (in its order) when `image` is a canvas of
+        several images."""
+        images = [image] if layout is None else layout.split(image)
         ids = [int(i) for i in self.tokenizer(prompt, add_special_tokens=False).input_ids]
         hits = ids.count(self.image_token_id)
-        if hits != 1:
+        if hits != len(images):
+            exactly = (
+                "exactly one image placeholder"
+                if len(images) == 1
+                else (f"{len(images)} image placeholders, one per image")
+            )
             raise ImageTokenError(
-                f"the prompt must hold exactly one image placeholder "
+                f"the prompt must hold {exactly} "
                 f"({self.tokenizer.convert_ids_to_tokens(self.image_token_id)!r}), found {hits}"
             )
-        at = ids.index(self.image_token_id)
-        return ids[:at] + [self.image_token_id] * tokens + ids[at + 1 :]
+        counts = iter([self.image_tokens(self.input_hw(i)) for i in images])
+        out: list[int] = []
+        for token in ids:
+            out.extend([token] * next(counts) if token == self.image_token_id else [token])
+        return out
 
 
 def load_qwen(
@@ -330,7 +348,9 @@ def unpatchify(
 
 class QwenScorer:
     """The plain way: mask in pixel space, run the image processor and one full forward per
-    masked image (`max_batch_size` images per call, patches concatenated)."""
+    masked image (`max_batch_size` images per call, patches concatenated).  With a `layout`
+    of several images, every masked canvas is cut back into its images, given to the model as
+    the prompt's several images."""
 
     def __init__(
         self,
@@ -340,9 +360,11 @@ class QwenScorer:
         generated_ids: Sequence[int],
         *,
         max_batch_size: int = 1,
+        layout: ImageLayout | None = None,
     ) -> None:
         self.qwen = qwen
-        self.prompt_ids = qwen.prompt_ids(prompt, image)
+        self.layout = layout or ImageLayout.single((int(image.shape[0]), int(image.shape[1])))
+        self.prompt_ids = qwen.prompt_ids(prompt, image, self.layout)
         self.generated_ids = [int(i) for i in generated_ids]
         self._max_batch_size = max_batch_size
 
@@ -364,7 +386,14 @@ class QwenScorer:
         ids = torch.tensor(
             [self.prompt_ids + self.generated_ids[:last]] * batch.size, device=device
         )
-        pixels, grid = self.qwen.pixel_inputs(list(batch.pixels()))
+        if batch.image.shape[:2] != self.layout.canvas_hw:
+            raise InvalidImageError(
+                f"the batch's image has shape {batch.image.shape}; this scorer was built for "
+                f"{self.layout.canvas_hw}"
+            )
+        # every masked canvas's images, in prompt order, canvas after canvas
+        images = [i for canvas in batch.pixels() for i in self.layout.split(canvas)]
+        pixels, grid = self.qwen.pixel_inputs(images)
         types = (ids == self.qwen.image_token_id).int()
         with torch.inference_mode():
             logits = model(
@@ -473,14 +502,44 @@ class QwenFamily(ScorerFactories):
     fast_scorer_class = FastQwenScorer
 
     name = "qwen2_5_vl"
+    max_images = 16
     architecture = ARCHITECTURE
     image_placeholder = "<|image_pad|>"
+    image_segment = "<|vision_start|><|image_pad|><|vision_end|>"
     caption_prompt = CAPTION_PROMPT_QWEN
 
     def yes_no_prompt(self, question: str) -> str:
         return (
             f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question} Answer "
             "yes or no.<|im_end|>\n<|im_start|>assistant\n"
+        )
+
+    def fast_scorer(
+        self,
+        model: Any,
+        image: np.ndarray,
+        prompt: str,
+        generated_ids: Sequence[int],
+        *,
+        vision: VisionRunner | None = None,
+        chunk_size: int = 16,
+        layout: ImageLayout | None = None,
+    ) -> Any:
+        """`FastQwenScorer`, or `FastQwenImagesScorer` for a layout of several images."""
+        if layout is None or not check_layout(self.name, self.max_images, layout):
+            return FastQwenScorer(
+                model, image, prompt, generated_ids, vision=vision, chunk_size=chunk_size
+            )
+        from detectors.scorers.families.qwen2_5_vl_images import FastQwenImagesScorer
+
+        return FastQwenImagesScorer(
+            model,
+            image,
+            prompt,
+            generated_ids,
+            layout=layout,
+            vision=vision,
+            chunk_size=chunk_size,
         )
 
     def load(

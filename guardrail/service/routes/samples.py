@@ -105,6 +105,13 @@ class SampleIn(BaseModel):
         default=None, max_length=MAX_TOKEN_IDS, description="the generated token ids"
     )
     image_base64: str = Field(description="the image, base64 (PNG, JPEG or WebP; data URL ok)")
+    more_images_base64: list[str] = Field(
+        default_factory=list,
+        max_length=15,
+        description="the images after the first, in prompt order, for a model that takes "
+        "several in one prompt (Qwen2.5-VL; at most max_images_per_sample in all): audited in "
+        "one search over the regions of all of them",
+    )
     request_id: str | None = Field(
         default=None,
         pattern=REQUEST_ID_PATTERN,
@@ -210,9 +217,14 @@ def add_sample_routes(app: FastAPI, runtime: Runtime, auth: list[Any]) -> None:
     settings = runtime.settings
 
     async def ingest_json(
-        body: SampleIn, image_bytes: bytes, force: bool, context: _Correlation
+        body: SampleIn,
+        image_bytes: bytes,
+        force: bool,
+        context: _Correlation,
+        more_images: tuple[bytes, ...] = (),
     ) -> JSONResponse:
         request = IngestRequest(
+            more_images=more_images,
             model=body.model,
             prompt=body.prompt,
             image_bytes=image_bytes,
@@ -255,8 +267,9 @@ def add_sample_routes(app: FastAPI, runtime: Runtime, auth: list[Any]) -> None:
         """Offer a model output (JSON, image as base64) for audit.  `X-Request-Id` and a W3C
         `traceparent` header are stored with the sample (`request_id` in the body wins)."""
         image_bytes = _decode_base64(body.image_base64)
+        more = tuple(_decode_base64(b) for b in body.more_images_base64)
         return await ingest_json(
-            body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always"), context
+            body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always"), context, more
         )
 
     @app.post(
@@ -332,6 +345,25 @@ def _correlation_view(sample: Sample) -> dict[str, Any]:
     }
 
 
+def _images_of(sample: Sample, record: Any) -> dict[str, Any]:
+    """For a sample of several images: which of them (0-based, in prompt order) the compact
+    set's regions lie in."""
+    if not sample.image_layout:
+        return {}
+    from detectors.layout import ImageLayout
+    from storage.repositories import label_map
+
+    layout = ImageLayout.from_dict(sample.image_layout)
+    labels = label_map(record)
+    wanted = set(record.compact_set)
+    found = [
+        n
+        for n, (top, left, h, w) in enumerate(layout.boxes)
+        if wanted & set(labels[top : top + h, left : left + w].ravel().tolist())
+    ]
+    return {"compact_set_images": found}
+
+
 def _sample_view(sample: Sample) -> dict[str, Any]:
     tokens = []
     for t in sample.tokens:
@@ -359,6 +391,7 @@ def _sample_view(sample: Sample) -> dict[str, Any]:
                 if a is None
                 else {
                     "compact_set": a.compact_set,
+                    **_images_of(sample, a),
                     "order": a.order,
                     "forward_passes": a.forward_passes,
                     "seconds": a.seconds,
@@ -382,6 +415,9 @@ def _sample_view(sample: Sample) -> dict[str, Any]:
         **_correlation_view(sample),
         "image_sha256": sample.image_sha256,
         "image_size": [sample.image_width, sample.image_height],
+        # several images: the stored image is their canvas, `image_layout` says where each is
+        "image_count": len(sample.image_layout["boxes"]) if sample.image_layout else 1,
+        "image_layout": sample.image_layout,
         "output": sample.generated_text,
         "tokens": tokens,
     }

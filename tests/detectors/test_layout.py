@@ -1,0 +1,91 @@
+"""Several images on one canvas: the layout, and partitions that never straddle two images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detectors.errors import PartitionError
+from detectors.layout import ImageLayout, layout_partition, merge_partitions, side_by_side
+from detectors.regions import grid_partition
+
+
+def _image(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def test_side_by_side_scales_to_the_tallest_height_and_leaves_no_padding() -> None:
+    tall, wide = _image(60, 40, 0), _image(30, 90, 1)
+    canvas, layout = side_by_side([tall, wide])
+    assert layout.canvas_hw == (60, 220) and canvas.shape == (60, 220, 3)
+    assert layout.boxes == ((0, 0, 60, 40), (0, 40, 60, 180))
+    first, second = layout.split(canvas)
+    assert np.array_equal(first, tall)  # the tallest is placed as it is
+    assert second.shape == (60, 180, 3)
+    covered = sum(h * w for _, _, h, w in layout.boxes)
+    assert covered == 60 * 220  # every canvas pixel belongs to an image
+
+
+def test_a_layout_refuses_boxes_outside_the_canvas_or_overlapping() -> None:
+    with pytest.raises(ValueError, match="outside the 10x10 canvas"):
+        ImageLayout(canvas_hw=(10, 10), boxes=((0, 5, 10, 6),))
+    with pytest.raises(ValueError, match="overlap"):
+        ImageLayout(canvas_hw=(10, 10), boxes=((0, 0, 10, 6), (0, 5, 10, 5)))
+    with pytest.raises(ValueError, match="at least one"):
+        ImageLayout(canvas_hw=(10, 10), boxes=())
+    layout = ImageLayout(canvas_hw=(10, 20), boxes=((0, 0, 10, 10), (0, 10, 10, 10)))
+    assert ImageLayout.from_dict(layout.as_dict()) == layout
+    assert ImageLayout.single((10, 20)).is_single and not layout.is_single
+    with pytest.raises(ValueError, match="not an image layout"):
+        ImageLayout.from_dict({"canvas": [10]})
+    with pytest.raises(ValueError, match="the layout is for"):
+        layout.split(np.zeros((10, 21, 3), dtype=np.uint8))
+
+
+def test_merged_partitions_offset_each_images_ids() -> None:
+    a, b = _image(20, 20, 0), _image(20, 30, 1)
+    _, layout = side_by_side([a, b])
+    merged = merge_partitions(layout, [grid_partition(a, 2, 2), grid_partition(b, 1, 3)])
+    assert merged.n_regions == 7
+    left, right = layout.split(merged.labels[..., None])
+    assert set(np.unique(left).tolist()) == {0, 1, 2, 3}
+    assert set(np.unique(right).tolist()) == {4, 5, 6}
+    assert merged.method == "per-image(grid,images=2,n=7)"
+    with pytest.raises(PartitionError, match="2 partitions"):
+        merge_partitions(ImageLayout.single((20, 20)), [grid_partition(a, 2, 2)] * 2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_layout_partition_shares_the_regions_by_area_and_never_straddles(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    images = [
+        _image(int(rng.integers(40, 90)), int(rng.integers(40, 90)), seed + i) for i in range(3)
+    ]
+    canvas, layout = side_by_side(images)
+    partition = layout_partition(canvas, layout, 24)
+    parts = layout.split(partition.labels[..., None])
+    ids = [set(np.unique(p).tolist()) for p in parts]
+    assert all(len(i) >= 2 for i in ids)
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
+    assert set().union(*ids) == set(range(partition.n_regions))
+    assert 12 <= partition.n_regions <= 40
+
+
+def test_one_image_is_partitioned_as_without_a_layout() -> None:
+    image = _image(48, 64, 3)
+    partition = layout_partition(image, ImageLayout.single((48, 64)), 16)
+    assert partition.method.startswith(("slico", "skimage-slico"))
+
+
+def test_side_by_side_within_a_pixel_bound_lowers_the_common_height() -> None:
+    images = [_image(100, 50, 0), _image(50, 200, 1)]
+    total = sum(i.shape[0] * i.shape[1] for i in images)
+    canvas, layout = side_by_side(images, max_pixels=total)
+    assert canvas.shape[0] * canvas.shape[1] <= total
+    assert layout.canvas_hw[0] < 100 and all(
+        h == layout.canvas_hw[0] for _, _, h, _ in layout.boxes
+    )
+    assert layout.region_counts(30) == [
+        max(2, round(30 * h * w / (canvas.shape[0] * canvas.shape[1])))
+        for _, _, h, w in layout.boxes
+    ]
