@@ -87,6 +87,16 @@ class ImageLayout:
             )
         return [canvas[..., t : t + h, x : x + w, :] for t, x, h, w in self.boxes]
 
+    def images_of(self, labels: np.ndarray, regions: Sequence[int]) -> list[int]:
+        """Which images (0-based, in prompt order) `regions` of the canvas's `(H, W)` label
+        map lie in."""
+        wanted = {int(r) for r in regions}
+        return [
+            n
+            for n, (top, left, h, w) in enumerate(self.boxes)
+            if wanted & set(np.unique(labels[top : top + h, left : left + w]).tolist())
+        ]
+
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready form (`from_dict` reads it back)."""
         return {"canvas": list(self.canvas_hw), "boxes": [list(b) for b in self.boxes]}

@@ -21,7 +21,13 @@ def register(commands: Any) -> None:
     explain = commands.add_parser(
         "explain", help="flag the object words of an output and explain each with EAGLE"
     )
-    explain.add_argument("image", type=Path)
+    explain.add_argument(
+        "image",
+        type=Path,
+        nargs="+",
+        help="the image; several for a family that takes several in one prompt (Qwen2.5-VL): "
+        "one search over the regions of all of them (needs --output)",
+    )
     explain.add_argument(
         "--prompt",
         help="the prompt with its image placeholder (<image> for LLaVA, <|image_pad|> for "
@@ -103,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
     )
     # before loading anything: refuse settings the thresholds were not calibrated for
     calibration = load_calibration(args.model, settings, strict=not args.allow_uncalibrated)
-    image = read_image(args.image)
     family = family_of_checkpoint(args.model)
+    image, layout = _images(args, family, read_image)
     # the sidecar's own loading: ONNX vision where it fits the image, the torch tower otherwise
     model = {"name": "explain", "path": args.model, "family": family.name, "onnx": args.onnx}
     model.update(device=args.device, dtype=args.dtype)
@@ -128,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = loaded.tokenizer
     if args.prompt is None:
         args.prompt = family.caption_prompt
+        if layout is not None:  # one image segment per image
+            segment = family.image_segment
+            args.prompt = args.prompt.replace(segment, segment * layout.n_images, 1)
     if args.output is None and args.remote:
         token_ids = _remote_generation(
             loaded.remote_client(), image, auditor, args.prompt, tokenizer
@@ -139,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         token_ids = tokenizer(args.output, add_special_tokens=False).input_ids
     decode = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)  # noqa: E731
     output_text = decode(token_ids)
-    scorer = auditor.scorer(image, args.prompt, token_ids)
+    scorer = auditor.scorer(image, args.prompt, token_ids, layout)
     audit = audit_sample(
         image,
         scorer,
@@ -148,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         settings=settings,
         thresholds=calibration.thresholds,
         progress=sys.stderr.isatty(),  # a bar on a terminal, never in a log file
+        layout=layout,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     write_image(args.out / "image.png", _upscale(image))
@@ -172,9 +182,13 @@ def run(args: argparse.Namespace) -> int:
                     "attribution": attribution_to_dict(attribution),
                 }
             )
+            if layout is not None:
+                labels = attribution.partition.labels
+                words[-1]["compact_set_images"] = layout.images_of(labels, attribution.compact_set)
             rows.append((mention.word, verdict, attribution.forward_passes))
     report = {
-        "image": str(args.image),
+        "image": str(args.image[0]) if layout is None else [str(p) for p in args.image],
+        "image_layout": None if layout is None else layout.as_dict(),
         "prompt": args.prompt,
         "output": output_text,
         "token_ids": [int(t) for t in token_ids],
@@ -203,6 +217,28 @@ def run(args: argparse.Namespace) -> int:
         print("no object words in the output")
     print(f"wrote {args.out / 'explanation.json'}, summary.png and {len(rows)} heatmap(s)")
     return 0
+
+
+def _images(args: argparse.Namespace, family: Any, read_image: Any) -> tuple[Any, Any]:
+    """The image to audit, and its layout when several images are laid out on one canvas
+    (`detectors.layout`; None for one image)."""
+    from detectors.layout import side_by_side
+    from guardrail.config import ConfigError
+
+    images = [read_image(path) for path in args.image]
+    if len(images) == 1:
+        return images[0], None
+    if len(images) > family.max_images:
+        raise ConfigError(
+            f"the {family.name} family is audited on at most {family.max_images} image(s) per "
+            f"prompt, got {len(images)}"
+        )
+    if args.output is None:
+        raise ConfigError("several images need --output (generation takes one image)")
+    if args.remote:
+        raise ConfigError("a remote model is audited on one image per sample")
+    total = sum(int(i.shape[0]) * int(i.shape[1]) for i in images)
+    return side_by_side(images, max_pixels=total)
 
 
 def _remote_generation(client: Any, image: Any, auditor: Any, prompt: str, tokenizer: Any) -> Any:

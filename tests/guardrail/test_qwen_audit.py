@@ -158,3 +158,35 @@ def test_explain_command_explains_a_qwen_output_with_onnx_vision(
     report = json.loads((out / "explanation.json").read_text())
     assert "<|image_pad|>" in report["prompt"] and report["token_ids"]
     assert "vision=torch" in report["scorer"]
+
+
+def test_explain_command_explains_one_output_over_several_images(
+    qwen_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from guardrail.service.images import write_image
+
+    rng = np.random.default_rng(6)
+    paths = []
+    for i, shape in enumerate([(56, 56, 3), (28, 56, 3)]):
+        paths.append(tmp_path / f"in{i}.png")
+        write_image(paths[-1], rng.integers(0, 255, shape, dtype=np.uint8))
+    out = tmp_path / "out"
+    args = ["explain", *map(str, paths), "--model", str(qwen_dir), "--out", str(out)]
+    assert main([*args, "--output", "a cat on the table", "--regions", "8"]) == 0
+    report = json.loads((out / "explanation.json").read_text())
+    assert report["image"] == [str(p) for p in paths]
+    boxes = report["image_layout"]["boxes"]
+    assert len(boxes) == 2 and report["prompt"].count("<|image_pad|>") == 2
+    assert [w["word"] for w in report["words"]] == ["cat", "table"]
+    for word in report["words"]:
+        assert word["attribution"]["partition"].startswith("per-image(")
+        assert set(word["compact_set_images"]) <= {0, 1} and word["compact_set_images"]
+    capsys.readouterr()
+    # several images need the output to audit, and a family that takes several
+    assert main(args) == 2
+    assert "several images need --output" in capsys.readouterr().err
+    from detectors.reference import MODEL_DIR
+
+    llava = ["explain", *map(str, paths), "--out", str(out), "--output", "cat ."]
+    assert main([*llava, "--model", str(MODEL_DIR)]) == 2
+    assert "at most 1 image(s)" in capsys.readouterr().err

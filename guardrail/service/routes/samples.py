@@ -354,14 +354,7 @@ def _images_of(sample: Sample, record: Any) -> dict[str, Any]:
     from storage.repositories import label_map
 
     layout = ImageLayout.from_dict(sample.image_layout)
-    labels = label_map(record)
-    wanted = set(record.compact_set)
-    found = [
-        n
-        for n, (top, left, h, w) in enumerate(layout.boxes)
-        if wanted & set(labels[top : top + h, left : left + w].ravel().tolist())
-    ]
-    return {"compact_set_images": found}
+    return {"compact_set_images": layout.images_of(label_map(record), record.compact_set)}
 
 
 def _sample_view(sample: Sample) -> dict[str, Any]:
