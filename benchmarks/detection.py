@@ -26,7 +26,13 @@ Reported:
   and the answer is regenerated (correct when P(no) > P(yes)); AMCR and CSR@10% against
   occlusion and RISE at the search's pass count on the same answer token;
 - the pointing game (the saliency maximum inside the object's box) and the energy-based
-  pointing game (share of the positive saliency inside the box) on present words.
+  pointing game (share of the positive saliency inside the box) on present words;
+- yes/no answers, the hallucinations whose donor no word names: every "yes" is audited as a
+  one-word output (the same search, budget and thresholds; no second word to lend evidence, so
+  no borrowing test), and ours and each baseline are scored on telling the wrong "yes" from the
+  right one.  A wrong "yes" to "Is there a fork?" in a knife scene rests on the knife, which
+  the answer never names (`unnamed_donor`); one about the spoon beside a cup is prior-driven.
+  `auroc_by_kind["unnamed_donor"]` is ours on those (`--no-yes-no` skips this part).
 
 Attention mass on image tokens is left out: the `Scorer` protocol exposes probabilities only.
 
@@ -59,6 +65,7 @@ from detectors.cascade import STAGES as CASCADE_STAGES
 from detectors.cascade import cascade
 from detectors.eagle import EagleSearch
 from detectors.evaluation import amcr, auroc, csr_at, pointing_game
+from detectors.explanation import explain
 from detectors.language_prior import PriorThresholds
 from detectors.pipeline import AuditSettings, audit_sample
 from detectors.reference import CAPTION_PROMPT, MODEL_DIR, SceneKind, generate_scene
@@ -231,6 +238,89 @@ def correction_test(
     return rows
 
 
+def yes_answers(
+    llava: LlavaModel,
+    captioned: CaptionedScene,
+    settings: AuditSettings,
+    thresholds: PriorThresholds,
+    vision: Any,
+) -> list[dict[str, Any]]:
+    """Every "yes" answer of one scene audited as a one-word output, with the baselines'
+    scores; `kind` is `present` (a right "yes"), `unnamed_donor` (a wrong "yes" about a
+    co-occurrence partner: its evidence is the trigger, which the answer does not name),
+    `language_prior` (about a prior partner) or `other`."""
+    scene = captioned.scene
+    yes = int(llava.tokenizer.convert_tokens_to_ids("yes"))
+    partners = {p.partner: p.kind.value for p in scene.traps()}
+    wrong = {"cooccurrence": "unnamed_donor", "language_prior": "language_prior"}
+    partition = slic_partition(scene.image, settings.n_regions)
+    target = [Target(position=0, token_id=yes, text="yes")]
+    rows = []
+    for question in scene.questions:
+        if captioned.answers.get(question.name) != "yes":
+            continue
+        scorer = MemoScorer(
+            FastLlavaScorer(llava, scene.image, question.prompt, [yes], vision=vision)
+        )
+        found = explain(
+            scene.image,
+            scorer,
+            target,
+            budget=settings.budget(partition.n_regions),
+            partition=partition,
+            fill=settings.fill,
+            thresholds=thresholds,
+        )
+        verdict, spent = found.verdicts[0], found.attributions[0].forward_passes
+        others = _baselines(scorer, scene.image, partition, target, settings, spent, scene.seed)
+        kind = "present"
+        if question.answer != "yes":
+            kind = wrong.get(partners.get(question.name, ""), "other")
+        rows.append(
+            {
+                "seed": scene.seed,
+                "question": question.name,
+                "kind": kind,
+                "label": verdict.label.value,
+                "passes": spent,
+                "scores": {
+                    "ours": float(verdict.hallucination_score),
+                    **{name: float(out.scores[0]) for name, out in others.items()},
+                },
+            }
+        )
+    return rows
+
+
+def yes_no_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """AUROC of ours and each baseline on telling wrong "yes" answers from right ones, by kind,
+    and the labels ours gave the wrong ones."""
+    kind = np.array([r["kind"] for r in rows])
+    truth = kind != "present"
+    subsets = {"all": np.ones(kind.size, dtype=np.bool_)}
+    for name in ("unnamed_donor", "language_prior"):
+        subsets[name] = (kind == "present") | (kind == name)
+    return {
+        "n_answers": len(rows),
+        "n_by_kind": {k: int((kind == k).sum()) for k in ("present", *list(subsets)[1:], "other")},
+        "auroc": {
+            subset: {
+                m: auroc(np.array([r["scores"][m] for r in rows])[mask], truth[mask])
+                for m in METHODS
+            }
+            for subset, mask in subsets.items()
+        },
+        "labels": {
+            k: {
+                label: sum(1 for r in rows if r["kind"] == k and r["label"] == label)
+                for label in sorted({r["label"] for r in rows})
+            }
+            for k in ("present", "unnamed_donor", "language_prior")
+        },
+        "passes_per_answer": float(np.mean([r["passes"] for r in rows])) if rows else None,
+    }
+
+
 def _mcr(
     no: FastLlavaScorer,
     yes: FastLlavaScorer,
@@ -325,6 +415,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     passes: dict[str, float] = {m: 0.0 for m in (*METHODS, "cascade")}
     stages: list[str] = []
     corrections: list[dict[str, Any]] = []
+    answers: list[dict[str, Any]] = []
     with onnx_vision(llava) as vision:
         for k, item in enumerate(captioned):
             record, found, spent, decided = audit_words(
@@ -337,6 +428,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, value in spent.items():
                 passes[name] += value
             corrections += correction_test(llava, item, settings, vision)
+            if args.yes_no:
+                answers += yes_answers(llava, item, settings, calibration.thresholds, vision)
             if not args.json:
                 print(f"\r{k + 1}/{len(captioned)} scenes", end="", file=sys.stderr, flush=True)
     if not args.json:
@@ -450,12 +543,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "energy_pointing_game_all_regions": float(np.nanmean(energy_all)) if energy_all else None,
         "pointing_game": float(np.mean(pointing)) if pointing else None,
         "pointing_game_mask": diagnosis["pointing_game_mask"],
+        "yes_no": yes_no_report(answers) if answers else None,
         "calibration": calibration.provenance(),
         "scorer": "llava-fast(reference; onnx vision)",
         "machine": {"platform": platform.platform(), "threads": args.threads},
         "seconds": round(time.perf_counter() - started, 1),
         "corrections": corrections,
+        "yes_answers": answers,
     }
+    if answers:
+        by_kind = report["yes_no"]["auroc"]["unnamed_donor"]
+        report["auroc_by_kind"]["unnamed_donor"] = by_kind["ours"]
     return report
 
 
@@ -557,6 +655,22 @@ def print_table(report: dict[str, Any]) -> None:
         f"{_fmt(report['baseline_amcr']['rise'], 0)} / "
         f"{_fmt(report['baseline_csr_at_10']['rise'], 0)}"
     )
+    yes_no = report["yes_no"]
+    if yes_no is not None:
+        n = yes_no["n_by_kind"]
+        print(
+            f"yes/no answers: {yes_no['n_answers']} yes ({n['present']} right, "
+            f"{n['unnamed_donor']} unnamed donor, {n['language_prior']} language prior, "
+            f"{n['other']} other wrong), {_fmt(yes_no['passes_per_answer'], 0)} passes each; "
+            "AUROC all / unnamed donor / prior:"
+        )
+        for m in METHODS:
+            cells = " / ".join(_fmt(yes_no["auroc"][k][m], 0) for k in yes_no["auroc"])
+            print(f"  {m:<22}{cells}")
+        print(
+            "  labels of the unnamed-donor answers: "
+            + ", ".join(f"{k} {v}" for k, v in yes_no["labels"]["unnamed_donor"].items() if v)
+        )
     print(
         f"pointing game (box) {_fmt(report['pointing_game'], 0)}, energy-based "
         f"{_fmt(report['energy_pointing_game'], 0)} (measured regions; all regions, the tail "
@@ -574,6 +688,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--no-yes-no",
+        dest="yes_no",
+        action="store_false",
+        help="skip auditing the yes/no answers (the unnamed-donor kind)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.scenes_per_kind < 1:

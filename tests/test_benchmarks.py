@@ -188,6 +188,12 @@ def test_detection_benchmark_prints_json() -> None:
         "rise",
     }
     assert report["n_corrections"] == 1
+    # the wrong "yes" about the fork is also audited as an answer whose donor is not named
+    yes_no = report["yes_no"]
+    assert isinstance(yes_no, dict)
+    assert yes_no["n_by_kind"]["unnamed_donor"] == 1 and yes_no["n_by_kind"]["present"] >= 1
+    assert set(yes_no["auroc"]["unnamed_donor"]) == {"ours", *report["baseline_auroc"]}  # type: ignore[arg-type]
+    assert sum(yes_no["labels"]["unnamed_donor"].values()) == 1
     for value in (report["amcr"], report["csr_at_10"], *report["baseline_amcr"].values()):  # type: ignore[attr-defined]
         assert 0.0 <= float(value) <= 1.0
     assert 0.0 <= float(report["energy_pointing_game"]) <= 1.0  # type: ignore[arg-type]
