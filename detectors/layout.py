@@ -43,17 +43,18 @@ class ImageLayout:
             raise ValueError(f"a canvas needs pixels, got canvas_hw={self.canvas_hw}")
         if not self.boxes:
             raise ValueError("a layout needs at least one image box")
-        covered = np.zeros((height, width), dtype=np.int32)
-        for box in self.boxes:
+        # box against box, not a count per canvas pixel: a stored layout is read back before
+        # its canvas is, and its canvas_hw must not size an allocation
+        for n, box in enumerate(self.boxes):
             top, left, h, w = box
             if h < 1 or w < 1 or top < 0 or left < 0 or top + h > height or left + w > width:
                 raise ValueError(
                     f"image box {box} (top, left, height, width) is empty or outside the "
                     f"{height}x{width} canvas"
                 )
-            covered[top : top + h, left : left + w] += 1
-        if int(covered.max()) > 1:
-            raise ValueError(f"image boxes overlap: {self.boxes}")
+            for t, x, bh, bw in self.boxes[:n]:
+                if top < t + bh and t < top + h and left < x + bw and x < left + w:
+                    raise ValueError(f"image boxes overlap: {self.boxes}")
 
     @classmethod
     def single(cls, hw: tuple[int, int]) -> ImageLayout:
