@@ -102,10 +102,10 @@ class ImageLayout:
         try:
             canvas = tuple(int(v) for v in data["canvas"])
             boxes = tuple(tuple(int(v) for v in b) for b in data["boxes"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not an image layout: {data!r} ({exc})") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"not an image layout: {data!r:.200} ({exc})") from None
         if len(canvas) != 2 or any(len(b) != 4 for b in boxes):
-            raise ValueError(f"not an image layout: {data!r}")
+            raise ValueError(f"not an image layout: {data!r:.200}")
         return cls(canvas_hw=(canvas[0], canvas[1]), boxes=boxes)  # type: ignore[arg-type]
 
 

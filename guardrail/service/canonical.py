@@ -445,12 +445,15 @@ def decode_canvas(data: bytes, layout: Mapping[str, Any]) -> tuple[np.ndarray, I
 
     Raises:
         ImageRejectedError: not a PNG/JPEG/WebP under Pillow's pixel limit, truncated or
-            corrupt, or not the size its layout says.
-        ValueError: a malformed layout.
+            corrupt, not the size its layout says, or a malformed layout (permanent: a
+            worker does not retry it).
     """
     from detectors.layout import ImageLayout
 
-    where = ImageLayout.from_dict(layout)
+    try:
+        where = ImageLayout.from_dict(layout)
+    except (ValueError, TypeError) as exc:
+        raise CorruptImageError(f"the stored image layout is unreadable: {exc}") from None
     fmt = sniff_format(data)
     width, height = image_header(data, fmt)
     if (height, width) != where.canvas_hw:

@@ -12,9 +12,10 @@ import base64
 import binascii
 import contextvars
 import json
+import logging
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Header, Path, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +31,12 @@ from storage import reads
 from storage.models import Sample
 from storage.repositories import get_sample
 
+if TYPE_CHECKING:
+    from detectors.layout import ImageLayout
+
 __all__ = ["TEXT_ROOM_BYTES", "SampleAccepted", "SampleIn", "add_sample_routes"]
+
+log = logging.getLogger("guardrail.api")
 
 MAX_TEXT_CHARS = 100_000
 MAX_TOKEN_IDS = 32_768
@@ -345,15 +351,27 @@ def _correlation_view(sample: Sample) -> dict[str, Any]:
     }
 
 
-def _images_of(sample: Sample, record: Any) -> dict[str, Any]:
+def _stored_layout(sample: Sample) -> ImageLayout | None:
+    """The layout of a sample of several images, or None (one image, or a stored layout that
+    does not read back: the view shows it as stored and counts no images)."""
+    if not sample.image_layout:
+        return None
+    from detectors.layout import ImageLayout
+
+    try:
+        return ImageLayout.from_dict(sample.image_layout)
+    except ValueError as exc:
+        log.warning("sample %s: its image layout is unreadable: %s", sample.id, exc)
+        return None
+
+
+def _images_of(layout: ImageLayout | None, record: Any) -> dict[str, Any]:
     """For a sample of several images: which of them (0-based, in prompt order) the compact
     set's regions lie in."""
-    if not sample.image_layout:
+    if layout is None:
         return {}
-    from detectors.layout import ImageLayout
     from storage.repositories import label_map
 
-    layout = ImageLayout.from_dict(sample.image_layout)
     labels = label_map(record)
     wanted = set(record.compact_set)
     found = [
@@ -365,6 +383,10 @@ def _images_of(sample: Sample, record: Any) -> dict[str, Any]:
 
 
 def _sample_view(sample: Sample) -> dict[str, Any]:
+    layout = _stored_layout(sample)
+    # several images: the stored image is their canvas, `image_layout` says where each is
+    # (a count of None: a stored layout that does not read back)
+    image_count = (layout.n_images if layout else None) if sample.image_layout else 1
     tokens = []
     for t in sample.tokens:
         a, v = t.attribution, t.verdict
@@ -391,7 +413,7 @@ def _sample_view(sample: Sample) -> dict[str, Any]:
                 if a is None
                 else {
                     "compact_set": a.compact_set,
-                    **_images_of(sample, a),
+                    **_images_of(layout, a),
                     "order": a.order,
                     "forward_passes": a.forward_passes,
                     "seconds": a.seconds,
@@ -415,8 +437,7 @@ def _sample_view(sample: Sample) -> dict[str, Any]:
         **_correlation_view(sample),
         "image_sha256": sample.image_sha256,
         "image_size": [sample.image_width, sample.image_height],
-        # several images: the stored image is their canvas, `image_layout` says where each is
-        "image_count": len(sample.image_layout["boxes"]) if sample.image_layout else 1,
+        "image_count": image_count,
         "image_layout": sample.image_layout,
         "output": sample.generated_text,
         "tokens": tokens,

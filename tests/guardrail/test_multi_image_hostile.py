@@ -1,0 +1,109 @@
+"""Hostile input to samples of several images (Qwen2.5-VL): every refusal is a 4xx that names
+the image or field at fault, a stored layout that does not read back fails its job once (no
+retries, no allocation sized by it) and its sample's view still answers."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from guardrail.config import load_settings
+from guardrail.reference.tiny_models import save_tiny_qwen
+from guardrail.service.api import create_app
+from guardrail.service.images import encode_png
+from guardrail.service.runtime import Runtime, build_runtime
+from guardrail.service.worker import Worker
+from storage.engine import upgrade
+from storage.models import Job, Sample
+
+TOKEN = "hostile-token-0001"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SEGMENT = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def _png(seed: int, shape: tuple[int, int] = (56, 56)) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode_png(rng.integers(0, 255, (*shape, 3), dtype=np.uint8))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _body(images: list[bytes], prompt: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "qwen",
+        "prompt": f"{SEGMENT * len(images)} describe ." if prompt is None else prompt,
+        "output": "a cat on the table",
+        "image_base64": _b64(images[0]),
+        "more_images_base64": [_b64(i) for i in images[1:]],
+        "audit": True,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_qwen(tmp_path_factory.mktemp("qwen"), image_size=56)
+
+
+@pytest.fixture()
+def served(tmp_path: Path, qwen_dir: Path) -> Iterator[tuple[Runtime, TestClient]]:
+    settings = load_settings(
+        environ={},
+        database_url=f"sqlite:///{tmp_path / 'g.db'}",
+        api_tokens=[TOKEN],
+        models=[{"name": "qwen", "path": str(qwen_dir), "family": "qwen2_5_vl", "n_regions": 8}],
+        max_attempts=3,
+    )
+    runtime = build_runtime(settings)
+    upgrade(runtime.engine)
+    with TestClient(create_app(runtime)) as client:
+        yield runtime, client
+
+
+UNREADABLE_LAYOUTS: dict[str, Any] = {
+    "not an object": [1, 2, 3],
+    "not numbers": {"canvas": "ab", "boxes": 5},
+    "overlapping boxes": {"canvas": [56, 112], "boxes": [[0, 0, 56, 60], [0, 56, 56, 56]]},
+    # read box by box: the canvas it names is never allocated (it was, 149 GiB of it)
+    "a canvas of 4*10^10 pixels": {
+        "canvas": [200_000, 200_000],
+        "boxes": [[0, 0, 200_000, 200_000], [0, 0, 1, 1]],
+    },
+    "an infinite size": {"canvas": [float("inf"), 112], "boxes": [[0, 0, 56, 56]]},
+}
+
+
+@pytest.mark.parametrize("name", list(UNREADABLE_LAYOUTS))
+def test_a_stored_layout_that_does_not_read_back_fails_its_job_once_and_the_view_answers(
+    served: tuple[Runtime, TestClient], name: str
+) -> None:
+    runtime, client = served
+    answer = client.post("/v1/samples", json=_body([_png(1), _png(2)]), headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    sample_id = answer.json()["id"]
+    with runtime.sessions() as session:
+        sample = session.get(Sample, sample_id)
+        assert sample is not None and sample.image_layout is not None
+        sample.image_layout = UNREADABLE_LAYOUTS[name]
+        session.commit()
+    worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics)
+    assert worker.run_once() is True
+    with runtime.sessions() as session:
+        [job] = session.query(Job).filter_by(sample_id=sample_id).all()
+        assert (job.status.value, job.attempts, job.failure_reason) == (
+            "failed",
+            1,
+            "invalid_input",
+        ), job.last_error
+        assert "the stored image layout is unreadable" in (job.last_error or "")
+    view = client.get(f"/v1/samples/{sample_id}", headers=AUTH)
+    assert view.status_code == 200, view.text
+    assert view.json()["status"] == "failed" and view.json()["image_count"] is None
