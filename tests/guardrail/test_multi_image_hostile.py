@@ -107,3 +107,29 @@ def test_a_stored_layout_that_does_not_read_back_fails_its_job_once_and_the_view
     view = client.get(f"/v1/samples/{sample_id}", headers=AUTH)
     assert view.status_code == 200, view.text
     assert view.json()["status"] == "failed" and view.json()["image_count"] is None
+
+
+def test_a_refusal_names_the_image_or_field_at_fault(served: tuple[Runtime, TestClient]) -> None:
+    runtime, client = served
+    good = _png(1)
+    truncated = _png(2)[:300]  # a readable header, then nothing: found only when decoded
+    cases = [
+        (_body([good, truncated]), 422, "image 2 of 2: the image is truncated or corrupt"),
+        (
+            {**_body([good, good]), "more_images_base64": ["!!not base64"]},
+            422,
+            "more_images_base64[0] is not valid base64",
+        ),
+        (
+            _body([good], prompt=f"{SEGMENT}{SEGMENT} describe ."),
+            422,
+            "prompt: holds 2 '<|image_pad|>' placeholders for 1 image (one per image",
+        ),
+    ]
+    for body, status, reason in cases:
+        answer = client.post("/v1/samples", json=body, headers=AUTH)
+        assert answer.status_code == status and reason in answer.json()["error"]["message"], (
+            answer.text
+        )
+    with runtime.sessions() as session:
+        assert session.query(Sample).count() == 0  # nothing stored to fail its audit later

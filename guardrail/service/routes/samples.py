@@ -161,13 +161,13 @@ class SampleAccepted(BaseModel):
     reason: str | None = None
 
 
-def _decode_base64(data: str) -> bytes:
+def _decode_base64(data: str, field: str = "image_base64") -> bytes:
     if data.startswith("data:"):
         _, _, data = data.partition(",")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ApiError(422, f"image_base64 is not valid base64: {exc}") from None
+        raise ApiError(422, f"{field} is not valid base64: {exc}") from None
 
 
 def _form_error(field: str, message: str) -> RequestValidationError:
@@ -273,7 +273,10 @@ def add_sample_routes(app: FastAPI, runtime: Runtime, auth: list[Any]) -> None:
         """Offer a model output (JSON, image as base64) for audit.  `X-Request-Id` and a W3C
         `traceparent` header are stored with the sample (`request_id` in the body wins)."""
         image_bytes = _decode_base64(body.image_base64)
-        more = tuple(_decode_base64(b) for b in body.more_images_base64)
+        more = tuple(
+            _decode_base64(b, f"more_images_base64[{n}]")
+            for n, b in enumerate(body.more_images_base64)
+        )
         return await ingest_json(
             body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always"), context, more
         )
