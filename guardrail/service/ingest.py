@@ -180,7 +180,7 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
             raise _image_error(exc, which) from None
     auditor = runtime.auditors[model.name]
     placeholder = image_placeholder(model.family)
-    found = auditor.prompt_for(request.prompt).count(placeholder)
+    found = auditor.prompt_for(request.prompt, len(images)).count(placeholder)
     if not found:
         raise IngestError(
             422,

@@ -25,6 +25,7 @@ from storage.models import Job, Sample
 TOKEN = "hostile-token-0001"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SEGMENT = "<|vision_start|><|image_pad|><|vision_end|>"
+TEMPLATE = f"<|im_start|>user\n{SEGMENT}{{prompt}}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def _png(seed: int, shape: tuple[int, int] = (56, 56)) -> bytes:
@@ -59,7 +60,16 @@ def served(tmp_path: Path, qwen_dir: Path) -> Iterator[tuple[Runtime, TestClient
         environ={},
         database_url=f"sqlite:///{tmp_path / 'g.db'}",
         api_tokens=[TOKEN],
-        models=[{"name": "qwen", "path": str(qwen_dir), "family": "qwen2_5_vl", "n_regions": 8}],
+        models=[
+            {"name": "qwen", "path": str(qwen_dir), "family": "qwen2_5_vl", "n_regions": 8},
+            {
+                "name": "templated",
+                "path": str(qwen_dir),
+                "family": "qwen2_5_vl",
+                "n_regions": 8,
+                "prompt": TEMPLATE,
+            },
+        ],
         max_attempts=3,
     )
     runtime = build_runtime(settings)
@@ -133,3 +143,31 @@ def test_a_refusal_names_the_image_or_field_at_fault(served: tuple[Runtime, Test
         )
     with runtime.sessions() as session:
         assert session.query(Sample).count() == 0  # nothing stored to fail its audit later
+
+
+def test_a_model_with_a_template_takes_several_images_from_the_api_as_from_the_proxy(
+    served: tuple[Runtime, TestClient],
+) -> None:
+    """The user text alone, as the prompt field says for a model with a template: its one
+    image stands for every image, as the chat reader renders a conversation of several."""
+    from guardrail.service.chat import chat_input
+
+    runtime, client = served
+    images = [_png(1), _png(2)]
+    body = {**_body(images, prompt="describe ."), "model": "templated"}
+    answer = client.post("/v1/samples", json=body, headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + _b64(i)}}
+        for i in images
+    ]
+    chat = {
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "describe ."}]}]
+    }
+    proxied = chat_input(chat, "<|image_pad|>", TEMPLATE, max_images=4, segment=SEGMENT).prompt
+    assert runtime.auditors["templated"].prompt_for("describe .", 2) == proxied
+    assert proxied.count(SEGMENT) == 2
+    worker = Worker(runtime.sessions, runtime.auditors, runtime.metrics)
+    assert worker.run_once() is True
+    view = client.get(f"/v1/samples/{answer.json()['id']}", headers=AUTH).json()
+    assert view["status"] == "audited" and view["image_count"] == 2, view

@@ -116,7 +116,10 @@ class SampleIn(BaseModel):
         max_length=15,
         description="the images after the first, in prompt order, for a model that takes "
         "several in one prompt (Qwen2.5-VL; at most max_images_per_sample in all): audited in "
-        "one search over the regions of all of them",
+        "one search over the regions of all of them.  The prompt holds one image placeholder "
+        "per image, or is the user text when the model has a prompt template (its image "
+        "stands for every image); all images share the request body limit "
+        "(max_request_bytes, by default room for one image of max_image_bytes)",
     )
     request_id: str | None = Field(
         default=None,
