@@ -354,11 +354,17 @@ def canonical_image(
 
 
 def canonical_canvas(
-    images: Sequence[CanonicalImage], *, min_side: int, n_regions: int
+    images: Sequence[CanonicalImage],
+    *,
+    min_side: int,
+    n_regions: int,
+    max_pixels: int | None = None,
 ) -> tuple[CanonicalImage, ImageLayout]:
     """Several canonical images as one canonical canvas, side by side at a common height
-    (`detectors.layout.side_by_side`), never more pixels than the images hold in all, and its
-    layout.  The canvas's "original" size is its own; its format that of the first image.
+    (`detectors.layout.side_by_side`), never more pixels than the images hold in all nor than
+    `max_pixels` (a sample's bound, whatever its image count: a worker decodes the canvas
+    whole), and its layout.  The canvas's "original" size is its own; its format that of the
+    first image.
 
     Raises:
         DegenerateImageError (422): an image too small on the canvas for `min_side` or for its
@@ -376,7 +382,8 @@ def canonical_canvas(
             raise CorruptImageError("a canonical image is not a readable PNG")
         pixels.append(np.ascontiguousarray(bgr[..., ::-1]))
     total = sum(i.width * i.height for i in images)
-    canvas, layout = side_by_side(pixels, max_pixels=total)
+    bound = total if max_pixels is None else min(total, max_pixels)
+    canvas, layout = side_by_side(pixels, max_pixels=bound)
     counts = layout.region_counts(n_regions)
     for n, ((_, _, h, w), share) in enumerate(zip(layout.boxes, counts, strict=True), start=1):
         try:

@@ -237,6 +237,7 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
                 n_regions=model.n_regions,
                 budget=budget,
                 wait_seconds=settings.ingest_decode_wait_seconds,
+                max_pixels=settings.max_image_pixels,
             )
         except ImageRejectedError as exc:
             raise _image_error(exc, "images") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,10 @@ def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_qwen(tmp_path_factory.mktemp("qwen"), image_size=56)
 
 
-@pytest.fixture()
-def served(tmp_path: Path, qwen_dir: Path) -> Iterator[tuple[Runtime, TestClient]]:
+@contextmanager
+def _served(
+    tmp_path: Path, qwen_dir: Path, **overrides: Any
+) -> Iterator[tuple[Runtime, TestClient]]:
     settings = load_settings(
         environ={},
         database_url=f"sqlite:///{tmp_path / 'g.db'}",
@@ -71,11 +74,18 @@ def served(tmp_path: Path, qwen_dir: Path) -> Iterator[tuple[Runtime, TestClient
             },
         ],
         max_attempts=3,
+        **overrides,
     )
     runtime = build_runtime(settings)
     upgrade(runtime.engine)
     with TestClient(create_app(runtime)) as client:
         yield runtime, client
+
+
+@pytest.fixture()
+def served(tmp_path: Path, qwen_dir: Path) -> Iterator[tuple[Runtime, TestClient]]:
+    with _served(tmp_path, qwen_dir) as both:
+        yield both
 
 
 UNREADABLE_LAYOUTS: dict[str, Any] = {
@@ -171,3 +181,20 @@ def test_a_model_with_a_template_takes_several_images_from_the_api_as_from_the_p
     assert worker.run_once() is True
     view = client.get(f"/v1/samples/{answer.json()['id']}", headers=AUTH).json()
     assert view["status"] == "audited" and view["image_count"] == 2, view
+
+
+def test_the_canvas_of_several_images_holds_at_most_max_image_pixels(
+    tmp_path: Path, qwen_dir: Path
+) -> None:
+    """Each image alone is within the bound, the four together are not: the canvas is laid
+    out at a lower common height (a worker decodes it whole, under Pillow's pixel limit)."""
+    with _served(tmp_path, qwen_dir, max_image_pixels=8192) as (runtime, client):
+        answer = client.post("/v1/samples", json=_body([_png(n) for n in range(4)]), headers=AUTH)
+        assert answer.status_code == 202, answer.text
+        view = client.get(f"/v1/samples/{answer.json()['id']}", headers=AUTH).json()
+        width, height = view["image_size"]
+        assert view["image_count"] == 4 and width * height <= 8192 < 4 * 56 * 56
+        assert [box[2] for box in view["image_layout"]["boxes"]] == [height] * 4
+        assert Worker(runtime.sessions, runtime.auditors, runtime.metrics).run_once()
+        view = client.get(f"/v1/samples/{answer.json()['id']}", headers=AUTH).json()
+        assert view["status"] == "audited", view
