@@ -5,6 +5,7 @@ retries, no allocation sized by it) and its sample's view still answers."""
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from guardrail.config import load_settings
+from guardrail.demo.background_server import BackgroundServer
 from guardrail.reference.tiny_models import save_tiny_qwen
 from guardrail.service.api import create_app
 from guardrail.service.images import encode_png
@@ -198,3 +204,50 @@ def test_the_canvas_of_several_images_holds_at_most_max_image_pixels(
         assert Worker(runtime.sessions, runtime.auditors, runtime.metrics).run_once()
         view = client.get(f"/v1/samples/{answer.json()['id']}", headers=AUTH).json()
         assert view["status"] == "audited", view
+
+
+def test_the_fetched_images_of_one_sample_share_one_images_bytes(
+    tmp_path: Path, qwen_dir: Path
+) -> None:
+    """Each URL's image is within max_image_bytes, the two together are not: a counted drop
+    (too large), not twice the bytes held; one of them alone is a sample."""
+    noise = _png(5, (100, 100))
+
+    async def chat(request: Request) -> JSONResponse:
+        await request.body()
+        message = {"role": "assistant", "content": "a cat on the table"}
+        return JSONResponse({"id": "chatcmpl-1", "choices": [{"index": 0, "message": message}]})
+
+    async def image(request: Request) -> Response:
+        return Response(noise, media_type="image/png")
+
+    routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/a.png", image)]
+    limit = len(noise) * 3 // 2
+    with (
+        BackgroundServer(Starlette(routes=routes)) as upstream,
+        _served(
+            tmp_path,
+            qwen_dir,
+            upstream_url=upstream,
+            image_url_fetch=True,
+            image_url_allowed_hosts=["127.0.0.1"],
+            max_image_bytes=limit,
+        ) as (runtime, client),
+    ):
+        get = runtime.metrics.registry.get_sample_value
+        url = {"type": "image_url", "image_url": {"url": f"{upstream}/a.png"}}
+        text = {"type": "text", "text": "describe ."}
+        for content in ([url, url, text], [url, text]):
+            body = {"model": "qwen", "messages": [{"role": "user", "content": content}]}
+            answer = client.post(
+                "/v1/chat/completions", json=body, headers={"x-guardrail-audit": "always"}
+            )
+            assert answer.status_code == 200, answer.text
+        deadline = time.time() + 30
+        while get("guardrail_samples_sampled_total", {"model": "qwen"}) != 1:
+            assert time.time() < deadline, "the one-image sample was not stored"
+            time.sleep(0.05)
+        drops = get("guardrail_proxy_fail_open_drops_total", {"reason": "image_fetch_failed"})
+        assert drops == 1
+        fetches = get("guardrail_image_fetches_total", {"outcome": "too_large"})
+        assert fetches == 1
