@@ -115,7 +115,8 @@ def side_by_side(
     """`images` scaled to the tallest one's height (aspect ratio kept, widths rounded) and
     placed left to right: the canvas and its layout.  No canvas pixel is outside an image.
     With `max_pixels` the common height is lowered until the canvas holds at most that many
-    pixels (e.g. the images' own pixels in all: the canvas is never larger than they are).
+    pixels (e.g. the images' own pixels in all: the canvas is never larger than they are;
+    exceeded only where even a height of 1 pixel is too wide).
 
     Raises:
         InvalidImageError: an image is not a non-empty `(H, W, 3)` uint8 array.
@@ -126,16 +127,22 @@ def side_by_side(
     import cv2
 
     height = max(int(validate_image(i).shape[0]) for i in images)
+    shapes = [(int(i.shape[0]), int(i.shape[1])) for i in images]
+
+    def widths(at: int) -> list[int]:
+        return [w if h == at else max(1, round(w * at / h)) for h, w in shapes]
+
     if max_pixels is not None:
-        widths_per_row = sum(i.shape[1] / i.shape[0] for i in images)
+        widths_per_row = sum(w / h for h, w in shapes)
         height = max(1, min(height, int((max_pixels / widths_per_row) ** 0.5)))
+        while height > 1 and height * sum(widths(height)) > max_pixels:
+            height -= 1  # the widths were rounded up past the bound
     tiles = []
-    for image in images:
-        h, w = image.shape[:2]
+    for image, width in zip(images, widths(height), strict=True):
+        h = image.shape[0]
         if h == height:
             tiles.append(np.ascontiguousarray(image))
             continue
-        width = max(1, round(w * height / h))
         shrink = height < h  # area averaging when shrinking, as the processors' resamplers do
         how = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
         tiles.append(np.asarray(cv2.resize(image, (width, height), interpolation=how)))

@@ -121,3 +121,19 @@ def test_side_by_side_within_a_pixel_bound_lowers_the_common_height() -> None:
         max(2, round(30 * h * w / (canvas.shape[0] * canvas.shape[1])))
         for _, _, h, w in layout.boxes
     ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(16, 200), st.integers(16, 200)), min_size=2, max_size=4),
+    st.integers(2_000, 60_000),
+)
+def test_side_by_side_within_a_pixel_bound_never_exceeds_it(
+    shapes: list[tuple[int, int]], max_pixels: int
+) -> None:
+    """Widths are rounded: the height is lowered until the rounded canvas fits (it did not:
+    images of 113x186, 166x195 and 119x21 under 9119 pixels made a 55x166 canvas, 9130)."""
+    images = [np.zeros((h, w, 3), dtype=np.uint8) for h, w in shapes]
+    canvas, layout = side_by_side(images, max_pixels=max_pixels)
+    assert canvas.shape[0] * canvas.shape[1] <= max_pixels
+    assert layout.canvas_hw == canvas.shape[:2]
