@@ -251,3 +251,39 @@ def test_the_fetched_images_of_one_sample_share_one_images_bytes(
         assert drops == 1
         fetches = get("guardrail_image_fetches_total", {"outcome": "too_large"})
         assert fetches == 1
+
+
+def test_thousands_of_image_parts_are_counted_before_any_is_decoded() -> None:
+    """3000 parts that are not even base64: over the limit is known from the count alone."""
+    from guardrail.service.chat import ChatFormatError, chat_input
+
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}
+    body = {"messages": [{"role": "user", "content": [part] * 3000}]}
+    with pytest.raises(ChatFormatError) as over:
+        chat_input(body, "<|image_pad|>", max_images=4, segment=SEGMENT)
+    assert over.value.reason == "too_many_images" and "3000 images" in str(over.value)
+    with pytest.raises(ChatFormatError) as one:
+        chat_input(body, "<image>")
+    assert one.value.reason == "multi_image"
+
+
+def test_malformed_more_images_get_a_422_naming_the_field(
+    served: tuple[Runtime, TestClient],
+) -> None:
+    runtime, client = served
+    good = _b64(_png(1))
+    cases: list[tuple[Any, str]] = [
+        ("not a list", "more_images_base64: Input should be a valid list"),
+        ([1, {"a": 2}], "more_images_base64.0: Input should be a valid string"),
+        (None, "more_images_base64: Input should be a valid list"),
+        ([good] * 16, "more_images_base64: List should have at most 15 items"),
+        ([good] * 4, "5 images: at most 4 are audited in one sample of model 'qwen'"),
+        ([""], "image 2 of 2: the image is empty"),
+    ]
+    for more, reason in cases:
+        body = {**_body([_png(1)]), "more_images_base64": more}
+        answer = client.post("/v1/samples", json=body, headers=AUTH)
+        assert answer.status_code == 422, (more, answer.text)
+        assert reason in answer.json()["error"]["message"], answer.text
+    with runtime.sessions() as session:
+        assert session.query(Sample).count() == 0
