@@ -33,7 +33,7 @@ from guardrail.service.runtime import Runtime
 from guardrail.service.sampling import request_key
 from storage.repositories import NewSample
 
-__all__ = ["IngestError", "IngestRequest", "ingest", "unsafe_text_reason"]
+__all__ = ["IngestError", "IngestRequest", "ingest", "max_images", "unsafe_text_reason"]
 
 
 _UNSAFE_CHARS = re.compile("[\x00\ud800-\udfff]")
