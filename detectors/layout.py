@@ -43,17 +43,18 @@ class ImageLayout:
             raise ValueError(f"a canvas needs pixels, got canvas_hw={self.canvas_hw}")
         if not self.boxes:
             raise ValueError("a layout needs at least one image box")
-        covered = np.zeros((height, width), dtype=np.int32)
-        for box in self.boxes:
+        # box against box, not a count per canvas pixel: a stored layout is read back before
+        # its canvas is, and its canvas_hw must not size an allocation
+        for n, box in enumerate(self.boxes):
             top, left, h, w = box
             if h < 1 or w < 1 or top < 0 or left < 0 or top + h > height or left + w > width:
                 raise ValueError(
                     f"image box {box} (top, left, height, width) is empty or outside the "
                     f"{height}x{width} canvas"
                 )
-            covered[top : top + h, left : left + w] += 1
-        if int(covered.max()) > 1:
-            raise ValueError(f"image boxes overlap: {self.boxes}")
+            for t, x, bh, bw in self.boxes[:n]:
+                if top < t + bh and t < top + h and left < x + bw and x < left + w:
+                    raise ValueError(f"image boxes overlap: {self.boxes}")
 
     @classmethod
     def single(cls, hw: tuple[int, int]) -> ImageLayout:
@@ -111,10 +112,10 @@ class ImageLayout:
         try:
             canvas = tuple(int(v) for v in data["canvas"])
             boxes = tuple(tuple(int(v) for v in b) for b in data["boxes"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not an image layout: {data!r} ({exc})") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"not an image layout: {data!r:.200} ({exc})") from None
         if len(canvas) != 2 or any(len(b) != 4 for b in boxes):
-            raise ValueError(f"not an image layout: {data!r}")
+            raise ValueError(f"not an image layout: {data!r:.200}")
         return cls(canvas_hw=(canvas[0], canvas[1]), boxes=boxes)  # type: ignore[arg-type]
 
 
@@ -124,7 +125,8 @@ def side_by_side(
     """`images` scaled to the tallest one's height (aspect ratio kept, widths rounded) and
     placed left to right: the canvas and its layout.  No canvas pixel is outside an image.
     With `max_pixels` the common height is lowered until the canvas holds at most that many
-    pixels (e.g. the images' own pixels in all: the canvas is never larger than they are).
+    pixels (e.g. the images' own pixels in all: the canvas is never larger than they are;
+    exceeded only where even a height of 1 pixel is too wide).
 
     Raises:
         InvalidImageError: an image is not a non-empty `(H, W, 3)` uint8 array.
@@ -135,16 +137,22 @@ def side_by_side(
     import cv2
 
     height = max(int(validate_image(i).shape[0]) for i in images)
+    shapes = [(int(i.shape[0]), int(i.shape[1])) for i in images]
+
+    def widths(at: int) -> list[int]:
+        return [w if h == at else max(1, round(w * at / h)) for h, w in shapes]
+
     if max_pixels is not None:
-        widths_per_row = sum(i.shape[1] / i.shape[0] for i in images)
+        widths_per_row = sum(w / h for h, w in shapes)
         height = max(1, min(height, int((max_pixels / widths_per_row) ** 0.5)))
+        while height > 1 and height * sum(widths(height)) > max_pixels:
+            height -= 1  # the widths were rounded up past the bound
     tiles = []
-    for image in images:
-        h, w = image.shape[:2]
+    for image, width in zip(images, widths(height), strict=True):
+        h = image.shape[0]
         if h == height:
             tiles.append(np.ascontiguousarray(image))
             continue
-        width = max(1, round(w * height / h))
         shrink = height < h  # area averaging when shrinking, as the processors' resamplers do
         how = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
         tiles.append(np.asarray(cv2.resize(image, (width, height), interpolation=how)))

@@ -101,13 +101,19 @@ class ModelAuditor:
         self._lock = threading.Lock()
         self._loaded: LoadedAuditModel | None = None
 
-    def prompt_for(self, prompt: str) -> str:
+    def prompt_for(self, prompt: str, n_images: int = 1) -> str:
         """The prompt as the model saw it: as sent if it holds the image placeholder, else
-        through the configured template (`{prompt}` is replaced)."""
-        placeholder = image_placeholder(self.settings.family)
+        through the configured template (`{prompt}` is replaced; its one image stands for
+        `n_images`, as `chat.chat_input` renders a conversation of several)."""
+        from detectors.scorers.families import family_named
+        from guardrail.service.chat import one_per_image
+
+        family = family_named(self.settings.family)
+        placeholder = family.image_placeholder
         if placeholder in prompt or not self.settings.prompt:
             return prompt
-        return self.settings.prompt.replace("{prompt}", prompt)
+        rendered = self.settings.prompt.replace("{prompt}", prompt)
+        return one_per_image(rendered, n_images, placeholder, family.image_segment)
 
     def load(self) -> LoadedAuditModel:
         with self._lock:
@@ -288,6 +294,8 @@ class ModelAuditor:
         loaded = self.load()
         ids = list(token_ids) if token_ids else self.tokenize(text)
         tokenizer = loaded.tokenizer
+        # rendered once with every image (a rendered prompt is taken as it is from here on)
+        prompt = self.prompt_for(prompt, layout.n_images if layout else 1)
         self._check_tokens(loaded, image, prompt, ids, layout)
 
         def decode(pieces: Sequence[int]) -> str:

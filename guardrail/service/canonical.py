@@ -354,11 +354,17 @@ def canonical_image(
 
 
 def canonical_canvas(
-    images: Sequence[CanonicalImage], *, min_side: int, n_regions: int
+    images: Sequence[CanonicalImage],
+    *,
+    min_side: int,
+    n_regions: int,
+    max_pixels: int | None = None,
 ) -> tuple[CanonicalImage, ImageLayout]:
     """Several canonical images as one canonical canvas, side by side at a common height
-    (`detectors.layout.side_by_side`), never more pixels than the images hold in all, and its
-    layout.  The canvas's "original" size is its own; its format that of the first image.
+    (`detectors.layout.side_by_side`), never more pixels than the images hold in all nor than
+    `max_pixels` (a sample's bound, whatever its image count: a worker decodes the canvas
+    whole), and its layout.  The canvas's "original" size is its own; its format that of the
+    first image.
 
     Raises:
         DegenerateImageError (422): an image too small on the canvas for `min_side` or for its
@@ -376,7 +382,8 @@ def canonical_canvas(
             raise CorruptImageError("a canonical image is not a readable PNG")
         pixels.append(np.ascontiguousarray(bgr[..., ::-1]))
     total = sum(i.width * i.height for i in images)
-    canvas, layout = side_by_side(pixels, max_pixels=total)
+    bound = total if max_pixels is None else min(total, max_pixels)
+    canvas, layout = side_by_side(pixels, max_pixels=bound)
     counts = layout.region_counts(n_regions)
     for n, ((_, _, h, w), share) in enumerate(zip(layout.boxes, counts, strict=True), start=1):
         try:
@@ -445,12 +452,15 @@ def decode_canvas(data: bytes, layout: Mapping[str, Any]) -> tuple[np.ndarray, I
 
     Raises:
         ImageRejectedError: not a PNG/JPEG/WebP under Pillow's pixel limit, truncated or
-            corrupt, or not the size its layout says.
-        ValueError: a malformed layout.
+            corrupt, not the size its layout says, or a malformed layout (permanent: a
+            worker does not retry it).
     """
     from detectors.layout import ImageLayout
 
-    where = ImageLayout.from_dict(layout)
+    try:
+        where = ImageLayout.from_dict(layout)
+    except (ValueError, TypeError) as exc:
+        raise CorruptImageError(f"the stored image layout is unreadable: {exc}") from None
     fmt = sniff_format(data)
     width, height = image_header(data, fmt)
     if (height, width) != where.canvas_hw:

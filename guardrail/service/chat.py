@@ -9,7 +9,14 @@ from typing import Any
 
 from guardrail.errors import PermanentError
 
-__all__ = ["ChatFormatError", "ChatInput", "chat_input", "image_messages", "user_turn"]
+__all__ = [
+    "ChatFormatError",
+    "ChatInput",
+    "chat_input",
+    "image_messages",
+    "one_per_image",
+    "user_turn",
+]
 
 
 class ChatFormatError(PermanentError):
@@ -103,6 +110,16 @@ def _count_images(messages: list[Any]) -> int:
     )
 
 
+def one_per_image(prompt: str, n_images: int, placeholder: str, segment: str | None) -> str:
+    """A prompt rendered from a template that holds one image, with that image standing for
+    `n_images`: the first `segment` (or, without one in the prompt, `placeholder`) becomes
+    `segment` once per image."""
+    if n_images <= 1:
+        return prompt
+    one = segment if segment and segment in prompt else placeholder
+    return prompt.replace(one, (segment or placeholder) * n_images, 1)
+
+
 def chat_input(
     body: dict[str, Any],
     placeholder: str,
@@ -161,10 +178,7 @@ def chat_input(
     image_bytes, image_url = images[0]
     if template:
         text = " ".join(p for p in last_user if p and p != placeholder)
-        prompt = template.replace("{prompt}", text)
-        if len(images) > 1:  # the template's one image becomes one per image
-            one = segment if segment and segment in prompt else single
-            prompt = prompt.replace(one, (segment or single) * len(images), 1)
+        prompt = one_per_image(template.replace("{prompt}", text), len(images), single, segment)
         return ChatInput(image_bytes, prompt, image_url, tuple(images))
     # a conversation that ends on an assistant turn is a continuation of that turn
     ending = "" if turns[-1].startswith("ASSISTANT") else " ASSISTANT:"

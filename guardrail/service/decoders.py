@@ -69,6 +69,7 @@ class _Canvas:
     images: tuple[CanonicalImage, ...]
     min_side: int
     n_regions: int
+    max_pixels: int | None
 
 
 def _decode(job: _Job | _Canvas) -> tuple[Any, ...]:
@@ -77,7 +78,10 @@ def _decode(job: _Job | _Canvas) -> tuple[Any, ...]:
     if isinstance(job, _Canvas):
         try:
             canvas, layout = canonical_canvas(
-                job.images, min_side=job.min_side, n_regions=job.n_regions
+                job.images,
+                min_side=job.min_side,
+                n_regions=job.n_regions,
+                max_pixels=job.max_pixels,
             )
         except ImageRejectedError as exc:
             return ("rejected", type(exc).__name__, str(exc))
@@ -278,6 +282,7 @@ class DecoderPool:
         n_regions: int,
         budget: PixelBudget,
         wait_seconds: float,
+        max_pixels: int | None = None,
     ) -> tuple[CanonicalImage, ImageLayout]:
         """`canonical_canvas(images, ...)`: several canonical images laid side by side on one
         canonical canvas, in a child (the pixels of the images and the canvas held from
@@ -289,7 +294,8 @@ class DecoderPool:
             DecodeBusyError (503): no budget or no free child within `wait_seconds`.
         """
         pixels = 2 * sum(i.width * i.height for i in images)
-        reply = self._run(_Canvas(tuple(images), min_side, n_regions), pixels, budget, wait_seconds)
+        job = _Canvas(tuple(images), min_side, n_regions, max_pixels)
+        reply = self._run(job, pixels, budget, wait_seconds)
         return reply[0], reply[1]
 
     def _run(

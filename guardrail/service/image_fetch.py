@@ -134,21 +134,23 @@ class ImageFetcher:
         self.count = count
         self.resolver = resolver
 
-    def fetch(self, url: str) -> bytes:
-        """The body at `url` (at most `max_bytes`), following checked redirects.
+    def fetch(self, url: str, *, max_bytes: int | None = None) -> bytes:
+        """The body at `url` (at most `max_bytes`, never more than the fetcher's), following
+        checked redirects.
 
         Raises:
             ImageFetchError: refused by policy, too large, too slow, or a failed request.
         """
+        limit = self.max_bytes if max_bytes is None else min(max_bytes, self.max_bytes)
         try:
-            data = self._fetch(url)
+            data = self._fetch(url, limit)
         except ImageFetchError as exc:
             self.count(exc.outcome)
             raise
         self.count("fetched")
         return data
 
-    def _fetch(self, url: str) -> bytes:
+    def _fetch(self, url: str, limit: int) -> bytes:
         if not self.enabled:
             raise ImageFetchError("disabled", "image URLs are not fetched (image_url_fetch)")
         deadline = time.monotonic() + self.timeout_seconds
@@ -158,7 +160,7 @@ class ImageFetcher:
             if remaining <= 0:
                 raise ImageFetchError("timeout", f"over {self.timeout_seconds} s")
             try:
-                location = self._get(target, host, deadline)
+                location = self._get(target, host, deadline, limit)
             except httpx.TimeoutException:
                 raise ImageFetchError(
                     "timeout", f"no answer within {self.timeout_seconds} s"
@@ -210,8 +212,11 @@ class ImageFetcher:
     def _resolve(self, host: str, port: int) -> list[IPAddress]:
         return [ipaddress.ip_address(a.split("%")[0]) for a in self.resolver(host, port)]
 
-    def _get(self, target: httpx.URL, host: str, deadline: float) -> bytes | str:
-        """The body, or the Location of a redirect."""
+    def _get(self, target: httpx.URL, host: str, deadline: float, limit: int) -> bytes | str:
+        """The body (at most `limit` bytes), or the Location of a redirect."""
+        over = f"max_image_bytes ({self.max_bytes} bytes)"
+        if limit < self.max_bytes:
+            over = f"the {limit} bytes left of {over} for the sample's images"
         remaining = max(0.01, deadline - time.monotonic())
         default_port = 443 if target.scheme == "https" else 80
         name = f"[{host}]" if ":" in host else host
@@ -236,18 +241,14 @@ class ImageFetcher:
                     "http_error", f"the image URL answered {response.status_code}"
                 )
             declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                raise ImageFetchError(
-                    "too_large", f"{declared} bytes, over max_image_bytes ({self.max_bytes})"
-                )
+            if declared.isdigit() and int(declared) > limit:
+                raise ImageFetchError("too_large", f"{declared} bytes, over {over}")
             chunks: list[bytes] = []
             size = 0
             for chunk in response.iter_raw(_CHUNK):
                 size += len(chunk)
-                if size > self.max_bytes:
-                    raise ImageFetchError(
-                        "too_large", f"over max_image_bytes ({self.max_bytes} bytes)"
-                    )
+                if size > limit:
+                    raise ImageFetchError("too_large", f"over {over}")
                 if time.monotonic() > deadline:
                     raise ImageFetchError("timeout", f"over {self.timeout_seconds} s")
                 chunks.append(chunk)

@@ -23,6 +23,7 @@ from guardrail.config import ModelSettings, Settings
 from guardrail.errors import PermanentError, RetryableError
 from guardrail.service.auditor import image_placeholder
 from guardrail.service.canonical import (
+    CanonicalImage,
     ImageLimits,
     audit_resolution,
     pixel_budget,
@@ -32,7 +33,7 @@ from guardrail.service.runtime import Runtime
 from guardrail.service.sampling import request_key
 from storage.repositories import NewSample
 
-__all__ = ["IngestError", "IngestRequest", "ingest", "unsafe_text_reason"]
+__all__ = ["IngestError", "IngestRequest", "ingest", "max_images", "unsafe_text_reason"]
 
 
 _UNSAFE_CHARS = re.compile("[\x00\ud800-\udfff]")
@@ -107,6 +108,10 @@ def _check_image_count(runtime: Runtime, model: ModelSettings, n: int) -> None:
     )
 
 
+def _which(n: int, count: int) -> str:
+    return "image" if count == 1 else f"image {n} of {count}"
+
+
 @dataclass(frozen=True, slots=True)
 class IngestRequest:
     model: str
@@ -159,7 +164,7 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
     )
     resolution = audit_resolution(model)
     for n, data in enumerate(images, start=1):
-        which = "image" if len(images) == 1 else f"image {n} of {len(images)}"
+        which = _which(n, len(images))
         if len(data) > settings.max_image_bytes:
             raise IngestError(
                 413,
@@ -175,18 +180,20 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
             raise _image_error(exc, which) from None
     auditor = runtime.auditors[model.name]
     placeholder = image_placeholder(model.family)
-    found = auditor.prompt_for(request.prompt).count(placeholder)
+    found = auditor.prompt_for(request.prompt, len(images)).count(placeholder)
     if not found:
         raise IngestError(
             422,
             f"prompt: holds no {placeholder!r} placeholder and model {model.name!r} has no "
             "prompt template",
         )
-    if len(images) > 1 and found != len(images):
+    # a local model's prompt takes exactly one placeholder per image (the remote scorer sends
+    # the text without them): refused here, not stored to fail its audit
+    if found != len(images) and model.scorer != "remote":
         raise IngestError(
             422,
-            f"prompt: holds {found} {placeholder!r} placeholders for {len(images)} images "
-            "(one per image, in order)",
+            f"prompt: holds {found} {placeholder!r} placeholders for {len(images)} "
+            f"image{'s' if len(images) > 1 else ''} (one per image, in order)",
         )
     digests = [hashlib.sha256(data).hexdigest() for data in images]
     # several images: the digest of their digests, in order
@@ -206,29 +213,34 @@ def ingest(runtime: Runtime, request: IngestRequest) -> dict[str, Any]:
         return {"sampled": False, "reason": decision.reason}
     budget = pixel_budget(settings.ingest_decode_pixels or settings.max_image_pixels)
     layout = None
-    try:
-        canonical = [
-            runtime.decoders.canonical(
-                data,
-                limits=limits,
-                resolution=resolution,
-                n_regions=model.n_regions,
-                budget=budget,
-                wait_seconds=settings.ingest_decode_wait_seconds,
+    canonical: list[CanonicalImage] = []
+    for n, data in enumerate(images, start=1):
+        try:
+            canonical.append(
+                runtime.decoders.canonical(
+                    data,
+                    limits=limits,
+                    resolution=resolution,
+                    n_regions=model.n_regions,
+                    budget=budget,
+                    wait_seconds=settings.ingest_decode_wait_seconds,
+                )
             )
-            for data in images
-        ]
-        image = canonical[0]
-        if len(canonical) > 1:  # one canvas, audited in one search over all the images
+        except ImageRejectedError as exc:
+            raise _image_error(exc, _which(n, len(images))) from None
+    image = canonical[0]
+    if len(canonical) > 1:  # one canvas, audited in one search over all the images
+        try:
             image, layout = runtime.decoders.canvas(
                 canonical,
                 min_side=settings.min_image_side,
                 n_regions=model.n_regions,
                 budget=budget,
                 wait_seconds=settings.ingest_decode_wait_seconds,
+                max_pixels=settings.max_image_pixels,
             )
-    except ImageRejectedError as exc:
-        raise _image_error(exc) from None
+        except ImageRejectedError as exc:
+            raise _image_error(exc, "images") from None
     sample_id = runtime.sample_writer.submit(
         NewSample(
             sample={

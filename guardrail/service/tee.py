@@ -157,10 +157,17 @@ class Tee:
                     del texts[index]
             if not texts:
                 return None, None
+        fetched: list[bytes] = []
+        # the fetched images of one sample share one image's bytes (as a sample's images share
+        # the API's body limit): N fetches never hold N times max_image_bytes
+        room = self.fetcher.max_bytes
         try:
-            fetched = [
-                data or b"" if url is None else self.fetcher.fetch(url) for data, url in parts
-            ]
+            for data, url in parts:
+                if url is None:
+                    fetched.append(data or b"")
+                    continue
+                fetched.append(self.fetcher.fetch(url, max_bytes=room))
+                room -= len(fetched[-1])
             return fetched, url_key
         except ImageFetchError as exc:
             if exc.by_policy:

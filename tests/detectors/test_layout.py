@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from detectors.errors import PartitionError
 from detectors.layout import ImageLayout, layout_partition, merge_partitions, side_by_side
@@ -40,6 +42,36 @@ def test_a_layout_refuses_boxes_outside_the_canvas_or_overlapping() -> None:
         ImageLayout.from_dict({"canvas": [10]})
     with pytest.raises(ValueError, match="the layout is for"):
         layout.split(np.zeros((10, 21, 3), dtype=np.uint8))
+
+
+def test_a_layout_read_back_is_checked_without_allocating_its_canvas() -> None:
+    """A stored layout is read before its canvas: a canvas_hw of 10^18 pixels is only numbers."""
+    huge = {"canvas": [10**9, 10**9], "boxes": [[0, 0, 10**9, 10**9], [0, 0, 1, 1]]}
+    with pytest.raises(ValueError, match="overlap"):
+        ImageLayout.from_dict(huge)
+    far = ImageLayout(canvas_hw=(10**9, 10**9), boxes=((0, 0, 1, 1), (10**9 - 1, 0, 1, 1)))
+    assert far.n_images == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 7), st.integers(0, 7), st.integers(1, 4), st.integers(1, 4)),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_boxes_overlap_exactly_when_some_canvas_pixel_is_in_two(
+    boxes: list[tuple[int, int, int, int]],
+) -> None:
+    covered = np.zeros((12, 12), dtype=np.int32)
+    for top, left, h, w in boxes:
+        covered[top : top + h, left : left + w] += 1
+    if int(covered.max()) > 1:
+        with pytest.raises(ValueError, match="overlap"):
+            ImageLayout(canvas_hw=(12, 12), boxes=tuple(boxes))
+    else:
+        assert ImageLayout(canvas_hw=(12, 12), boxes=tuple(boxes)).n_images == len(boxes)
 
 
 def test_merged_partitions_offset_each_images_ids() -> None:
@@ -89,3 +121,19 @@ def test_side_by_side_within_a_pixel_bound_lowers_the_common_height() -> None:
         max(2, round(30 * h * w / (canvas.shape[0] * canvas.shape[1])))
         for _, _, h, w in layout.boxes
     ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(16, 200), st.integers(16, 200)), min_size=2, max_size=4),
+    st.integers(2_000, 60_000),
+)
+def test_side_by_side_within_a_pixel_bound_never_exceeds_it(
+    shapes: list[tuple[int, int]], max_pixels: int
+) -> None:
+    """Widths are rounded: the height is lowered until the rounded canvas fits (it did not:
+    images of 113x186, 166x195 and 119x21 under 9119 pixels made a 55x166 canvas, 9130)."""
+    images = [np.zeros((h, w, 3), dtype=np.uint8) for h, w in shapes]
+    canvas, layout = side_by_side(images, max_pixels=max_pixels)
+    assert canvas.shape[0] * canvas.shape[1] <= max_pixels
+    assert layout.canvas_hw == canvas.shape[:2]

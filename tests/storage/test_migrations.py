@@ -1,7 +1,10 @@
 """Migrations up to head and back down, on an empty SQLite database and a PostgreSQL schema;
-revision 0007 adds the provenance of attributions and verdicts to existing rows."""
+revision 0007 adds the provenance of attributions and verdicts to existing rows, 0008 the layout
+of a sample of several images."""
 
 from __future__ import annotations
+
+import json
 
 from sqlalchemy import Engine, inspect, text
 
@@ -66,3 +69,34 @@ def test_rows_stored_before_0007_keep_their_data_with_null_provenance(engine: En
             text("select label, detector, detector_version, thresholds_id from verdicts")
         ).one()
     assert tuple(row) == ("grounded", None, None, None)
+
+
+def test_0008_adds_the_image_layout_and_its_downgrade_keeps_the_samples(engine: Engine) -> None:
+    upgrade(engine, "0007")
+    assert "image_layout" not in _columns(engine, "samples")
+    insert = text(
+        "insert into samples (id, model, received_at, status, image_sha256, image_width,"
+        " image_height, generated_text, token_ids, extra) values (:id, 'm',"
+        " '2026-12-01 00:00:00', 'QUEUED', :sha, 112, 56, 'a cat', '[]', '{}')"
+    )
+    with engine.begin() as connection:
+        connection.execute(insert, {"id": "before", "sha": "0" * 64})
+    upgrade(engine)
+    layout = '{"canvas": [56, 112], "boxes": [[0, 0, 56, 56], [0, 56, 56, 56]]}'
+    with engine.begin() as connection:
+        connection.execute(insert, {"id": "after", "sha": "1" * 64})
+        connection.execute(
+            text("update samples set image_layout = :layout where id = 'after'"),
+            {"layout": layout},
+        )
+    with engine.connect() as connection:
+        rows = connection.execute(text("select id, image_layout from samples order by id"))
+        stored = {r[0]: r[1] for r in rows}
+    assert stored["before"] is None
+    after = stored["after"]  # PostgreSQL's driver parses a json column, SQLite's gives text
+    assert (after if isinstance(after, dict) else json.loads(after))["canvas"] == [56, 112]
+    downgrade(engine, "0007")
+    assert "image_layout" not in _columns(engine, "samples")
+    with engine.connect() as connection:
+        ids = [r[0] for r in connection.execute(text("select id from samples order by id"))]
+    assert ids == ["after", "before"]

@@ -12,9 +12,10 @@ import base64
 import binascii
 import contextvars
 import json
+import logging
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Header, Path, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +31,12 @@ from storage import reads
 from storage.models import Sample
 from storage.repositories import get_sample
 
+if TYPE_CHECKING:
+    from detectors.layout import ImageLayout
+
 __all__ = ["TEXT_ROOM_BYTES", "SampleAccepted", "SampleIn", "add_sample_routes"]
+
+log = logging.getLogger("guardrail.api")
 
 MAX_TEXT_CHARS = 100_000
 MAX_TOKEN_IDS = 32_768
@@ -110,7 +116,10 @@ class SampleIn(BaseModel):
         max_length=15,
         description="the images after the first, in prompt order, for a model that takes "
         "several in one prompt (Qwen2.5-VL; at most max_images_per_sample in all): audited in "
-        "one search over the regions of all of them",
+        "one search over the regions of all of them.  The prompt holds one image placeholder "
+        "per image, or is the user text when the model has a prompt template (its image "
+        "stands for every image); all images share the request body limit "
+        "(max_request_bytes, by default room for one image of max_image_bytes)",
     )
     request_id: str | None = Field(
         default=None,
@@ -155,13 +164,13 @@ class SampleAccepted(BaseModel):
     reason: str | None = None
 
 
-def _decode_base64(data: str) -> bytes:
+def _decode_base64(data: str, field: str = "image_base64") -> bytes:
     if data.startswith("data:"):
         _, _, data = data.partition(",")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ApiError(422, f"image_base64 is not valid base64: {exc}") from None
+        raise ApiError(422, f"{field} is not valid base64: {exc}") from None
 
 
 def _form_error(field: str, message: str) -> RequestValidationError:
@@ -267,7 +276,10 @@ def add_sample_routes(app: FastAPI, runtime: Runtime, auth: list[Any]) -> None:
         """Offer a model output (JSON, image as base64) for audit.  `X-Request-Id` and a W3C
         `traceparent` header are stored with the sample (`request_id` in the body wins)."""
         image_bytes = _decode_base64(body.image_base64)
-        more = tuple(_decode_base64(b) for b in body.more_images_base64)
+        more = tuple(
+            _decode_base64(b, f"more_images_base64[{n}]")
+            for n, b in enumerate(body.more_images_base64)
+        )
         return await ingest_json(
             body, image_bytes, (x_guardrail_audit or "").lower() in ("1", "always"), context, more
         )
@@ -345,19 +357,35 @@ def _correlation_view(sample: Sample) -> dict[str, Any]:
     }
 
 
-def _images_of(sample: Sample, record: Any) -> dict[str, Any]:
+def _stored_layout(sample: Sample) -> ImageLayout | None:
+    """The layout of a sample of several images, or None (one image, or a stored layout that
+    does not read back: the view shows it as stored and counts no images)."""
+    if not sample.image_layout:
+        return None
+    from detectors.layout import ImageLayout
+
+    try:
+        return ImageLayout.from_dict(sample.image_layout)
+    except ValueError as exc:
+        log.warning("sample %s: its image layout is unreadable: %s", sample.id, exc)
+        return None
+
+
+def _images_of(layout: ImageLayout | None, record: Any) -> dict[str, Any]:
     """For a sample of several images: which of them (0-based, in prompt order) the compact
     set's regions lie in."""
-    if not sample.image_layout:
+    if layout is None:
         return {}
-    from detectors.layout import ImageLayout
     from storage.repositories import label_map
 
-    layout = ImageLayout.from_dict(sample.image_layout)
     return {"compact_set_images": layout.images_of(label_map(record), record.compact_set)}
 
 
 def _sample_view(sample: Sample) -> dict[str, Any]:
+    layout = _stored_layout(sample)
+    # several images: the stored image is their canvas, `image_layout` says where each is
+    # (a count of None: a stored layout that does not read back)
+    image_count = (layout.n_images if layout else None) if sample.image_layout else 1
     tokens = []
     for t in sample.tokens:
         a, v = t.attribution, t.verdict
@@ -384,7 +412,7 @@ def _sample_view(sample: Sample) -> dict[str, Any]:
                 if a is None
                 else {
                     "compact_set": a.compact_set,
-                    **_images_of(sample, a),
+                    **_images_of(layout, a),
                     "order": a.order,
                     "forward_passes": a.forward_passes,
                     "seconds": a.seconds,
@@ -408,8 +436,7 @@ def _sample_view(sample: Sample) -> dict[str, Any]:
         **_correlation_view(sample),
         "image_sha256": sample.image_sha256,
         "image_size": [sample.image_width, sample.image_height],
-        # several images: the stored image is their canvas, `image_layout` says where each is
-        "image_count": len(sample.image_layout["boxes"]) if sample.image_layout else 1,
+        "image_count": image_count,
         "image_layout": sample.image_layout,
         "output": sample.generated_text,
         "tokens": tokens,
