@@ -101,10 +101,14 @@ def _turn(content: Any, placeholder: str, images: list[ImagePart]) -> list[str]:
 
 
 def _count_images(messages: list[Any]) -> int:
+    """The image parts of the turns that are audited (user and assistant; system and tool
+    turns are skipped, as `chat_input` skips them), counted before any is decoded."""
     return sum(
         1
         for m in messages
-        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        if isinstance(m, dict)
+        and m.get("role") in ("user", "assistant")
+        and isinstance(m.get("content"), list)
         for part in m["content"]
         if isinstance(part, dict) and part.get("type") == "image_url"
     )

@@ -288,6 +288,10 @@ def test_the_conversation_reader_gives_every_image_its_own_segment() -> None:
     with pytest.raises(ChatFormatError) as over:
         chat_input({"messages": [{"role": "user", "content": [url] * 3}]}, "x", max_images=2)
     assert over.value.reason == "too_many_images"
+    # an image in a system turn is not in the audited conversation, nor in the count
+    system = {"role": "system", "content": [url]}
+    parsed = chat_input({"messages": [system, earlier]}, "<image>")
+    assert parsed.images == ((b"first", None),)
 
 
 def test_an_image_too_small_beside_the_others_is_refused() -> None:
