@@ -40,8 +40,11 @@ the surrogate and the screening are in `detectors.search.surrogate`.
    regions left in the middle are ordered for free by continuing both greedy searches on their
    surrogates, from the front and from the back in turn (without a tail: from the front).
 7. Without a measured tail, the end of the ordering comes from measurements too: the regions
-   whose screened removal from the original image *raised* the token (counter-evidence: the
+   that the screening saw arguing against the token (their logit gain alone on the blank image
+   plus their logit drop when removed from the original is negative: counter-evidence, the
    knife that argues for "yes" when the answer explained is "no") go last, the strongest last.
+   Both sides count, so that an object cut into several regions, none of which alone moves the
+   original, is still seen on the blank image.
    Those are the regions a correction removes first (EAGLE.md section 8), and the surrogate,
    saturated once the compact set explains the token, cannot rank them (it placed the
    counter-evidence of a wrong "yes" anywhere in the middle).  Costs no pass.
@@ -134,9 +137,11 @@ class _Search:
         self.nec_goal = tuning.coverage * float(1.0 - blank[self.columns].mean())
         self.pool = list(range(n))
         self.surrogate, self.tail_surrogate = surrogate, surrogate.copy()
-        # the screening's deletion measurements, before later steps replace them
+        # the screening's measurements, before later steps replace them: how much each region
+        # argues for the token, alone on the blank image and removed from the original (mean
+        # logit over the targets; under a deletion-only screening both are its removal)
         self.screened = surrogate.screened.copy()
-        self.counter_drop = surrogate.screened_drop.mean(axis=1)
+        self.support = (surrogate.screened_gain + surrogate.screened_drop).mean(axis=1)
         self.chosen = np.zeros(n, dtype=np.bool_)
         self.behind = np.zeros(n, dtype=np.bool_)
         self.tail: list[int] = []
@@ -228,11 +233,12 @@ class _Search:
         return [*self.trace.selected, *front, *reversed(back), *reversed(self.tail)]
 
     def _counter_evidence(self, regions: list[int]) -> list[int]:
-        """The regions among `regions` whose measured single-region removal raised the token
-        (mean logit over the targets), by increasing effect: the strongest comes last."""
-        drop = self.counter_drop
-        found = [r for r in regions if self.screened[r] and drop[r] < 0.0]
-        return sorted(found, key=lambda r: (-drop[r], r))
+        """The regions among `regions` that the screening measured arguing against the token
+        (its logit gain alone on the blank image plus its logit drop when removed from the
+        original is negative), by increasing strength: the strongest comes last."""
+        support = self.support
+        found = [r for r in regions if self.screened[r] and support[r] < 0.0]
+        return sorted(found, key=lambda r: (-support[r], r))
 
     # -- one step at either end -------------------------------------------------------------
 

@@ -43,9 +43,9 @@ class LogitSurrogate:
 
     Arrays are `(N, T)` for increments and `(T,)` for logits, T = explained targets.
 
-    `screened` marks the regions whose single-region deletion was measured (the rest got the
-    mean increment); `screened_drop` keeps those measurements, `(N, T)` logits, as they were
-    before any later step replaced them."""
+    `screened` marks the regions whose single-region screening was measured (the rest got the
+    mean increment); `screened_gain` and `screened_drop` keep those measurements, `(N, T)`
+    logits, as they were before any later step replaced them."""
 
     def __init__(
         self,
@@ -60,6 +60,7 @@ class LogitSurrogate:
         self.screened = (
             np.zeros(n, dtype=np.bool_) if screened is None else np.asarray(screened, np.bool_)
         )
+        self.screened_gain = insertion_gain.copy()
         self.screened_drop = deletion_drop.copy()
         self.slope = (deletion_drop - insertion_gain) / max(1, n - 1)
         self.a = insertion_gain.copy()  # latest insertion increment, measured at context a_at

@@ -216,7 +216,7 @@ def test_counter_evidence_goes_last_when_the_search_stops_early() -> None:
     # would rank it high; the end of the ordering comes from the screening's measurements
     # instead, the strongest counter-evidence last.  That is what a correction removes first
     # (EAGLE.md section 8).
-    scorer = _response_scorer(-3.0, {5: 8.0, 2: 1.0, 1: -0.5}, ((2, 5, -3.0),), noise=0.0)
+    scorer = _response_scorer(-3.0, {5: 8.0, 2: 1.0, 1: -0.25}, ((2, 5, -3.0),), noise=0.0)
     image, partition = _setup(64)
     budget = SearchBudget.fraction_of_exact(64, 0.10)
     a = EagleSearch(scorer, budget).attribute(image, partition, [TARGET])
