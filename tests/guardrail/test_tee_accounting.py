@@ -138,6 +138,22 @@ def test_each_choice_with_text_is_a_sample_with_the_exchanges_keys(tmp_path: Pat
     assert _counts(runtime, DROPS) == {}
 
 
+def test_a_models_prompt_template_frames_the_last_user_turn_of_a_teed_conversation(
+    tmp_path: Path,
+) -> None:
+    template = "<image>\nQuestion: {prompt}\nAnswer:"
+    models = [{"name": "reference", "path": str(MODEL_DIR), "prompt": template}]
+    runtime = _runtime(tmp_path, models=models, store_raw=True)
+    messages = [
+        *image_messages(EXAMPLE.read_bytes(), "Describe the image."),
+        {"role": "assistant", "content": "A kitchen."},
+        {"role": "user", "content": "What is on the board?"},
+    ]
+    _tee(runtime)(_exchange(runtime, _body(messages), _answer("a knife .")))
+    (sample,) = _samples(runtime)
+    assert sample.prompt == "<image>\nQuestion: What is on the board?\nAnswer:"
+
+
 def test_choices_beyond_the_cap_are_dropped_and_counted_each(tmp_path: Path) -> None:
     runtime = _runtime(tmp_path)
     texts = [f"a knife {i} ." for i in range(MAX_CHOICES + 2)]
