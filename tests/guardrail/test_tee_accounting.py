@@ -23,9 +23,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from detectors.reference import MODEL_DIR
 from guardrail.config import load_settings
 from guardrail.demo.background_server import BackgroundServer
 from guardrail.service.answers import MAX_CHOICES, MAX_TEE_JSON_VALUES, json_values
+from guardrail.service.canonical import pixel_budget
 from guardrail.service.chat import image_messages
 from guardrail.service.image_fetch import ImageFetcher
 from guardrail.service.proxy import TeeBacklog, _chat_request, _Exchange
@@ -136,6 +138,22 @@ def test_each_choice_with_text_is_a_sample_with_the_exchanges_keys(tmp_path: Pat
     assert _counts(runtime, DROPS) == {}
 
 
+def test_a_models_prompt_template_frames_the_last_user_turn_of_a_teed_conversation(
+    tmp_path: Path,
+) -> None:
+    template = "<image>\nQuestion: {prompt}\nAnswer:"
+    models = [{"name": "reference", "path": str(MODEL_DIR), "prompt": template}]
+    runtime = _runtime(tmp_path, models=models, store_raw=True)
+    messages = [
+        *image_messages(EXAMPLE.read_bytes(), "Describe the image."),
+        {"role": "assistant", "content": "A kitchen."},
+        {"role": "user", "content": "What is on the board?"},
+    ]
+    _tee(runtime)(_exchange(runtime, _body(messages), _answer("a knife .")))
+    (sample,) = _samples(runtime)
+    assert sample.prompt == "<image>\nQuestion: What is on the board?\nAnswer:"
+
+
 def test_choices_beyond_the_cap_are_dropped_and_counted_each(tmp_path: Path) -> None:
     runtime = _runtime(tmp_path)
     texts = [f"a knife {i} ." for i in range(MAX_CHOICES + 2)]
@@ -230,12 +248,49 @@ def test_samples_ingest_refuses_are_rejected_and_a_broken_database_an_ingest_err
     assert _counts(runtime, DROPS) == {"rejected": 2}  # ingest's IngestError, per choice
     runtime = _runtime(tmp_path / "b")
     tee = _tee(runtime)
-    tee(_exchange(runtime, _body(), _answer("a knife \ud800 .")))  # storage cannot encode it
+    tee(_exchange(runtime, _body(), _answer("a knife \ud800 .")))  # ingest refuses it (422)
     assert _counts(runtime, DROPS) == {"rejected": 1}
     runtime.engine.dispose()
     Path(str(runtime.engine.url.database)).unlink()  # recreated empty: no tables
     tee(_exchange(runtime, _body(), _answer("a knife .")))
     assert _counts(runtime, DROPS) == {"rejected": 1, "ingest_error": 1}
+
+
+def test_a_sample_ingest_cannot_encode_is_rejected_not_an_ingest_error(tmp_path: Path) -> None:
+    # the proxy passes on only visible-ASCII request ids; an exchange handed to the tee with
+    # one that is not valid Unicode fails in ingest with a ValueError (its sampling key cannot
+    # be encoded), which is the sample's fault, not the database's
+    runtime = _runtime(tmp_path)
+    exchange = _exchange(runtime, _body(), _answer("a knife .", "a fork ."))
+    _tee(runtime)(TeedExchange(**{**_fields(exchange), "request_id": "req-\ud800"}))
+    assert _counts(runtime, DROPS) == {"rejected": 2}
+    assert _samples(runtime) == []
+
+
+def test_a_busy_ingest_is_counted_ingest_busy_per_choice(tmp_path: Path) -> None:
+    # every decode slot of the pixel budget is taken (by this thread, as another ingest
+    # would): ingest answers 503 after its wait, and the tee counts each choice as busy
+    runtime = _runtime(tmp_path, ingest_decode_pixels=98_765, ingest_decode_wait_seconds=0.05)
+    tee = _tee(runtime)
+    exchange = _exchange(runtime, _body(), _answer("a knife .", "a fork ."))
+    with pixel_budget(98_765).hold(98_765, timeout=1.0):
+        tee(exchange)
+    assert _counts(runtime, DROPS) == {"ingest_busy": 2} and _samples(runtime) == []
+    tee(exchange)  # the budget is free again: both are samples
+    assert _counts(runtime, DROPS) == {"ingest_busy": 2} and len(_samples(runtime)) == 2
+
+
+def test_a_forced_exchange_is_audited_whatever_the_models_rate(tmp_path: Path) -> None:
+    models = [{"name": "reference", "path": str(MODEL_DIR), "sample_rate": 0.0}]
+    runtime = _runtime(tmp_path, models=models)
+    tee = _tee(runtime)
+    tee(_exchange(runtime, _body(), _answer("a knife .", "a fork .")))
+    assert _samples(runtime) == []
+    skipped = _count(runtime, "guardrail_samples_skipped_total", model="reference", reason="rate")
+    assert skipped == 2  # by ingest: an inline image is not sampled before ingest
+    tee(_exchange(runtime, _body(), _answer("a knife .", "a fork ."), force=True))
+    assert [s.generated_text for s in _samples(runtime)] == ["a knife .", "a fork ."]
+    assert _count(runtime, "guardrail_samples_sampled_total", model="reference") == 2
 
 
 def test_anything_unforeseen_is_one_ingest_error_and_never_raises(tmp_path: Path) -> None:
