@@ -229,6 +229,11 @@ class ScorerFactories:
     def _layout_kwargs(self, layout: ImageLayout | None) -> dict[str, Any]:
         return {"layout": layout} if check_layout(self.name, self.max_images, layout) else {}
 
+    def _fast_class(self, several: bool) -> type[Any]:
+        """The fast scorer class; a family with its own scorer for several images (whose
+        constructor takes `layout`) returns it when `several`."""
+        return self.fast_scorer_class
+
     def plain_scorer(
         self,
         model: Any,
@@ -259,12 +264,13 @@ class ScorerFactories:
         chunk_size: int = 16,
         layout: ImageLayout | None = None,
     ) -> Any:
-        return self.fast_scorer_class(
+        several = self._layout_kwargs(layout)
+        return self._fast_class(bool(several))(
             model,
             image,
             prompt,
             generated_ids,
             vision=vision,
             chunk_size=chunk_size,
-            **self._layout_kwargs(layout),
+            **several,
         )

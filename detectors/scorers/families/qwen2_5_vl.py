@@ -22,7 +22,6 @@ from detectors.scorers.families.base import (
     Generation,
     ScorerFactories,
     VisionFiles,
-    check_layout,
 )
 from detectors.scorers.fast import (
     PrefixCachedLM,
@@ -514,33 +513,13 @@ class QwenFamily(ScorerFactories):
             "yes or no.<|im_end|>\n<|im_start|>assistant\n"
         )
 
-    def fast_scorer(
-        self,
-        model: Any,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        vision: VisionRunner | None = None,
-        chunk_size: int = 16,
-        layout: ImageLayout | None = None,
-    ) -> Any:
+    def _fast_class(self, several: bool) -> type[Any]:
         """`FastQwenScorer`, or `FastQwenImagesScorer` for a layout of several images."""
-        if layout is None or not check_layout(self.name, self.max_images, layout):
-            return FastQwenScorer(
-                model, image, prompt, generated_ids, vision=vision, chunk_size=chunk_size
-            )
+        if not several:
+            return FastQwenScorer
         from detectors.scorers.families.qwen2_5_vl_images import FastQwenImagesScorer
 
-        return FastQwenImagesScorer(
-            model,
-            image,
-            prompt,
-            generated_ids,
-            layout=layout,
-            vision=vision,
-            chunk_size=chunk_size,
-        )
+        return FastQwenImagesScorer
 
     def load(
         self,
