@@ -201,6 +201,7 @@ class DecoderPool:
         self._started = False
         self._closed = False
         self.crashes = 0  # children lost to an image (died or timed out)
+        self._busy = 0  # jobs taken by a child and not yet answered
         self._on_crash = on_crash
         self._finalizer = weakref.finalize(self, _stop_all, self._children)
 
@@ -312,6 +313,8 @@ class DecoderPool:
                     retry_after=1,
                 ) from None
             child = slot
+            with self._lock:
+                self._busy += 1
             try:
                 if child is None or not child.process.is_alive():
                     if child is not None:
@@ -321,15 +324,20 @@ class DecoderPool:
             except BaseException:
                 if child is not None:
                     self._retire(child)
-                self._idle.put(None)  # the slot is free again; a new child starts on use
+                self._idle_again(None)  # the slot is free again; a new child starts on use
                 raise
-            self._idle.put(child)
+            self._idle_again(child)
         kind, *fields = reply
         if kind == "ok":
             return fields
         if kind == "rejected":
             raise _rebuild(*fields)
         raise RuntimeError(f"the image decoder failed: {fields[0]}: {fields[1]}")
+
+    def _idle_again(self, slot: _Child | None) -> None:
+        with self._lock:
+            self._busy -= 1
+        self._idle.put(slot)
 
     def _ask(self, child: _Child, job: _Job | _Canvas) -> tuple[Any, ...]:
         try:
@@ -359,6 +367,12 @@ class DecoderPool:
         with self._lock:
             self._closed = True
         self._finalizer()
+
+    @property
+    def busy(self) -> int:
+        """Jobs a child has taken and not yet answered."""
+        with self._lock:
+            return self._busy
 
     @property
     def pids(self) -> list[int]:

@@ -184,11 +184,17 @@ def test_the_api_answers_422_when_an_image_kills_its_decoder_and_serves_on(
 
     try:
         assert post(EXAMPLE.read_bytes()).status_code == 202
+        doomed = runtime.decoders.pids
+        for pid in doomed:  # stopped, a child takes the next image and never answers
+            os.kill(pid, signal.SIGSTOP)
         answers: list[Any] = []
         thread = threading.Thread(target=lambda: answers.append(post(SLOW)))
         thread.start()
-        time.sleep(0.3)  # the slow image is decoding in one of the children
-        doomed = runtime.decoders.pids
+        deadline = time.monotonic() + 30
+        while runtime.decoders.busy == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runtime.decoders.busy == 1
+        time.sleep(0.1)  # past `busy`, the image is being sent to the stopped child
         for pid in doomed:
             os.kill(pid, signal.SIGKILL)
         thread.join(60)
