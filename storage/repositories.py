@@ -7,10 +7,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.orm import Session, selectinload
 
 from detectors.types import Attribution, AuditedWord, Verdict
@@ -18,13 +18,15 @@ from storage.models import (
     Alert,
     AttributionRecord,
     FlaggedToken,
+    Job,
+    JobStatus,
     Report,
     Sample,
     SampleStatus,
     VerdictRecord,
     new_id,
+    utcnow,
 )
-from storage.queue import enqueue
 
 __all__ = [
     "NewSample",
@@ -32,6 +34,7 @@ __all__ = [
     "firing_alert",
     "get_sample",
     "label_map",
+    "sample_row",
     "save_audit",
     "store_report",
     "store_samples",
@@ -63,8 +66,7 @@ def label_map(record: AttributionRecord) -> np.ndarray:
         return np.asarray(data["labels"])
 
 
-def add_sample(
-    session: Session,
+def sample_row(
     *,
     model: str,
     image_sha256: str,
@@ -80,30 +82,38 @@ def add_sample(
     choice_index: int | None = None,
     image_layout: dict[str, Any] | None = None,
     sample_id: str | None = None,
-    flush: bool = True,
-) -> Sample:
-    """A new sample (pass `prompt` and `image_data` only when the operator stores raw data).
+    received_at: datetime | None = None,
+) -> dict[str, Any]:
+    """The columns of a new, queued sample (`add_sample`'s arguments)."""
+    width, height = image_size
+    return {
+        "id": sample_id or new_id(),
+        "model": model,
+        "request_id": request_id,
+        "response_id": response_id,
+        "traceparent": traceparent,
+        "choice_index": choice_index,
+        "received_at": received_at or utcnow(),
+        "status": SampleStatus.QUEUED,
+        "image_sha256": image_sha256,
+        "image_width": width,
+        "image_height": height,
+        "image_layout": image_layout,
+        "generated_text": generated_text,
+        "token_ids": [int(t) for t in token_ids] if token_ids is not None else [],
+        "extra": dict(metadata or {}),
+        "prompt": prompt,
+        "image_data": image_data,
+    }
+
+
+def add_sample(session: Session, *, flush: bool = True, **fields: Any) -> Sample:
+    """A new sample from `sample_row`'s arguments (pass `prompt` and `image_data` only when
+    the operator stores raw data).
 
     `sample_id` sets its id instead of a fresh one; `flush=False` leaves the INSERT to the
-    session's next flush (several samples then go in one statement)."""
-    width, height = image_size
-    sample = Sample(
-        id=sample_id or new_id(),
-        model=model,
-        request_id=request_id,
-        response_id=response_id,
-        traceparent=traceparent,
-        choice_index=choice_index,
-        image_sha256=image_sha256,
-        image_width=width,
-        image_height=height,
-        image_layout=image_layout,
-        generated_text=generated_text,
-        token_ids=[int(t) for t in token_ids] if token_ids is not None else [],
-        extra=dict(metadata or {}),
-        prompt=prompt,
-        image_data=image_data,
-    )
+    session's next flush."""
+    sample = Sample(**sample_row(**fields))
     session.add(sample)
     if flush:
         session.flush()
@@ -122,20 +132,31 @@ class NewSample:
 
 def store_samples(session: Session, accepted: Sequence[NewSample]) -> list[str]:
     """Add `accepted` samples and their jobs to `session` (two multi-row INSERTs, samples
-    first for the jobs' foreign key); their ids, in order.  `GroupCommit`'s write."""
+    first for the jobs' foreign key); their ids, in order.  `GroupCommit`'s write.
+
+    Core INSERTs of plain rows, not ORM objects: nothing here is read back, and the unit of
+    work's bookkeeping was a fifth of the serving process's time per accepted sample."""
     ids = [new_id() for _ in accepted]
-    for sample_id, one in zip(ids, accepted, strict=True):
-        add_sample(session, **one.sample, sample_id=sample_id, flush=False)
-    session.flush()
-    for sample_id, one in zip(ids, accepted, strict=True):
-        enqueue(
-            session,
-            sample_id,
-            max_attempts=one.max_attempts,
-            image_data=one.image_data,
-            prompt=one.prompt,
-            flush=False,
-        )
+    now = utcnow()
+    samples = [
+        sample_row(**one.sample, sample_id=sample_id, received_at=now)
+        for sample_id, one in zip(ids, accepted, strict=True)
+    ]
+    jobs = [
+        {
+            "sample_id": sample_id,
+            "status": JobStatus.QUEUED,
+            "attempts": 0,
+            "max_attempts": one.max_attempts,
+            "run_after": now,
+            "image_data": one.image_data,
+            "prompt": one.prompt,
+            "created_at": now,
+        }
+        for sample_id, one in zip(ids, accepted, strict=True)
+    ]
+    session.execute(insert(cast(Table, Sample.__table__)), samples)
+    session.execute(insert(cast(Table, Job.__table__)), jobs)
     return ids
 
 
