@@ -48,6 +48,13 @@ def register(commands: Any) -> None:
         help="Qwen2.5-VL: the processed input size to export for (multiples of 28)",
     )
     export.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff allowed")
+    export.add_argument(
+        "--no-fuse",
+        dest="fuse",
+        action="store_false",
+        help="keep the graph as torch exports it (default: attention and normalisation "
+        "rewritten to ONNX Runtime's fused kernels, checked against torch like the rest)",
+    )
     export.set_defaults(handler=_export)
 
 
@@ -63,7 +70,12 @@ def _export(args: argparse.Namespace) -> int:
         generate_scene(11_000_000 + i, SceneKind.CLEAN).image for i in range(2)
     ]
     report = export_vision(
-        model, args.out, real_images=images, input_hw=args.input_size, tolerance=args.tolerance
+        model,
+        args.out,
+        real_images=images,
+        input_hw=args.input_size,
+        tolerance=args.tolerance,
+        fuse=args.fuse,
     )
     print(
         json.dumps(
@@ -77,6 +89,7 @@ def _export(args: argparse.Namespace) -> int:
                 "output_shape": list(report.output_shape),
                 "max_abs_diff_random": report.max_abs_diff_random,
                 "max_abs_diff_real": report.max_abs_diff_real,
+                "fusions": report.fusions,
             },
             indent=2,
         )

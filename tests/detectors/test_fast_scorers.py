@@ -198,6 +198,33 @@ def test_onnx_vision_matches_torch_and_keeps_parity(reference: LlavaModel, tmp_p
     assert np.abs(fast.score(batch, targets) - _plain(plain, batch, targets)).max() <= PARITY
 
 
+def test_export_fuses_attention_into_ort_kernels_and_keeps_parity(
+    tiny_llava: LlavaModel, tmp_path: Path
+) -> None:
+    import onnx
+
+    fused = export_vision(tiny_llava, tmp_path / "fused.onnx")
+    plain = export_vision(tiny_llava, tmp_path / "plain.onnx", fuse=False)
+    assert plain.fusions == {} and fused.fusions.get("attention", 0) >= 1
+
+    def ops(path: Path) -> set[str]:
+        return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+    assert "Softmax" in ops(plain.path) and "Softmax" not in ops(fused.path)
+    assert {"Attention", "MultiHeadAttention"} & ops(fused.path)
+    metadata = {p.key: p.value for p in onnx.load(str(fused.path)).metadata_props}
+    assert "attention=" in metadata["guardrail.fusions"]
+    for report in (fused, plain):
+        assert report.max_abs_diff_random <= 1e-6
+    torch_vision = TorchVision(llava_vision_module(tiny_llava.model))
+    pixels = tiny_llava.pixel_values(
+        [np.random.default_rng(s).integers(0, 255, (64, 64, 3), dtype=np.uint8) for s in (1, 2)]
+    )
+    for report in (fused, plain):
+        got = llava_onnx_vision(tiny_llava, report.path)(pixels).numpy()
+        assert np.abs(got - torch_vision(pixels).numpy()).max() <= 1e-5
+
+
 def test_onnx_file_from_another_model_is_refused(
     reference: LlavaModel, tiny_llava: LlavaModel, tmp_path: Path
 ) -> None:
