@@ -292,14 +292,14 @@ def _run_row(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             else save_tiny_llava(tmp / "tiny", image_size=128, patch_size=8)
         )
         onnx_path = tmp / f"{name}.onnx"
-        export_vision(llava, onnx_path)  # exported and verified on CPU
+        export_vision(llava, onnx_path, fuse=args.fuse)  # exported and verified on CPU
         llava.model.to(args.device)
         return bench_model(name, llava, onnx_path, args)
     if name == "tiny-qwen2.5-vl":
         qwen = load_qwen(save_tiny_qwen(tmp / "qwen", image_size=224))
         image = np.random.default_rng(3).integers(0, 255, (224, 224, 3), dtype=np.uint8)
         onnx_path = tmp / "qwen.onnx"
-        export_vision(qwen, onnx_path, real_images=[image])
+        export_vision(qwen, onnx_path, real_images=[image], fuse=args.fuse)
         qwen.model.to(args.device)
         row = bench_qwen(name, qwen, image, onnx_path, args)
         row["vision_tower_ms_per_chunk"] = bench_qwen_tower(qwen, image, onnx_path, args)
@@ -307,7 +307,7 @@ def _run_row(name: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     internvl = load_internvl(save_tiny_internvl(tmp / "internvl", image_size=448, patch_size=14))
     image = np.random.default_rng(3).integers(0, 255, (448, 448, 3), dtype=np.uint8)
     onnx_path = tmp / "internvl.onnx"
-    export_vision(internvl, onnx_path, real_images=[image])
+    export_vision(internvl, onnx_path, real_images=[image], fuse=args.fuse)
     internvl.model.to(args.device)
     return bench_internvl(name, internvl, image, onnx_path, args)
 
@@ -324,6 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--models",
         default=",".join(MODELS),
         help=f"comma-separated rows to run, of: {', '.join(MODELS)}",
+    )
+    parser.add_argument(
+        "--no-fuse",
+        dest="fuse",
+        action="store_false",
+        help="export the vision towers without ONNX Runtime's fused kernels (to compare)",
     )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--json-out", type=Path, help="also write the JSON object here")

@@ -62,8 +62,9 @@ def fuse_for_ort(model: Any) -> dict[str, int]:
     The exported attention materialises the whole score matrix of every head (1025 x 1025 on
     InternVL's 448 px tile) and reads it three times; the fused kernel does not keep it, which
     took the tiny InternVL tower from 5.2 to 3.1 ms per image on 2 CPU cores.  The graph then
-    runs on ONNX Runtime only (its CPU and CUDA providers both have these kernels), which is
-    the only runtime the scorers use."""
+    runs on ONNX Runtime only, the only runtime the scorers use (`benchmarks/gpu_check.py`
+    checks its CUDA provider against torch where a GPU is lent; `fuse=False` in
+    `export_vision` keeps the plain graph for other runtimes)."""
     from onnxscript.rewriter import ort_fusions
 
     _, counts = ort_fusions.optimize_for_ort(model)
