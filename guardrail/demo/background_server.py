@@ -9,28 +9,56 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import uvicorn
 
-__all__ = ["BackgroundServer", "free_port", "spawn_guardrail"]
+__all__ = ["BackgroundServer", "closed_port", "free_port", "spawn_guardrail"]
 
 
 def free_port() -> int:
+    """A loopback port free now, for a server in another process that binds it itself.  It is
+    released before that server binds it: in-process servers use `BackgroundServer`, which
+    binds its socket first, and a port that must refuse connections `closed_port`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole block: bound and never listened
+    on, so no other server (another test's) can take it meanwhile, as it could a port picked
+    free and released."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
 class BackgroundServer:
-    """`with BackgroundServer(app) as url:` serves `app` on 127.0.0.1 until the block ends."""
+    """`with BackgroundServer(app) as url:` serves `app` on 127.0.0.1 until the block ends.
+
+    The listening socket is bound here, before the server starts (port 0 unless `port` is
+    given), and handed to uvicorn: no other server can take the port between picking and
+    binding it."""
 
     def __init__(self, app: Any, port: int | None = None) -> None:
-        self.port = port or free_port()
+        self.socket = socket.socket()
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind(("127.0.0.1", port or 0))
+        except OSError:
+            self.socket.close()
+            raise
+        self.port = int(self.socket.getsockname()[1])
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
+        )
 
     def __enter__(self) -> str:
         self.thread.start()
@@ -44,6 +72,7 @@ class BackgroundServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        self.socket.close()
 
 
 def spawn_guardrail(

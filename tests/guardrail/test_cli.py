@@ -11,7 +11,7 @@ from sqlalchemy.exc import ArgumentError
 
 from guardrail import __version__
 from guardrail.cli import main
-from guardrail.demo.background_server import free_port
+from guardrail.demo.background_server import closed_port, free_port
 from storage.engine import HEAD, check_migrated, make_engine, upgrade
 
 
@@ -79,30 +79,31 @@ def test_database_url_mistakes_and_outages_are_one_line_errors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("GUARDRAIL_CONFIG", raising=False)
-    port = free_port()  # nothing listens there
-    monkeypatch.setenv("GUARDRAIL_PORT", str(free_port()))  # serve's own, never the default
-    cases = [
-        ("not a url", "ArgumentError: database URL 'not a url' is not usable"),
-        (
-            "postgres+nodriver://u:hunter2@db/x",
-            "NoSuchModuleError: database URL 'postgres+nodriver://u:***@db/x' is not usable",
-        ),
-        (
-            f"postgresql+psycopg://u:hunter2@127.0.0.1:{port}/x",
-            f"OperationalError: cannot use the database postgresql+psycopg://u:***@127.0.0.1:{port}/x:",
-        ),
-        (
-            f"sqlite:///{tmp_path / 'missing' / 'g.db'}",
-            f"OperationalError: cannot use the database sqlite:///{tmp_path / 'missing' / 'g.db'}: "
-            "unable to open database file",
-        ),
-    ]
-    for url, expected in cases:
-        monkeypatch.setenv("GUARDRAIL_DATABASE_URL", url)
-        assert main(command) == 2, url
-        err = capsys.readouterr().err
-        assert err.startswith(expected), err
-        assert err.count("\n") == 1 and "Traceback" not in err and "hunter2" not in err
+    with closed_port() as port:  # nothing listens there, nor can meanwhile
+        monkeypatch.setenv("GUARDRAIL_PORT", str(free_port()))  # serve's own, never the default
+        missing = tmp_path / "missing" / "g.db"
+        cases = [
+            ("not a url", "ArgumentError: database URL 'not a url' is not usable"),
+            (
+                "postgres+nodriver://u:hunter2@db/x",
+                "NoSuchModuleError: database URL 'postgres+nodriver://u:***@db/x' is not usable",
+            ),
+            (
+                f"postgresql+psycopg://u:hunter2@127.0.0.1:{port}/x",
+                f"OperationalError: cannot use the database postgresql+psycopg://u:***@127.0.0.1:{port}/x:",
+            ),
+            (
+                f"sqlite:///{missing}",
+                f"OperationalError: cannot use the database sqlite:///{missing}: "
+                "unable to open database file",
+            ),
+        ]
+        for url, expected in cases:
+            monkeypatch.setenv("GUARDRAIL_DATABASE_URL", url)
+            assert main(command) == 2, url
+            err = capsys.readouterr().err
+            assert err.startswith(expected), err
+            assert err.count("\n") == 1 and "Traceback" not in err and "hunter2" not in err
 
 
 def test_sqlalchemy_errors_from_elsewhere_keep_their_traceback(

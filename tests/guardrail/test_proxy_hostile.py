@@ -25,7 +25,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from guardrail.config import load_settings
-from guardrail.demo.background_server import BackgroundServer
+from guardrail.demo.background_server import BackgroundServer, closed_port
 from guardrail.service.api import create_app
 from guardrail.service.chat import image_messages
 from guardrail.service.proxy import MAX_TEE_JSON_VALUES, TeeBacklog
@@ -606,23 +606,18 @@ def test_nul_and_surrogates_in_a_request_are_forwarded_and_accounted_for(
 def test_upstream_failures_are_502_and_a_missing_upstream_503_in_the_error_shape(
     tmp_path: Path,
 ) -> None:
-    for upstream_url, status, kind in (
-        (f"http://127.0.0.1:{_closed_port()}", 502, "upstream_unavailable"),
-        (None, 503, "upstream_not_configured"),
-    ):
-        settings = load_settings(
-            environ={}, database_url=f"sqlite:///{tmp_path / 'g.db'}", upstream_url=upstream_url
-        )
-        runtime = build_runtime(settings)
-        with BackgroundServer(create_app(runtime)) as url:
-            got = httpx.post(f"{url}/v1/chat/completions", content=chat_body("x"), timeout=20)
-        assert got.status_code == status
-        assert got.json()["error"]["type"] == kind and got.json()["error"]["message"]
-        if status == 503:
-            assert got.headers["retry-after"]
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    with closed_port() as dead:
+        for upstream_url, status, kind in (
+            (f"http://127.0.0.1:{dead}", 502, "upstream_unavailable"),
+            (None, 503, "upstream_not_configured"),
+        ):
+            settings = load_settings(
+                environ={}, database_url=f"sqlite:///{tmp_path / 'g.db'}", upstream_url=upstream_url
+            )
+            runtime = build_runtime(settings)
+            with BackgroundServer(create_app(runtime)) as url:
+                got = httpx.post(f"{url}/v1/chat/completions", content=chat_body("x"), timeout=20)
+            assert got.status_code == status
+            assert got.json()["error"]["type"] == kind and got.json()["error"]["message"]
+            if status == 503:
+                assert got.headers["retry-after"]

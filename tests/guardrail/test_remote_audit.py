@@ -20,7 +20,12 @@ from openai import OpenAI
 from detectors.reference import MODEL_DIR
 from guardrail.cli import main
 from guardrail.config import ConfigError, load_settings, masked
-from guardrail.demo.background_server import BackgroundServer, free_port, spawn_guardrail
+from guardrail.demo.background_server import (
+    BackgroundServer,
+    closed_port,
+    free_port,
+    spawn_guardrail,
+)
 from guardrail.reference.upstream import create_upstream_app
 from guardrail.service.chat import image_messages, user_turn
 from storage.engine import make_engine, session_factory
@@ -146,18 +151,19 @@ def test_explain_through_the_remote_scorer_gives_the_local_verdicts(
 def test_explain_names_a_server_that_is_down(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(
-        [
-            "explain",
-            str(EXAMPLES[0]),
-            "--out",
-            str(tmp_path),
-            "--remote",
-            f"http://127.0.0.1:{free_port()}",
-            "--output",
-            "cup spoon .",
-        ]
-    )
+    with closed_port() as port:
+        code = main(
+            [
+                "explain",
+                str(EXAMPLES[0]),
+                "--out",
+                str(tmp_path),
+                "--remote",
+                f"http://127.0.0.1:{port}",
+                "--output",
+                "cup spoon .",
+            ]
+        )
     assert code == 2
     err = capsys.readouterr().err
     assert "RemoteUnavailableError: remote(http://127.0.0.1:" in err and "Traceback" not in err

@@ -296,11 +296,14 @@ def test_other_refusals_and_an_unreachable_server(
         pytest.raises(RemoteRequestError, match="HTTP 401: bad key"),
     ):
         _scorer(client, llava, sample["ids"]).score(sample["batch"], sample["targets"])
-    from guardrail.demo.background_server import free_port
+    from guardrail.demo.background_server import closed_port
 
-    dead = RemoteServer(url=f"http://127.0.0.1:{free_port()}", model="m", max_retries=1)
     with (
-        RemoteClient(dead, sleep=lambda s: None) as client,
+        closed_port() as port,
+        RemoteClient(
+            RemoteServer(url=f"http://127.0.0.1:{port}", model="m", max_retries=1),
+            sleep=lambda s: None,
+        ) as client,
         pytest.raises(RemoteUnavailableError, match="ConnectError"),
     ):
         _scorer(client, llava, sample["ids"]).score(sample["batch"], sample["targets"])

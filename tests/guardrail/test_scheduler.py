@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 
 from guardrail.commands.report import make_report
 from guardrail.config import load_settings
-from guardrail.demo.background_server import BackgroundServer, free_port
+from guardrail.demo.background_server import BackgroundServer, closed_port
 from guardrail.service.alert_delivery import AlertDeliverer
 from guardrail.service.runtime import Runtime, build_runtime
 from guardrail.service.scheduler import (
@@ -129,18 +129,19 @@ def test_a_spike_fires_once_is_delivered_and_resolves_with_hysteresis(tmp_path: 
 
 
 def test_low_traffic_never_pages_and_a_failing_webhook_is_recorded(tmp_path: Path) -> None:
-    runtime = _runtime(tmp_path, webhook_url=f"http://127.0.0.1:{free_port()}/nobody")
-    _audited(runtime, NOW - timedelta(minutes=3), ["language_prior"] * 10)
-    assert check_spikes(runtime, NOW) == []  # 10 words < spike_min_tokens
-    _audited(runtime, NOW - timedelta(minutes=2), ["language_prior"] * 30)
-    fired = check_spikes(runtime, NOW)
-    assert len(fired) == 1
-    deliverer = AlertDeliverer.for_runtime(runtime, clock=lambda: NOW)
-    assert deliverer is not None and deliverer.deliver_due() == 1
-    with runtime.sessions() as session:
-        alert = session.query(Alert).one()
-        assert alert.delivered_at is None and alert.delivery_attempts == 1
-        assert "ConnectError" in (alert.delivery_error or "")
+    with closed_port() as port:
+        runtime = _runtime(tmp_path, webhook_url=f"http://127.0.0.1:{port}/nobody")
+        _audited(runtime, NOW - timedelta(minutes=3), ["language_prior"] * 10)
+        assert check_spikes(runtime, NOW) == []  # 10 words < spike_min_tokens
+        _audited(runtime, NOW - timedelta(minutes=2), ["language_prior"] * 30)
+        fired = check_spikes(runtime, NOW)
+        assert len(fired) == 1
+        deliverer = AlertDeliverer.for_runtime(runtime, clock=lambda: NOW)
+        assert deliverer is not None and deliverer.deliver_due() == 1
+        with runtime.sessions() as session:
+            alert = session.query(Alert).one()
+            assert alert.delivered_at is None and alert.delivery_attempts == 1
+            assert "ConnectError" in (alert.delivery_error or "")
 
 
 def test_retention_deletes_old_samples_in_batches_and_the_reaper_returns_leases(
