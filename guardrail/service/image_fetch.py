@@ -134,26 +134,29 @@ class ImageFetcher:
         self.count = count
         self.resolver = resolver
 
-    def fetch(self, url: str, *, max_bytes: int | None = None) -> bytes:
+    def fetch(
+        self, url: str, *, max_bytes: int | None = None, deadline: float | None = None
+    ) -> bytes:
         """The body at `url` (at most `max_bytes`, never more than the fetcher's), following
-        checked redirects.
+        checked redirects, within `timeout_seconds` or by `deadline` (`time.monotonic()`),
+        whichever comes first: the URLs of one sample share one timeout.
 
         Raises:
             ImageFetchError: refused by policy, too large, too slow, or a failed request.
         """
         limit = self.max_bytes if max_bytes is None else min(max_bytes, self.max_bytes)
+        own = time.monotonic() + self.timeout_seconds
         try:
-            data = self._fetch(url, limit)
+            data = self._fetch(url, limit, own if deadline is None else min(own, deadline))
         except ImageFetchError as exc:
             self.count(exc.outcome)
             raise
         self.count("fetched")
         return data
 
-    def _fetch(self, url: str, limit: int) -> bytes:
+    def _fetch(self, url: str, limit: int, deadline: float) -> bytes:
         if not self.enabled:
             raise ImageFetchError("disabled", "image URLs are not fetched (image_url_fetch)")
-        deadline = time.monotonic() + self.timeout_seconds
         for _ in range(self.max_redirects + 1):
             target, host = self._checked(url)
             remaining = deadline - time.monotonic()

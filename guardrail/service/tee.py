@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,12 +162,14 @@ class Tee:
         # the fetched images of one sample share one image's bytes (as a sample's images share
         # the API's body limit): N fetches never hold N times max_image_bytes
         room = self.fetcher.max_bytes
+        # and one fetch's time: N slow URLs never hold the tee N times image_url_timeout_seconds
+        deadline = time.monotonic() + self.fetcher.timeout_seconds
         try:
             for data, url in parts:
                 if url is None:
                     fetched.append(data or b"")
                     continue
-                fetched.append(self.fetcher.fetch(url, max_bytes=room))
+                fetched.append(self.fetcher.fetch(url, max_bytes=room, deadline=deadline))
                 room -= len(fetched[-1])
             return fetched, url_key
         except ImageFetchError as exc:

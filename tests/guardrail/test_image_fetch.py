@@ -5,6 +5,7 @@ and time are bounded; every outcome is counted."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,20 @@ def test_allow_list_entries_are_validated(tmp_path: Path) -> None:
             database_url=f"sqlite:///{tmp_path / 'g.db'}",
             image_url_allowed_hosts=["http://cdn.example.com/"],
         )
+
+
+def test_the_urls_of_one_sample_share_one_deadline(host: Host) -> None:
+    """The tee fetches a sample's image URLs by one deadline: a URL that would answer within
+    the fetcher's own timeout (3 s of 10) is cut at the shared deadline, and one whose turn
+    comes after it is never requested."""
+    outcomes: list[str] = []
+    f = fetcher(outcomes, timeout_seconds=10.0)
+    with pytest.raises(ImageFetchError) as caught:
+        f.fetch(f"{host.url}/slow.png", deadline=time.monotonic() + 0.3)
+    assert caught.value.outcome == "timeout"
+    before = len(host.requests)
+    with pytest.raises(ImageFetchError) as caught:
+        f.fetch(f"{host.url}/image.png", deadline=time.monotonic() - 0.1)
+    assert caught.value.outcome == "timeout" and len(host.requests) == before
+    assert f.fetch(f"{host.url}/image.png", deadline=time.monotonic() + 5) == PNG
+    assert outcomes == ["timeout", "timeout", "fetched"]
