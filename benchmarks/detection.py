@@ -56,6 +56,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -345,6 +346,33 @@ def _mcr(
     return float(min(1.0, removed[corrected[0]])) if corrected.size else 1.0
 
 
+def write_words(path: Path, mentions: Sequence[Any]) -> None:
+    """One JSON line per audited word: its scene, ground truth, verdict and the numbers the
+    verdict was decided on (for threshold studies without re-running the audits)."""
+    with path.open("w") as out:
+        for m in mentions:
+            v = m.verdict
+            row = {
+                "seed": m.seed,
+                "scene_kind": m.scene_kind,
+                "word": v.target.text,
+                "category": m.category,
+                "truth": m.hallucination or "present",
+                "label": v.label.value,
+                "hallucination_score": v.hallucination_score,
+                "p_full": v.p_full,
+                "p_blank": v.p_blank,
+                "insight": v.insight,
+                "relative_drop": v.relative_drop,
+                "prior_score": v.prior_score,
+                "compact_set": [int(r) for r in v.compact_set],
+                "passes": m.attribution.forward_passes,
+                "stopped_by": m.attribution.stopped_by.value,
+                **{k: float(x) for k, x in v.extra.items()},
+            }
+            out.write(json.dumps(row) + "\n")
+
+
 def bootstrap(
     scenes: np.ndarray,
     truth: np.ndarray,
@@ -435,6 +463,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(file=sys.stderr)
     mentions = mentions_of(records, calibration.thresholds)
+    if args.words_out is not None:
+        write_words(args.words_out, mentions)
     truth = np.array([m.hallucination is not None for m in mentions])
     kind = np.array([m.hallucination or "present" for m in mentions])
     keys: dict[tuple[int, str], int] = {}
@@ -695,6 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="skip auditing the yes/no answers (the unnamed-donor kind)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--words-out", type=Path, help="also write one JSON line per audited word here"
+    )
     args = parser.parse_args(argv)
     if args.scenes_per_kind < 1:
         parser.error(f"--scenes-per-kind must be positive, got: {args.scenes_per_kind}")

@@ -146,9 +146,10 @@ def test_remote_scorer_benchmark_prints_json() -> None:
         assert isinstance(report[key], float), key
 
 
-def test_detection_benchmark_prints_json() -> None:
+def test_detection_benchmark_prints_json(tmp_path: Path) -> None:
     # one co-occurrence trap ("fork knife .", and a wrong "yes" to "Is there a fork?") and one
     # language-prior trap ("bird cup spoon ."): both hallucination kinds and the correction test
+    words = tmp_path / "words.jsonl"
     report = _run_json(
         "detection.py",
         "--seed",
@@ -159,7 +160,14 @@ def test_detection_benchmark_prints_json() -> None:
         "cooccurrence_trap,prior_trap",
         "--bootstrap",
         "50",
+        "--words-out",
+        str(words),
     )
+    rows = [json.loads(line) for line in words.read_text().splitlines()]
+    assert len(rows) == report["n_words"]
+    assert sorted(r["truth"] for r in rows).count("present") == report["n_present"]
+    keys = {"word", "label", "p_full", "p_blank", "relative_drop", "borrowing_score"}
+    assert keys <= set(rows[0])
     for key in (
         "auroc",
         "auroc_by_kind",
