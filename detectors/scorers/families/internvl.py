@@ -23,25 +23,16 @@ import numpy as np
 
 from detectors.errors import ImageTokenError
 from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles, one_image
-from detectors.scorers.fast import (
-    PrefixCachedLM,
-    TensorMaskedScorer,
-    check_targets,
-    image_span,
-    to_numpy,
-)
+from detectors.scorers.families.scorers import FastPixelScorer, PlainScorer
 from detectors.scorers.loading import load_pretrained
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
     OnnxVision,
-    TorchVision,
-    VisionRunner,
     VisionSpec,
     vision_config_dict,
     weights_fingerprint,
 )
-from detectors.types import Target
 
 if TYPE_CHECKING:
     from detectors.layout import ImageLayout
@@ -255,111 +246,31 @@ def load_internvl(
     )
 
 
-class InternVLScorer:
-    """The plain way: mask in pixel space, run the image processor and one full forward per
-    masked image (`max_batch_size` images per call)."""
+class InternVLScorer(PlainScorer[InternVLModel]):
+    """The plain way for an InternVL checkpoint, on the base tile (see `PlainScorer`)."""
 
-    def __init__(
-        self,
-        internvl: InternVLModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        max_batch_size: int = 1,
-    ) -> None:
-        self.internvl = internvl
-        self.prompt_ids = internvl.prompt_ids(prompt, image)
-        self.generated_ids = [int(i) for i in generated_ids]
-        self._max_batch_size = max_batch_size
+    label = "internvl"
 
-    @property
-    def name(self) -> str:
-        return f"internvl-torch({self.internvl.name})"
-
-    @property
-    def max_batch_size(self) -> int:
-        return self._max_batch_size
-
-    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
-        import torch
-
-        check_targets(targets, self.generated_ids)
-        model = self.internvl.model
-        device = next(model.parameters()).device
-        last = max(t.position for t in targets)
-        ids = torch.tensor(
-            [self.prompt_ids + self.generated_ids[:last]] * batch.size, device=device
-        )
-        pixels = self.internvl.pixel_values(list(batch.pixels())).to(device, model.dtype)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, pixel_values=pixels).logits
-        rows = torch.tensor([len(self.prompt_ids) + t.position - 1 for t in targets], device=device)
-        logp = torch.log_softmax(logits[:, rows, :].float(), dim=-1)
-        cols = torch.tensor([t.token_id for t in targets], device=device)
-        probs = logp[:, torch.arange(len(targets), device=device), cols].exp()
-        return to_numpy(probs)
+    def _image_inputs(self, batch: MaskedBatch, ids: Any) -> dict[str, Any]:
+        pixels = self.loaded.pixel_values(list(batch.pixels()))
+        return {"pixel_values": pixels.to(ids.device, self.loaded.model.dtype)}
 
 
-class FastInternVLScorer(TensorMaskedScorer):
+class FastInternVLScorer(FastPixelScorer[InternVLModel]):
     """P(target | masked image, prompt, generated tokens before it) for an InternVL checkpoint:
     tensor-space masks on the base tile, the vision tower + pixel shuffle + projector in ONNX
-    Runtime (or torch), the language model with the text before the image cached and logits
-    only at the target rows.
+    Runtime (or torch) (see `FastPixelScorer`; `vision`: from `InternVLFamily.open_visions`)."""
 
-    Args:
-        vision: an `OnnxVision` exported for this model (see `InternVLFamily.open_visions`), or
-            None for the torch tower.
-        chunk_size: masked variants per forward pass.
-    """
+    label = "internvl"
 
-    def __init__(
-        self,
-        internvl: InternVLModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        vision: VisionRunner | None = None,
-        chunk_size: int = 16,
-    ) -> None:
-        self._setup(image, generated_ids, chunk_size)
-        self.internvl = internvl
-        model = internvl.model
-        self.device = next(model.parameters()).device
-        self.vision: VisionRunner = vision or TorchVision(
-            internvl_vision_module(model, internvl.tile_hw)
-        )
-        prompt_ids = internvl.prompt_ids(prompt, self.image)
-        start, count = image_span(prompt_ids, internvl.image_token_id, internvl.image_tokens())
-        self.lm = PrefixCachedLM(
-            decoder=model.model.language_model,
-            embed=model.get_input_embeddings(),
-            lm_head=model.lm_head,
-            prompt_ids=prompt_ids,
-            generated_ids=self.generated_ids,
-            image_start=start,
-            image_tokens=count,
-            timings=self.timings,
-        )
-        self.geometry = InputGeometry.resize_to(internvl.tile_hw)
+    def _vision_module(self) -> Any:
+        return internvl_vision_module(self.loaded.model, self.loaded.tile_hw)
 
-    @property
-    def name(self) -> str:
-        lm = f"lm=torch:{self.device.type}"
-        return f"internvl-fast({self.internvl.name}; {self.vision.name}; {lm})"
+    def _image_tokens(self) -> int:
+        return self.loaded.image_tokens()
 
-    def _preprocess(self, image: np.ndarray) -> Any:
-        import torch
-
-        return self.internvl.pixel_values([image]).to(self.device, torch.float32)
-
-    def _encode(self, pixels: Any) -> Any:
-        return self.vision(pixels)
-
-    def masked_pixels(self, batch: MaskedBatch) -> Any:
-        """`(B, 3, H, W)` preprocessed masked tiles, built in tensor space."""
-        return self.masked_inputs(batch)
+    def _geometry(self) -> InputGeometry:
+        return InputGeometry.resize_to(self.loaded.tile_hw)
 
 
 class InternVLFamily(ScorerFactories):

@@ -23,13 +23,8 @@ from detectors.scorers.families.base import (
     ScorerFactories,
     VisionFiles,
 )
-from detectors.scorers.fast import (
-    PrefixCachedLM,
-    TensorMaskedScorer,
-    check_targets,
-    image_span,
-    to_numpy,
-)
+from detectors.scorers.families.scorers import PlainScorer, fast_scorer_name
+from detectors.scorers.fast import PrefixCachedLM, TensorMaskedScorer, image_span
 from detectors.scorers.loading import load_pretrained
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
@@ -42,7 +37,6 @@ from detectors.scorers.vision import (
     vision_config_dict,
     weights_fingerprint,
 )
-from detectors.types import Target
 
 # a caption request in Qwen2.5-VL's chat format, for `guardrail explain` without --prompt
 CAPTION_PROMPT_QWEN = (
@@ -97,6 +91,41 @@ class QwenModel:
         """`(pixel_values (patches, dim), image_grid_thw (n, 3))` from the image processor."""
         out = self.image_processor(images=list(images), return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
+
+    def processed(self, images: Sequence[np.ndarray], device: Any) -> tuple[list[Any], Any]:
+        """Each image as the vision tower's `(1, C, h, w)` float32 input on `device` (the image
+        processor's pixels, unpatchified), and the `(n, 3)` grids."""
+        import torch
+
+        pixels, grid = self.pixel_inputs(images)
+        vision = self.model.config.vision_config
+        patch, temporal = int(vision.patch_size), int(vision.temporal_patch_size)
+        counts = [int(g.prod()) for g in grid]
+        out = [
+            unpatchify(p, (int(g[1]), int(g[2])), patch, self.merge, temporal).to(
+                device, torch.float32
+            )
+            for p, g in zip(torch.split(pixels, counts), grid, strict=True)
+        ]
+        return out, grid
+
+    def rope_positions(self, ids: Sequence[int], grid: Any) -> Any:
+        """The 3-D rope positions `(3, 1, L)` of the whole prompt + generation `ids`, for
+        images of `grid` (on its device)."""
+        import torch
+
+        full = torch.tensor([list(ids)], device=grid.device)
+        types = (full == self.image_token_id).int()
+        positions, _ = self.model.model.get_rope_index(
+            full, mm_token_type_ids=types, image_grid_thw=grid
+        )
+        return positions
+
+    def torch_vision(self, input_hw: tuple[int, int]) -> TorchVision:
+        """The vision tower + merger in torch, batched at `input_hw`."""
+        from detectors.scorers.families.qwen2_5_vl_vision import qwen_vision_module
+
+        return TorchVision(qwen_vision_module(self.model, input_hw))
 
     def input_hw(self, image: np.ndarray) -> tuple[int, int]:
         """The `(H, W)` pixels the image processor resizes `image` to (multiples of 28),
@@ -345,46 +374,14 @@ def unpatchify(
     return x.reshape(1, c, gh * patch, gw * patch)
 
 
-class QwenScorer:
-    """The plain way: mask in pixel space, run the image processor and one full forward per
-    masked image (`max_batch_size` images per call, patches concatenated).  With a `layout`
-    of several images, every masked canvas is cut back into its images, given to the model as
-    the prompt's several images."""
+class QwenScorer(PlainScorer[QwenModel]):
+    """The plain way (see `PlainScorer`), the masked images' patches concatenated.  With a
+    `layout` of several images, every masked canvas is cut back into its images, given to the
+    model as the prompt's several images."""
 
-    def __init__(
-        self,
-        qwen: QwenModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        max_batch_size: int = 1,
-        layout: ImageLayout | None = None,
-    ) -> None:
-        self.qwen = qwen
-        self.layout = layout or ImageLayout.single((int(image.shape[0]), int(image.shape[1])))
-        self.prompt_ids = qwen.prompt_ids(prompt, image, self.layout)
-        self.generated_ids = [int(i) for i in generated_ids]
-        self._max_batch_size = max_batch_size
+    label = "qwen2.5-vl"
 
-    @property
-    def name(self) -> str:
-        return f"qwen2.5-vl-torch({self.qwen.name})"
-
-    @property
-    def max_batch_size(self) -> int:
-        return self._max_batch_size
-
-    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
-        import torch
-
-        check_targets(targets, self.generated_ids)
-        model = self.qwen.model
-        device = next(model.parameters()).device
-        last = max(t.position for t in targets)
-        ids = torch.tensor(
-            [self.prompt_ids + self.generated_ids[:last]] * batch.size, device=device
-        )
+    def _image_inputs(self, batch: MaskedBatch, ids: Any) -> dict[str, Any]:
         if batch.image.shape[:2] != self.layout.canvas_hw:
             raise InvalidImageError(
                 f"the batch's image has shape {batch.image.shape}; this scorer was built for "
@@ -392,20 +389,12 @@ class QwenScorer:
             )
         # every masked canvas's images, in prompt order, canvas after canvas
         images = [i for canvas in batch.pixels() for i in self.layout.split(canvas)]
-        pixels, grid = self.qwen.pixel_inputs(images)
-        types = (ids == self.qwen.image_token_id).int()
-        with torch.inference_mode():
-            logits = model(
-                input_ids=ids,
-                pixel_values=pixels.to(device),
-                image_grid_thw=grid.to(device),
-                mm_token_type_ids=types,
-            ).logits
-        rows = torch.tensor([len(self.prompt_ids) + t.position - 1 for t in targets], device=device)
-        logp = torch.log_softmax(logits[:, rows, :].float(), dim=-1)
-        cols = torch.tensor([t.token_id for t in targets], device=device)
-        probs = logp[:, torch.arange(len(targets), device=device), cols].exp()
-        return to_numpy(probs)
+        pixels, grid = self.loaded.pixel_inputs(images)
+        return {
+            "pixel_values": pixels.to(ids.device),
+            "image_grid_thw": grid.to(ids.device),
+            "mm_token_type_ids": (ids == self.loaded.image_token_id).int(),
+        }
 
 
 class FastQwenScorer(TensorMaskedScorer):
@@ -431,33 +420,20 @@ class FastQwenScorer(TensorMaskedScorer):
         vision: VisionRunner | None = None,
         chunk_size: int = 16,
     ) -> None:
-        import torch
-
         self._setup(image, generated_ids, chunk_size)
         self.qwen = qwen
-        model = qwen.model
-        self.device = next(model.parameters()).device
-        config = model.config.vision_config
-        self.patch, self.temporal = int(config.patch_size), int(config.temporal_patch_size)
-        pixels, grid = qwen.pixel_inputs([self.image])
-        self.grid = grid.to(self.device)
-        self.grid_hw = (int(grid[0, 1]), int(grid[0, 2]))
+        self.device = next(qwen.model.parameters()).device
+        bases, grid = qwen.processed([self.image], self.device)
+        grid = grid.to(self.device)
+        hw = (int(bases[0].shape[-2]), int(bases[0].shape[-1]))
         prompt_ids = qwen.prompt_ids(prompt, self.image)
-        hw = (self.grid_hw[0] * self.patch, self.grid_hw[1] * self.patch)
-        start, count = image_span(prompt_ids, qwen.image_token_id, qwen.image_tokens(hw))
-        full = torch.tensor([prompt_ids + self.generated_ids], device=self.device)
-        positions, _ = model.model.get_rope_index(
-            full, mm_token_type_ids=(full == qwen.image_token_id).int(), image_grid_thw=self.grid
-        )
-        self.lm = PrefixCachedLM(
-            decoder=model.model.language_model,
-            embed=model.get_input_embeddings(),
-            lm_head=model.lm_head,
+        span = image_span(prompt_ids, qwen.image_token_id, qwen.image_tokens(hw))
+        self.lm = PrefixCachedLM.for_model(
+            qwen.model,
             prompt_ids=prompt_ids,
             generated_ids=self.generated_ids,
-            image_start=start,
-            image_tokens=count,
-            position_ids=positions,
+            spans=[span],
+            position_ids=qwen.rope_positions(prompt_ids + self.generated_ids, grid),
             timings=self.timings,
         )
         self.geometry = InputGeometry.resize_to(hw)
@@ -467,31 +443,17 @@ class FastQwenScorer(TensorMaskedScorer):
                 f"the vision file was exported for {exported_hw[0]}x{exported_hw[1]} inputs; "
                 f"this image is processed to {hw[0]}x{hw[1]}"
             )
-        if vision is None:
-            from detectors.scorers.families.qwen2_5_vl_vision import qwen_vision_module
-
-            vision = TorchVision(qwen_vision_module(model, hw))
-        self.vision: VisionRunner = vision
+        self.vision = vision if vision is not None else qwen.torch_vision(hw)
         # the processed image doubles as the tensor-masking base (no second preprocessing)
-        self._masks = {"base": self._unpatch(pixels), "fills": {}, "partition": None}
-
-    def _unpatch(self, pixels: Any) -> Any:
-        import torch
-
-        x = unpatchify(pixels, self.grid_hw, self.patch, self.qwen.merge, self.temporal)
-        return x.to(self.device, torch.float32)
+        self._masks = {"base": bases[0], "fills": {}, "partition": None}
 
     @property
     def name(self) -> str:
-        lm = f"lm=torch:{self.device.type}"
-        return f"qwen2.5-vl-fast({self.qwen.name}; {self.vision.name}; {lm})"
+        return fast_scorer_name("qwen2.5-vl", self.qwen.name, [self.vision.name], self.device)
 
     def _preprocess(self, image: np.ndarray) -> Any:
-        pixels, _ = self.qwen.pixel_inputs([image])
-        return self._unpatch(pixels)
-
-    def _encode(self, images: Any) -> Any:
-        return self.vision(images)
+        bases, _ = self.qwen.processed([image], self.device)
+        return bases[0]
 
 
 class QwenFamily(ScorerFactories):
