@@ -24,7 +24,7 @@ import numpy as np
 from detectors.errors import ImageTokenError
 from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles, one_image
 from detectors.scorers.families.scorers import FastPixelScorer, PlainScorer
-from detectors.scorers.loading import load_pretrained
+from detectors.scorers.loading import load_pretrained, load_processors
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
@@ -130,18 +130,12 @@ class InternVLModel:
 
         device = next(self.model.parameters()).device
         ids = torch.tensor([self.prompt_ids(prompt, image)], device=device)
-        tokenizer = self.tokenizer
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pixel_values=self.pixel_values([image]).to(device, self.model.dtype),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        return Generation.from_row(out[0, ids.shape[1] :].cpu().tolist(), tokenizer)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": self.pixel_values([image]).to(device, self.model.dtype),
+        }
+        return Generation.greedy(self.model, self.tokenizer, inputs, max_new_tokens)[0]
 
     def vision_fingerprint(self) -> str:
         """What determines the image features: the vision config, the pixel shuffle, the
@@ -237,10 +231,7 @@ def load_internvl(
     """
     path = Path(model_dir)
     model = load_pretrained(path, ARCHITECTURE, threads=threads, device=device, dtype=dtype)
-    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
-
-    image_processor = GotOcr2ImageProcessorPil.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    image_processor, tokenizer = load_processors(path, "GotOcr2ImageProcessorPil")
     return InternVLModel(
         model=model, image_processor=image_processor, tokenizer=tokenizer, path=path
     )
@@ -276,6 +267,7 @@ class FastInternVLScorer(FastPixelScorer[InternVLModel]):
 class InternVLFamily(ScorerFactories):
     """InternVL3/3.5 checkpoints: InternViT, pixel shuffle, an MLP projector, a Qwen2 LM."""
 
+    loader = load_internvl
     plain_scorer_class = InternVLScorer
     fast_scorer_class = FastInternVLScorer
 
@@ -292,16 +284,6 @@ class InternVLFamily(ScorerFactories):
             f"<|im_start|>user\n<IMG_CONTEXT>\n{question} Answer yes or no.<|im_end|>\n"
             "<|im_start|>assistant\n"
         )
-
-    def load(
-        self,
-        model_dir: str | Path,
-        *,
-        threads: int | None = None,
-        device: str = "cpu",
-        dtype: str = "float32",
-    ) -> InternVLModel:
-        return load_internvl(model_dir, threads=threads, device=device, dtype=dtype)
 
     def vision_spec(
         self,

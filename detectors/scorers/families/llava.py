@@ -153,23 +153,11 @@ class LlavaModel:
         self, images: Sequence[np.ndarray], prompts: Sequence[str], max_new_tokens: int = 12
     ) -> list[Generation]:
         """Greedy generation for a batch (prompts are left-padded to one length)."""
-        import torch
-
-        tokenizer = self.tokenizer
         encoded = self.processor(
             images=list(images), text=list(prompts), return_tensors="pt", padding=True
         )
         encoded = encoded.to(next(self.model.parameters()).device)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        width = encoded["input_ids"].shape[1]
-        return [Generation.from_row(row, tokenizer) for row in out[:, width:].cpu().tolist()]
+        return Generation.greedy(self.model, self.tokenizer, encoded, max_new_tokens)
 
 
 def load_llava(
@@ -284,6 +272,7 @@ class FastLlavaScorer(FastPixelScorer[LlavaModel]):
 class LlavaFamily(ScorerFactories):
     """LLaVA-style checkpoints: CLIP-like tower, a projector, a Llama-like language model."""
 
+    loader = load_llava
     plain_scorer_class = LlavaScorer
     fast_scorer_class = FastLlavaScorer
 
@@ -296,16 +285,6 @@ class LlavaFamily(ScorerFactories):
     def yes_no_prompt(self, question: str) -> str:
         # the question before the image, as the reference model was trained (`question_prompt`)
         return f"USER: {question} <image> ASSISTANT:"
-
-    def load(
-        self,
-        model_dir: str | Path,
-        *,
-        threads: int | None = None,
-        device: str = "cpu",
-        dtype: str = "float32",
-    ) -> LlavaModel:
-        return load_llava(model_dir, threads=threads, device=device, dtype=dtype)
 
     def vision_spec(
         self,

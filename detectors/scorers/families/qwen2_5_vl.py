@@ -23,9 +23,9 @@ from detectors.scorers.families.base import (
     ScorerFactories,
     VisionFiles,
 )
-from detectors.scorers.families.scorers import PlainScorer, fast_scorer_name
-from detectors.scorers.fast import PrefixCachedLM, TensorMaskedScorer, image_span
-from detectors.scorers.loading import load_pretrained
+from detectors.scorers.families.scorers import FastScorer, PlainScorer
+from detectors.scorers.fast import PrefixCachedLM, image_span
+from detectors.scorers.loading import load_pretrained, load_processors
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
@@ -189,20 +189,14 @@ class QwenModel:
         device = next(self.model.parameters()).device
         pixels, grid = self.pixel_inputs([image])
         ids = torch.tensor([self.prompt_ids(prompt, image)], device=device)
-        tokenizer = self.tokenizer
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pixel_values=pixels.to(device),
-                image_grid_thw=grid.to(device),
-                mm_token_type_ids=(ids == self.image_token_id).int(),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        return Generation.from_row(out[0, ids.shape[1] :].cpu().tolist(), tokenizer)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": pixels.to(device),
+            "image_grid_thw": grid.to(device),
+            "mm_token_type_ids": (ids == self.image_token_id).int(),
+        }
+        return Generation.greedy(self.model, self.tokenizer, inputs, max_new_tokens)[0]
 
     def image_tokens(self, input_hw: tuple[int, int]) -> int:
         """Image tokens for an input of `input_hw` pixels (one per merged patch)."""
@@ -262,10 +256,7 @@ def load_qwen(
     """
     path = Path(model_dir)
     model = load_pretrained(path, ARCHITECTURE, threads=threads, device=device, dtype=dtype)
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    image_processor, tokenizer = load_processors(path, "Qwen2VLImageProcessorPil")
     return QwenModel(model=model, image_processor=image_processor, tokenizer=tokenizer, path=path)
 
 
@@ -397,10 +388,10 @@ class QwenScorer(PlainScorer[QwenModel]):
         }
 
 
-class FastQwenScorer(TensorMaskedScorer):
+class FastQwenScorer(FastScorer[QwenModel]):
     """Tensor-space masks, the vision tower batched at this sample's geometry (ONNX Runtime or
     torch, see `detectors.scorers.families.qwen2_5_vl_vision`), and the language model with the
-    text before the image cached and 3-D rope positions computed once.
+    text before the image cached and 3-D rope positions computed once (see `FastScorer`).
 
     Args:
         vision: an `OnnxVision` exported for this image's input size (see `qwen_onnx_vision`
@@ -410,19 +401,10 @@ class FastQwenScorer(TensorMaskedScorer):
         OnnxMismatchError: `vision` was exported for another input size.
     """
 
-    def __init__(
-        self,
-        qwen: QwenModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        vision: VisionRunner | None = None,
-        chunk_size: int = 16,
-    ) -> None:
-        self._setup(image, generated_ids, chunk_size)
-        self.qwen = qwen
-        self.device = next(qwen.model.parameters()).device
+    label = "qwen2.5-vl"
+
+    def _build(self, prompt: str, vision: VisionRunner | None) -> None:
+        qwen = self.loaded
         bases, grid = qwen.processed([self.image], self.device)
         grid = grid.to(self.device)
         hw = (int(bases[0].shape[-2]), int(bases[0].shape[-1]))
@@ -447,18 +429,15 @@ class FastQwenScorer(TensorMaskedScorer):
         # the processed image doubles as the tensor-masking base (no second preprocessing)
         self._masks = {"base": bases[0], "fills": {}, "partition": None}
 
-    @property
-    def name(self) -> str:
-        return fast_scorer_name("qwen2.5-vl", self.qwen.name, [self.vision.name], self.device)
-
     def _preprocess(self, image: np.ndarray) -> Any:
-        bases, _ = self.qwen.processed([image], self.device)
+        bases, _ = self.loaded.processed([image], self.device)
         return bases[0]
 
 
 class QwenFamily(ScorerFactories):
     """Qwen2.5-VL checkpoints: a windowed ViT with 2-D rope, a patch merger, 3-D rope text."""
 
+    loader = load_qwen
     plain_scorer_class = QwenScorer
     fast_scorer_class = FastQwenScorer
 
@@ -482,16 +461,6 @@ class QwenFamily(ScorerFactories):
         from detectors.scorers.families.qwen2_5_vl_images import FastQwenImagesScorer
 
         return FastQwenImagesScorer
-
-    def load(
-        self,
-        model_dir: str | Path,
-        *,
-        threads: int | None = None,
-        device: str = "cpu",
-        dtype: str = "float32",
-    ) -> QwenModel:
-        return load_qwen(model_dir, threads=threads, device=device, dtype=dtype)
 
     def vision_spec(
         self,

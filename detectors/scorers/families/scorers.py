@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from detectors.scorers.masked import MaskedBatch
     from detectors.scorers.tensor_masks import InputGeometry
 
-__all__ = ["FastPixelScorer", "PixelModel", "PlainScorer", "fast_scorer_name"]
+__all__ = ["FastPixelScorer", "FastScorer", "PixelModel", "PlainScorer", "fast_scorer_name"]
 
 M = TypeVar("M", bound=LoadedModel)
 
@@ -120,22 +120,20 @@ class PlainScorer(Generic[M]):
         return to_numpy(probs)
 
 
-class FastPixelScorer(TensorMaskedScorer, Generic[P]):
-    """P(target | masked image, prompt, generated tokens before it) for a family whose image
-    processor gives `(B, 3, H, W)` pixels on one fixed input grid and whose prompt holds one
-    run of image tokens: tensor-space masks, the vision encoder in ONNX Runtime or torch, the
-    language model with the text before the image cached and logits only at the target rows.
+class FastScorer(TensorMaskedScorer, Generic[M]):
+    """P(target | masked image, prompt, generated tokens before it), the fast way (see
+    `TensorMaskedScorer`), for one family's loaded model.
 
-    A family sets `label` and implements `_vision_module` (its torch vision encoder),
-    `_image_tokens` (image features per image) and `_geometry` (where the image processor puts
-    the sample's image on the input grid).
+    A family sets `label` (the scorer is named `<label>-fast(<model>; <vision>; lm=...)`) and
+    implements `_build` (its vision runner, language model and input geometry, from the prompt)
+    and `_preprocess`.
 
     Args:
         loaded: the loaded model.
         image: the sample's image; prompt: the prompt with its image placeholder;
         generated_ids: the tokens the model generated (target positions index into these).
-        vision: an `OnnxVision` exported for this model (see the family's `open_visions`), or
-            None for the torch tower.
+        vision: an `OnnxVision` exported for this model and this image's input size (see the
+            family's `open_visions`), or None for the torch tower.
         chunk_size: masked variants per forward pass (16 is best on 2 CPU cores).
     """
 
@@ -143,7 +141,7 @@ class FastPixelScorer(TensorMaskedScorer, Generic[P]):
 
     def __init__(
         self,
-        loaded: P,
+        loaded: M,
         image: np.ndarray,
         prompt: str,
         generated_ids: Sequence[int],
@@ -153,10 +151,33 @@ class FastPixelScorer(TensorMaskedScorer, Generic[P]):
     ) -> None:
         self._setup(image, generated_ids, chunk_size)
         self.loaded = loaded
-        model = loaded.model
-        self.device = next(model.parameters()).device
+        self.device = next(loaded.model.parameters()).device
+        self._build(prompt, vision)
+
+    def _build(self, prompt: str, vision: VisionRunner | None) -> None:
+        """Set `vision`, `lm` and `geometry`."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return fast_scorer_name(self.label, self.loaded.name, [self.vision.name], self.device)
+
+
+class FastPixelScorer(FastScorer[P]):
+    """The fast scorer of a family whose image processor gives `(B, 3, H, W)` pixels on one
+    fixed input grid and whose prompt holds one run of image tokens (LLaVA, InternVL): tensor
+    masks, the vision encoder in ONNX Runtime or torch, the language model with the text
+    before the image cached and logits only at the target rows.
+
+    A family sets `label` and implements `_vision_module` (its torch vision encoder),
+    `_image_tokens` (image features per image) and `_geometry` (where the image processor puts
+    the sample's image on the input grid).
+    """
+
+    def _build(self, prompt: str, vision: VisionRunner | None) -> None:
+        model = self.loaded.model
         self.vision = vision or TorchVision(self._vision_module())
-        prompt_ids = loaded.prompt_ids(prompt, self.image)
+        prompt_ids = self.loaded.prompt_ids(prompt, self.image)
         span = image_span(prompt_ids, int(model.config.image_token_id), self._image_tokens())
         self.lm = PrefixCachedLM.for_model(
             model,
@@ -175,10 +196,6 @@ class FastPixelScorer(TensorMaskedScorer, Generic[P]):
 
     def _geometry(self) -> InputGeometry:
         raise NotImplementedError
-
-    @property
-    def name(self) -> str:
-        return fast_scorer_name(self.label, self.loaded.name, [self.vision.name], self.device)
 
     def _preprocess(self, image: np.ndarray) -> Any:
         import torch
