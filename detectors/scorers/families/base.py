@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from detectors.layout import ImageLayout
 
 __all__ = [
+    "Checkpoint",
     "Generation",
     "LoadedModel",
     "ModelFamily",
@@ -74,6 +75,25 @@ class Generation:
             )
         width = inputs["input_ids"].shape[1]
         return [cls.from_row(row, tokenizer) for row in out[:, width:].cpu().tolist()]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class Checkpoint:
+    """What every family's loaded model holds: the transformers model and the directory it
+    was loaded from; a family's model class adds what feeds the model and sets `family`."""
+
+    model: Any
+    path: Path
+    family: ClassVar[str]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def image_token_id(self) -> int:
+        """The id of the token each image feature stands in for in the prompt."""
+        return int(self.model.config.image_token_id)
 
 
 class LoadedModel(Protocol):

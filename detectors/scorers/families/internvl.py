@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from detectors.errors import ImageTokenError
-from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles, one_image
+from detectors.scorers.families.base import (
+    Checkpoint,
+    Generation,
+    ScorerFactories,
+    VisionFiles,
+    one_image,
+)
 from detectors.scorers.families.scorers import FastPixelScorer, PlainScorer
 from detectors.scorers.loading import load_pretrained, load_processors
 from detectors.scorers.masked import MaskedBatch
@@ -59,25 +65,12 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
-class InternVLModel:
+class InternVLModel(Checkpoint):
     """A loaded InternVL checkpoint: model, image processor, tokenizer, where it came from."""
 
-    model: Any
+    family = "internvl"
     image_processor: Any
     tokenizer: Any
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def family(self) -> str:
-        return "internvl"
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def tile_hw(self) -> tuple[int, int]:

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from detectors.errors import ImageTokenError
-from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles, one_image
+from detectors.scorers.families.base import (
+    Checkpoint,
+    Generation,
+    ScorerFactories,
+    VisionFiles,
+    one_image,
+)
 from detectors.scorers.families.scorers import FastPixelScorer, PlainScorer
 from detectors.scorers.loading import (
     ModelLoadError,
@@ -99,20 +105,11 @@ def llava_vision_fingerprint(model: Any) -> str:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
-class LlavaModel:
+class LlavaModel(Checkpoint):
     """A loaded LLaVA checkpoint: the model, its processor, and where it came from."""
 
-    model: Any
+    family = "llava"
     processor: Any
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def family(self) -> str:
-        return "llava"
 
     @property
     def tokenizer(self) -> Any:

@@ -19,6 +19,7 @@ import numpy as np
 from detectors.errors import ImageTokenError, InvalidImageError
 from detectors.layout import ImageLayout
 from detectors.scorers.families.base import (
+    Checkpoint,
     Generation,
     ScorerFactories,
     VisionFiles,
@@ -63,25 +64,12 @@ __all__ = [
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
-class QwenModel:
+class QwenModel(Checkpoint):
     """A loaded Qwen2.5-VL checkpoint: model, image processor, tokenizer, where it came from."""
 
-    model: Any
+    family = "qwen2_5_vl"
     image_processor: Any
     tokenizer: Any
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def family(self) -> str:
-        return "qwen2_5_vl"
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def merge(self) -> int:
