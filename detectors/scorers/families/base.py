@@ -1,4 +1,7 @@
-"""What every model family provides: the `ModelFamily` and `LoadedModel` protocols.
+"""What every model family provides: the `ModelFamily` and `LoadedModel` protocols; and what
+the families share: `Checkpoint` (a loaded model's base), `Generation`, `ScorerFactories`
+(a family's `load` and scorer constructors from its module's parts).  The scorers they build
+on are in `detectors.scorers.families.scorers`.
 
 A family is one module under `detectors.scorers.families` (LLaVA, Qwen2.5-VL, InternVL) with
 one object implementing `ModelFamily`, registered by the architecture its checkpoints name in

@@ -214,14 +214,9 @@ def load_internvl(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> InternVLModel:
-    """Load an InternVL checkpoint (HF format) from a local directory (never from a hub).
-
-    `dtype`: the weights' dtype, as for `load_llava` (float32 unless asked otherwise).
-
-    Raises:
-        ModelLoadError: missing directory, no config.json, or another architecture.
-        ValueError: an unknown dtype.
-    """
+    """Load an InternVL checkpoint (HF format) from a local directory (never from a hub):
+    the model, its image processor (`GotOcr2ImageProcessorPil`) and tokenizer.  `dtype` and
+    the errors raised as for `load_llava`."""
     path = Path(model_dir)
     model = load_pretrained(path, ARCHITECTURE, threads=threads, device=device, dtype=dtype)
     image_processor, tokenizer = load_processors(path, "GotOcr2ImageProcessorPil")

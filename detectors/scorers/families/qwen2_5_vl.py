@@ -234,14 +234,9 @@ def load_qwen(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> QwenModel:
-    """Load a Qwen2.5-VL checkpoint from a local directory (never from a hub).
-
-    `dtype`: the weights' dtype, as for `load_llava` (float32 unless asked otherwise).
-
-    Raises:
-        ModelLoadError: missing directory, no config.json, or another architecture.
-        ValueError: an unknown dtype.
-    """
+    """Load a Qwen2.5-VL checkpoint from a local directory (never from a hub): the model, its
+    image processor (`Qwen2VLImageProcessorPil`) and tokenizer.  `dtype` (float32 unless asked
+    otherwise) and the errors raised (`ModelLoadError`, `ValueError`) as for `load_llava`."""
     path = Path(model_dir)
     model = load_pretrained(path, ARCHITECTURE, threads=threads, device=device, dtype=dtype)
     image_processor, tokenizer = load_processors(path, "Qwen2VLImageProcessorPil")
