@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from detectors.errors import ImageTokenError, InvalidTargetError
+from detectors.scorers.vision import VisionRunner
 from detectors.types import Target
 
 __all__ = [
+    "ChunkedScorer",
     "PrefixCachedLM",
     "TensorMaskedScorer",
     "Timings",
@@ -184,6 +186,33 @@ class PrefixCachedLM:
                 )
                 self._prefix_cache = out.cache if hasattr(out, "cache") else out.past_key_values
 
+    @classmethod
+    def for_model(
+        cls,
+        model: Any,
+        *,
+        prompt_ids: Sequence[int],
+        generated_ids: Sequence[int],
+        spans: Sequence[tuple[int, int]],
+        position_ids: Any = None,
+        timings: Timings | None = None,
+    ) -> PrefixCachedLM:
+        """The language model of a transformers `...ForConditionalGeneration` `model` (its
+        `model.language_model`, input embeddings and `lm_head`), with the image features going
+        to `spans`, `(start, count)` per image in prompt order."""
+        return cls(
+            decoder=model.model.language_model,
+            embed=model.get_input_embeddings(),
+            lm_head=model.lm_head,
+            prompt_ids=prompt_ids,
+            generated_ids=generated_ids,
+            image_start=spans[0][0],
+            image_tokens=sum(n for _, n in spans),
+            image_spans=spans if len(spans) > 1 else None,
+            position_ids=position_ids,
+            timings=timings,
+        )
+
     def _positions(self, start: int, stop: int, batch: int) -> Any:
         if self.position_ids is None:
             return None
@@ -273,20 +302,18 @@ def to_numpy(probs: Any) -> np.ndarray:
     return np.asarray(probs.detach().to("cpu").double().numpy(), dtype=np.float64)
 
 
-class TensorMaskedScorer:
-    """What the fast scorers share: masked variants built in tensor space from the sample's
-    preprocessed image and fill image, and the chunked scoring loop.
+class ChunkedScorer:
+    """The scoring loop the fast scorers share: the batch's kept-region matrix readied once,
+    then image features and target probabilities a chunk of `chunk_size` rows at a time.
 
-    A subclass sets `image`, `generated_ids`, `chunk_size`, `device`, `geometry`, `lm` (a
-    `PrefixCachedLM`) and `timings`, and implements `_preprocess` (an image as the model's
-    `(1, C, H, W)` input) and `_encode` (a chunk of such inputs -> image features).
+    A subclass sets `image`, `generated_ids`, `chunk_size` and `timings` (`_setup`) and `lm`
+    (a `PrefixCachedLM`), and implements `_prepare_masks` (a batch -> its `(B, R)` kept-region
+    matrix on the device) and `_chunk_features` (rows of it -> `(b, T, D)` image features).
     """
 
     image: np.ndarray
     generated_ids: list[int]
     chunk_size: int
-    device: Any
-    geometry: Any
     lm: PrefixCachedLM
     timings: Timings
 
@@ -299,15 +326,60 @@ class TensorMaskedScorer:
         self.chunk_size = chunk_size
         self.timings = Timings()
 
+    @property
+    def max_batch_size(self) -> int:
+        return self.chunk_size
+
+    def _check_image(self, batch: Any) -> None:
+        from detectors.errors import InvalidImageError
+
+        if batch.image.shape != self.image.shape:
+            raise InvalidImageError(
+                f"the batch's image has shape {batch.image.shape}; this scorer was built for "
+                f"{self.image.shape}"
+            )
+
+    def _prepare_masks(self, batch: Any) -> Any:
+        raise NotImplementedError
+
+    def _chunk_features(self, keep: Any, fill: Any) -> Any:
+        raise NotImplementedError
+
+    def score(self, batch: Any, targets: Sequence[Target]) -> np.ndarray:
+        import torch
+
+        started = time.perf_counter()
+        check_targets(targets, self.generated_ids)
+        t = self.timings
+        keep = run_timed(t, "masking", self._prepare_masks, batch)
+        out = []
+        for i in range(0, batch.size, self.chunk_size):
+            features = self._chunk_features(keep[i : i + self.chunk_size], batch.fill)
+            out.append(run_timed(t, "language_model", self.lm.probs, features, targets))
+        probs = to_numpy(torch.cat(out))
+        t.calls += 1
+        t.rows += batch.size
+        t.total += time.perf_counter() - started
+        return probs
+
+
+class TensorMaskedScorer(ChunkedScorer):
+    """What the fast scorers of one image share: masked variants built in tensor space from
+    the sample's preprocessed image and fill image, encoded by `vision` a chunk at a time.
+
+    A subclass sets what `ChunkedScorer` asks, `device`, `geometry` and `vision`, and implements
+    `_preprocess` (an image as the model's `(1, C, H, W)` input).
+    """
+
+    device: Any
+    geometry: Any
+    vision: VisionRunner
+
     def _preprocess(self, image: np.ndarray) -> Any:
         raise NotImplementedError
 
     def _encode(self, images: Any) -> Any:
-        raise NotImplementedError
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.chunk_size
+        return self.vision(images)
 
     def _mask_state(self) -> dict[str, Any]:
         state: dict[str, Any] | None = getattr(self, "_masks", None)
@@ -321,15 +393,10 @@ class TensorMaskedScorer:
         region masks and fill image for the batch's partition and fill (cached)."""
         import torch
 
-        from detectors.errors import InvalidImageError
         from detectors.scorers.masked import fill_image
         from detectors.scorers.tensor_masks import region_shares
 
-        if batch.image.shape != self.image.shape:
-            raise InvalidImageError(
-                f"the batch's image has shape {batch.image.shape}; this scorer was built for "
-                f"{self.image.shape}"
-            )
+        self._check_image(batch)
         state = self._mask_state()
         if batch.partition is not state["partition"]:
             state["shares"] = region_shares(batch.partition, self.geometry, self.device)
@@ -338,6 +405,12 @@ class TensorMaskedScorer:
             fill = self._preprocess(fill_image(self.image, batch.fill))
             state["fills"][batch.fill] = (fill, state["base"] - fill)
         return torch.from_numpy(batch.keep.astype(np.float32)).to(self.device)
+
+    def _chunk_features(self, keep: Any, fill: Any) -> Any:
+        # the encoder is done with a chunk's images when it returns: reuse their buffers
+        t = self.timings
+        images = run_timed(t, "masking", partial(self._blend, reuse=True), keep, fill)
+        return run_timed(t, "vision", self._encode, images)
 
     def _blend(self, keep: Any, fill: Any, *, reuse: bool = False) -> Any:
         """`(b, C, H, W)`: fill + share of kept regions * (base - fill), one fused op, built a
@@ -365,23 +438,3 @@ class TensorMaskedScorer:
     def masked_inputs(self, batch: Any) -> Any:
         """`(B, C, H, W)` preprocessed masked images, built in tensor space."""
         return self._blend(self._prepare_masks(batch), batch.fill)
-
-    def score(self, batch: Any, targets: Sequence[Target]) -> np.ndarray:
-        import torch
-
-        started = time.perf_counter()
-        check_targets(targets, self.generated_ids)
-        t = self.timings
-        keep = run_timed(t, "masking", self._prepare_masks, batch)
-        out = []
-        for i in range(0, batch.size, self.chunk_size):
-            rows = keep[i : i + self.chunk_size]
-            # the encoder is done with a chunk's images when it returns: reuse their buffers
-            images = run_timed(t, "masking", partial(self._blend, reuse=True), rows, batch.fill)
-            features = run_timed(t, "vision", self._encode, images)
-            out.append(run_timed(t, "language_model", self.lm.probs, features, targets))
-        probs = to_numpy(torch.cat(out))
-        t.calls += 1
-        t.rows += batch.size
-        t.total += time.perf_counter() - started
-        return probs

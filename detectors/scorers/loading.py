@@ -13,6 +13,7 @@ __all__ = [
     "ModelLoadError",
     "checkpoint_config",
     "load_pretrained",
+    "load_processors",
     "require_architecture",
     "torch_dtype",
 ]
@@ -110,3 +111,16 @@ def load_pretrained(
     )
     model.to(torch.device(device)).eval()
     return model
+
+
+def load_processors(model_dir: str | Path, image_processor: str) -> tuple[Any, Any]:
+    """The image processor (transformers' class called `image_processor`) and the tokenizer of
+    the checkpoint in `model_dir`, from local files only: for a family whose processor class
+    cannot be loaded whole (its video processor needs torchvision, which is not installed)."""
+    import transformers
+
+    processor_class = getattr(transformers, image_processor)
+    return (
+        processor_class.from_pretrained(Path(model_dir), local_files_only=True),
+        transformers.AutoTokenizer.from_pretrained(Path(model_dir), local_files_only=True),
+    )

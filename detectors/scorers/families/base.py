@@ -1,4 +1,7 @@
-"""What every model family provides: the `ModelFamily` and `LoadedModel` protocols.
+"""What every model family provides: the `ModelFamily` and `LoadedModel` protocols; and what
+the families share: `Checkpoint` (a loaded model's base), `Generation`, `ScorerFactories`
+(a family's `load` and scorer constructors from its module's parts).  The scorers they build
+on are in `detectors.scorers.families.scorers`.
 
 A family is one module under `detectors.scorers.families` (LLaVA, Qwen2.5-VL, InternVL) with
 one object implementing `ModelFamily`, registered by the architecture its checkpoints name in
@@ -8,7 +11,7 @@ on a family's name: callers look the family up and ask it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from detectors.layout import ImageLayout
 
 __all__ = [
+    "Checkpoint",
     "Generation",
     "LoadedModel",
     "ModelFamily",
@@ -55,6 +59,44 @@ class Generation:
         return cls(
             text=tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=tuple(ids)
         )
+
+    @classmethod
+    def greedy(
+        cls, model: Any, tokenizer: Any, inputs: Mapping[str, Any], max_new_tokens: int
+    ) -> list[Generation]:
+        """Greedy generation by a transformers `model` from `inputs` (its `generate` keyword
+        arguments, `input_ids` `(B, L)` among them), one `Generation` per row."""
+        import torch
+
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        width = inputs["input_ids"].shape[1]
+        return [cls.from_row(row, tokenizer) for row in out[:, width:].cpu().tolist()]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class Checkpoint:
+    """What every family's loaded model holds: the transformers model and the directory it
+    was loaded from; a family's model class adds what feeds the model and sets `family`."""
+
+    model: Any
+    path: Path
+    family: ClassVar[str]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def image_token_id(self) -> int:
+        """The id of the token each image feature stands in for in the prompt."""
+        return int(self.model.config.image_token_id)
 
 
 class LoadedModel(Protocol):
@@ -217,14 +259,26 @@ def one_image(family: str, layout: ImageLayout | None) -> None:
 
 
 class ScorerFactories:
-    """The two scorer constructors of a family, from its classes: a family sets
-    `plain_scorer_class` and `fast_scorer_class` (same constructor shape for every family);
-    a layout of several images is passed on only to a family whose `max_images` allows it."""
+    """What a family's `load`, `plain_scorer` and `fast_scorer` do, from its module's parts: a
+    family sets `loader` (its `load_<family>` function), `plain_scorer_class` and
+    `fast_scorer_class` (same constructor shape for every family); a layout of several images
+    is passed on only to a family whose `max_images` allows it."""
 
     name: ClassVar[str]
     max_images: ClassVar[int] = 1
+    loader: ClassVar[Callable[..., Any]]
     plain_scorer_class: ClassVar[type[Any]]
     fast_scorer_class: ClassVar[type[Any]]
+
+    def load(
+        self,
+        model_dir: str | Path,
+        *,
+        threads: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> Any:
+        return type(self).loader(model_dir, threads=threads, device=device, dtype=dtype)
 
     def _layout_kwargs(self, layout: ImageLayout | None) -> dict[str, Any]:
         return {"layout": layout} if check_layout(self.name, self.max_images, layout) else {}

@@ -22,26 +22,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from detectors.errors import ImageTokenError
-from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles, one_image
-from detectors.scorers.fast import (
-    PrefixCachedLM,
-    TensorMaskedScorer,
-    check_targets,
-    image_span,
-    to_numpy,
+from detectors.scorers.families.base import (
+    Checkpoint,
+    Generation,
+    ScorerFactories,
+    VisionFiles,
+    one_image,
 )
-from detectors.scorers.loading import load_pretrained
+from detectors.scorers.families.scorers import FastPixelScorer, PlainScorer
+from detectors.scorers.loading import load_pretrained, load_processors
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
     OnnxVision,
-    TorchVision,
-    VisionRunner,
     VisionSpec,
     vision_config_dict,
     weights_fingerprint,
 )
-from detectors.types import Target
 
 if TYPE_CHECKING:
     from detectors.layout import ImageLayout
@@ -68,25 +65,12 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
-class InternVLModel:
+class InternVLModel(Checkpoint):
     """A loaded InternVL checkpoint: model, image processor, tokenizer, where it came from."""
 
-    model: Any
+    family = "internvl"
     image_processor: Any
     tokenizer: Any
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def family(self) -> str:
-        return "internvl"
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def tile_hw(self) -> tuple[int, int]:
@@ -139,18 +123,12 @@ class InternVLModel:
 
         device = next(self.model.parameters()).device
         ids = torch.tensor([self.prompt_ids(prompt, image)], device=device)
-        tokenizer = self.tokenizer
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pixel_values=self.pixel_values([image]).to(device, self.model.dtype),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        return Generation.from_row(out[0, ids.shape[1] :].cpu().tolist(), tokenizer)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": self.pixel_values([image]).to(device, self.model.dtype),
+        }
+        return Generation.greedy(self.model, self.tokenizer, inputs, max_new_tokens)[0]
 
     def vision_fingerprint(self) -> str:
         """What determines the image features: the vision config, the pixel shuffle, the
@@ -236,135 +214,48 @@ def load_internvl(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> InternVLModel:
-    """Load an InternVL checkpoint (HF format) from a local directory (never from a hub).
-
-    `dtype`: the weights' dtype, as for `load_llava` (float32 unless asked otherwise).
-
-    Raises:
-        ModelLoadError: missing directory, no config.json, or another architecture.
-        ValueError: an unknown dtype.
-    """
+    """Load an InternVL checkpoint (HF format) from a local directory (never from a hub):
+    the model, its image processor (`GotOcr2ImageProcessorPil`) and tokenizer.  `dtype` and
+    the errors raised as for `load_llava`."""
     path = Path(model_dir)
     model = load_pretrained(path, ARCHITECTURE, threads=threads, device=device, dtype=dtype)
-    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
-
-    image_processor = GotOcr2ImageProcessorPil.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    image_processor, tokenizer = load_processors(path, "GotOcr2ImageProcessorPil")
     return InternVLModel(
         model=model, image_processor=image_processor, tokenizer=tokenizer, path=path
     )
 
 
-class InternVLScorer:
-    """The plain way: mask in pixel space, run the image processor and one full forward per
-    masked image (`max_batch_size` images per call)."""
+class InternVLScorer(PlainScorer[InternVLModel]):
+    """The plain way for an InternVL checkpoint, on the base tile (see `PlainScorer`)."""
 
-    def __init__(
-        self,
-        internvl: InternVLModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        max_batch_size: int = 1,
-    ) -> None:
-        self.internvl = internvl
-        self.prompt_ids = internvl.prompt_ids(prompt, image)
-        self.generated_ids = [int(i) for i in generated_ids]
-        self._max_batch_size = max_batch_size
+    label = "internvl"
 
-    @property
-    def name(self) -> str:
-        return f"internvl-torch({self.internvl.name})"
-
-    @property
-    def max_batch_size(self) -> int:
-        return self._max_batch_size
-
-    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
-        import torch
-
-        check_targets(targets, self.generated_ids)
-        model = self.internvl.model
-        device = next(model.parameters()).device
-        last = max(t.position for t in targets)
-        ids = torch.tensor(
-            [self.prompt_ids + self.generated_ids[:last]] * batch.size, device=device
-        )
-        pixels = self.internvl.pixel_values(list(batch.pixels())).to(device, model.dtype)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, pixel_values=pixels).logits
-        rows = torch.tensor([len(self.prompt_ids) + t.position - 1 for t in targets], device=device)
-        logp = torch.log_softmax(logits[:, rows, :].float(), dim=-1)
-        cols = torch.tensor([t.token_id for t in targets], device=device)
-        probs = logp[:, torch.arange(len(targets), device=device), cols].exp()
-        return to_numpy(probs)
+    def _image_inputs(self, batch: MaskedBatch, ids: Any) -> dict[str, Any]:
+        pixels = self.loaded.pixel_values(list(batch.pixels()))
+        return {"pixel_values": pixels.to(ids.device, self.loaded.model.dtype)}
 
 
-class FastInternVLScorer(TensorMaskedScorer):
+class FastInternVLScorer(FastPixelScorer[InternVLModel]):
     """P(target | masked image, prompt, generated tokens before it) for an InternVL checkpoint:
     tensor-space masks on the base tile, the vision tower + pixel shuffle + projector in ONNX
-    Runtime (or torch), the language model with the text before the image cached and logits
-    only at the target rows.
+    Runtime (or torch) (see `FastPixelScorer`; `vision`: from `InternVLFamily.open_visions`)."""
 
-    Args:
-        vision: an `OnnxVision` exported for this model (see `InternVLFamily.open_visions`), or
-            None for the torch tower.
-        chunk_size: masked variants per forward pass.
-    """
+    label = "internvl"
 
-    def __init__(
-        self,
-        internvl: InternVLModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        vision: VisionRunner | None = None,
-        chunk_size: int = 16,
-    ) -> None:
-        self._setup(image, generated_ids, chunk_size)
-        self.internvl = internvl
-        model = internvl.model
-        self.device = next(model.parameters()).device
-        self.vision: VisionRunner = vision or TorchVision(
-            internvl_vision_module(model, internvl.tile_hw)
-        )
-        prompt_ids = internvl.prompt_ids(prompt, self.image)
-        start, count = image_span(prompt_ids, internvl.image_token_id, internvl.image_tokens())
-        self.lm = PrefixCachedLM(
-            decoder=model.model.language_model,
-            embed=model.get_input_embeddings(),
-            lm_head=model.lm_head,
-            prompt_ids=prompt_ids,
-            generated_ids=self.generated_ids,
-            image_start=start,
-            image_tokens=count,
-            timings=self.timings,
-        )
-        self.geometry = InputGeometry.resize_to(internvl.tile_hw)
+    def _vision_module(self) -> Any:
+        return internvl_vision_module(self.loaded.model, self.loaded.tile_hw)
 
-    @property
-    def name(self) -> str:
-        lm = f"lm=torch:{self.device.type}"
-        return f"internvl-fast({self.internvl.name}; {self.vision.name}; {lm})"
+    def _image_tokens(self) -> int:
+        return self.loaded.image_tokens()
 
-    def _preprocess(self, image: np.ndarray) -> Any:
-        import torch
-
-        return self.internvl.pixel_values([image]).to(self.device, torch.float32)
-
-    def _encode(self, pixels: Any) -> Any:
-        return self.vision(pixels)
-
-    def masked_pixels(self, batch: MaskedBatch) -> Any:
-        """`(B, 3, H, W)` preprocessed masked tiles, built in tensor space."""
-        return self.masked_inputs(batch)
+    def _geometry(self) -> InputGeometry:
+        return InputGeometry.resize_to(self.loaded.tile_hw)
 
 
 class InternVLFamily(ScorerFactories):
     """InternVL3/3.5 checkpoints: InternViT, pixel shuffle, an MLP projector, a Qwen2 LM."""
 
+    loader = load_internvl
     plain_scorer_class = InternVLScorer
     fast_scorer_class = FastInternVLScorer
 
@@ -381,16 +272,6 @@ class InternVLFamily(ScorerFactories):
             f"<|im_start|>user\n<IMG_CONTEXT>\n{question} Answer yes or no.<|im_end|>\n"
             "<|im_start|>assistant\n"
         )
-
-    def load(
-        self,
-        model_dir: str | Path,
-        *,
-        threads: int | None = None,
-        device: str = "cpu",
-        dtype: str = "float32",
-    ) -> InternVLModel:
-        return load_internvl(model_dir, threads=threads, device=device, dtype=dtype)
 
     def vision_spec(
         self,

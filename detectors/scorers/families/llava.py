@@ -17,9 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from detectors.errors import ImageTokenError, InvalidTargetError
-from detectors.scorers.families.base import Generation, ScorerFactories, VisionFiles, one_image
-from detectors.scorers.fast import PrefixCachedLM, TensorMaskedScorer, image_span
+from detectors.errors import ImageTokenError
+from detectors.scorers.families.base import (
+    Checkpoint,
+    Generation,
+    ScorerFactories,
+    VisionFiles,
+    one_image,
+)
+from detectors.scorers.families.scorers import FastPixelScorer, PlainScorer
 from detectors.scorers.loading import (
     ModelLoadError,
     load_pretrained,
@@ -28,13 +34,10 @@ from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
     OnnxVision,
-    TorchVision,
-    VisionRunner,
     VisionSpec,
     vision_config_dict,
     weights_fingerprint,
 )
-from detectors.types import Target
 
 if TYPE_CHECKING:
     from detectors.layout import ImageLayout
@@ -102,20 +105,11 @@ def llava_vision_fingerprint(model: Any) -> str:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
-class LlavaModel:
+class LlavaModel(Checkpoint):
     """A loaded LLaVA checkpoint: the model, its processor, and where it came from."""
 
-    model: Any
+    family = "llava"
     processor: Any
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def family(self) -> str:
-        return "llava"
 
     @property
     def tokenizer(self) -> Any:
@@ -156,23 +150,11 @@ class LlavaModel:
         self, images: Sequence[np.ndarray], prompts: Sequence[str], max_new_tokens: int = 12
     ) -> list[Generation]:
         """Greedy generation for a batch (prompts are left-padded to one length)."""
-        import torch
-
-        tokenizer = self.tokenizer
         encoded = self.processor(
             images=list(images), text=list(prompts), return_tensors="pt", padding=True
         )
         encoded = encoded.to(next(self.model.parameters()).device)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        width = encoded["input_ids"].shape[1]
-        return [Generation.from_row(row, tokenizer) for row in out[:, width:].cpu().tolist()]
+        return Generation.greedy(self.model, self.tokenizer, encoded, max_new_tokens)
 
 
 def load_llava(
@@ -202,69 +184,15 @@ def load_llava(
     return LlavaModel(model=model, processor=processor, path=path)
 
 
-class LlavaScorer:
-    """Scores masked images of one sample: P(target token | masked image, prompt, the tokens
-    generated before it), teacher-forcing the generated tokens.
+class LlavaScorer(PlainScorer[LlavaModel]):
+    """The plain way for a LLaVA checkpoint (see `PlainScorer`; 16 masked images per forward
+    unless `max_batch_size` says otherwise)."""
 
-    Args:
-        llava: the loaded model.
-        image: the sample's image (to expand the prompt's image placeholder).
-        prompt: the prompt as sent, with the image placeholder.
-        generated_ids: the tokens the model generated (positions index into these).
-        max_batch_size: masked images per forward pass.
-    """
+    label = "llava"
+    default_batch_size = 16
 
-    def __init__(
-        self,
-        llava: LlavaModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        max_batch_size: int = 16,
-    ) -> None:
-        self.llava = llava
-        self.prompt_ids = llava.prompt_ids(prompt, image)
-        self.generated_ids = [int(i) for i in generated_ids]
-        self._max_batch_size = max_batch_size
-
-    @property
-    def name(self) -> str:
-        return f"llava-torch({self.llava.name})"
-
-    @property
-    def max_batch_size(self) -> int:
-        return self._max_batch_size
-
-    def check_targets(self, targets: Sequence[Target]) -> None:
-        for t in targets:
-            if t.position >= len(self.generated_ids):
-                raise InvalidTargetError(
-                    f"target position {t.position} is outside the {len(self.generated_ids)} "
-                    "generated tokens"
-                )
-            if self.generated_ids[t.position] != t.token_id:
-                raise InvalidTargetError(
-                    f"target {t.text!r} says token {t.token_id} at position {t.position}, "
-                    f"but the model generated {self.generated_ids[t.position]} there"
-                )
-
-    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
-        import torch
-
-        self.check_targets(targets)
-        last = max(t.position for t in targets)
-        ids = self.prompt_ids + self.generated_ids[:last]
-        device = next(self.llava.model.parameters()).device
-        input_ids = torch.tensor([ids] * batch.size, dtype=torch.long, device=device)
-        pixels = self.llava.pixel_values(list(batch.pixels())).to(device)
-        with torch.inference_mode():
-            logits = self.llava.model(input_ids=input_ids, pixel_values=pixels).logits
-        rows = torch.tensor([len(self.prompt_ids) + t.position - 1 for t in targets], device=device)
-        logp = torch.log_softmax(logits[:, rows, :].float(), dim=-1)
-        cols = torch.tensor([t.token_id for t in targets], device=device)
-        probs = logp[:, torch.arange(len(targets), device=device), cols].exp()
-        return np.asarray(probs.cpu().numpy(), dtype=np.float64)
+    def _image_inputs(self, batch: MaskedBatch, ids: Any) -> dict[str, Any]:
+        return {"pixel_values": self.loaded.pixel_values(list(batch.pixels())).to(ids.device)}
 
 
 def llava_geometry(llava: LlavaModel, image_hw: tuple[int, int]) -> InputGeometry:
@@ -322,68 +250,26 @@ def llava_onnx_vision(
     return OnnxVision.for_spec(path, llava_vision_spec(llava), device=device, threads=threads)
 
 
-class FastLlavaScorer(TensorMaskedScorer):
-    """P(target | masked image, prompt, generated tokens before it) for a LLaVA checkpoint.
+class FastLlavaScorer(FastPixelScorer[LlavaModel]):
+    """P(target | masked image, prompt, generated tokens before it) for a LLaVA checkpoint
+    (see `FastPixelScorer`; `vision`: an `OnnxVision` from `llava_onnx_vision` or None)."""
 
-    Args:
-        llava: the loaded model.
-        image: the sample's image; prompt: the prompt with its image placeholder;
-        generated_ids: the tokens the model generated (target positions index into these).
-        vision: an `OnnxVision` (see `llava_onnx_vision`) or None for the torch tower.
-        chunk_size: masked variants per forward pass (16 is best on 2 CPU cores).
-    """
+    label = "llava"
 
-    def __init__(
-        self,
-        llava: LlavaModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        vision: VisionRunner | None = None,
-        chunk_size: int = 16,
-    ) -> None:
+    def _vision_module(self) -> Any:
+        return llava_vision_module(self.loaded.model)
 
-        self._setup(image, generated_ids, chunk_size)
-        self.llava = llava
-        self.vision: VisionRunner = vision or TorchVision(llava_vision_module(llava.model))
-        model = llava.model
-        self.device = next(model.parameters()).device
-        _, tokens, _ = llava_image_tokens(llava)
-        prompt_ids = llava.prompt_ids(prompt, self.image)
-        start, count = image_span(prompt_ids, int(model.config.image_token_id), tokens)
-        self.lm = PrefixCachedLM(
-            decoder=model.model.language_model,
-            embed=model.get_input_embeddings(),
-            lm_head=model.lm_head,
-            prompt_ids=prompt_ids,
-            generated_ids=self.generated_ids,
-            image_start=start,
-            image_tokens=count,
-            timings=self.timings,
-        )
-        self.geometry = llava_geometry(llava, self.image.shape[:2])
+    def _image_tokens(self) -> int:
+        return llava_image_tokens(self.loaded)[1]
 
-    @property
-    def name(self) -> str:
-        return f"llava-fast({self.llava.name}; {self.vision.name}; lm=torch:{self.device.type})"
-
-    def _preprocess(self, image: np.ndarray) -> Any:
-        import torch
-
-        return self.llava.pixel_values([image]).to(self.device, torch.float32)
-
-    def _encode(self, pixels: Any) -> Any:
-        return self.vision(pixels)
-
-    def masked_pixels(self, batch: MaskedBatch) -> Any:
-        """`(B, 3, H, W)` preprocessed masked images, built in tensor space."""
-        return self.masked_inputs(batch)
+    def _geometry(self) -> InputGeometry:
+        return llava_geometry(self.loaded, self.image.shape[:2])
 
 
 class LlavaFamily(ScorerFactories):
     """LLaVA-style checkpoints: CLIP-like tower, a projector, a Llama-like language model."""
 
+    loader = load_llava
     plain_scorer_class = LlavaScorer
     fast_scorer_class = FastLlavaScorer
 
@@ -396,16 +282,6 @@ class LlavaFamily(ScorerFactories):
     def yes_no_prompt(self, question: str) -> str:
         # the question before the image, as the reference model was trained (`question_prompt`)
         return f"USER: {question} <image> ASSISTANT:"
-
-    def load(
-        self,
-        model_dir: str | Path,
-        *,
-        threads: int | None = None,
-        device: str = "cpu",
-        dtype: str = "float32",
-    ) -> LlavaModel:
-        return load_llava(model_dir, threads=threads, device=device, dtype=dtype)
 
     def vision_spec(
         self,

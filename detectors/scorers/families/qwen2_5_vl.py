@@ -19,18 +19,14 @@ import numpy as np
 from detectors.errors import ImageTokenError, InvalidImageError
 from detectors.layout import ImageLayout
 from detectors.scorers.families.base import (
+    Checkpoint,
     Generation,
     ScorerFactories,
     VisionFiles,
 )
-from detectors.scorers.fast import (
-    PrefixCachedLM,
-    TensorMaskedScorer,
-    check_targets,
-    image_span,
-    to_numpy,
-)
-from detectors.scorers.loading import load_pretrained
+from detectors.scorers.families.scorers import FastScorer, PlainScorer
+from detectors.scorers.fast import PrefixCachedLM, image_span
+from detectors.scorers.loading import load_pretrained, load_processors
 from detectors.scorers.masked import MaskedBatch
 from detectors.scorers.tensor_masks import InputGeometry
 from detectors.scorers.vision import (
@@ -42,7 +38,6 @@ from detectors.scorers.vision import (
     vision_config_dict,
     weights_fingerprint,
 )
-from detectors.types import Target
 
 # a caption request in Qwen2.5-VL's chat format, for `guardrail explain` without --prompt
 CAPTION_PROMPT_QWEN = (
@@ -69,25 +64,12 @@ __all__ = [
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
-class QwenModel:
+class QwenModel(Checkpoint):
     """A loaded Qwen2.5-VL checkpoint: model, image processor, tokenizer, where it came from."""
 
-    model: Any
+    family = "qwen2_5_vl"
     image_processor: Any
     tokenizer: Any
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def family(self) -> str:
-        return "qwen2_5_vl"
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def merge(self) -> int:
@@ -97,6 +79,41 @@ class QwenModel:
         """`(pixel_values (patches, dim), image_grid_thw (n, 3))` from the image processor."""
         out = self.image_processor(images=list(images), return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
+
+    def processed(self, images: Sequence[np.ndarray], device: Any) -> tuple[list[Any], Any]:
+        """Each image as the vision tower's `(1, C, h, w)` float32 input on `device` (the image
+        processor's pixels, unpatchified), and the `(n, 3)` grids."""
+        import torch
+
+        pixels, grid = self.pixel_inputs(images)
+        vision = self.model.config.vision_config
+        patch, temporal = int(vision.patch_size), int(vision.temporal_patch_size)
+        counts = [int(g.prod()) for g in grid]
+        out = [
+            unpatchify(p, (int(g[1]), int(g[2])), patch, self.merge, temporal).to(
+                device, torch.float32
+            )
+            for p, g in zip(torch.split(pixels, counts), grid, strict=True)
+        ]
+        return out, grid
+
+    def rope_positions(self, ids: Sequence[int], grid: Any) -> Any:
+        """The 3-D rope positions `(3, 1, L)` of the whole prompt + generation `ids`, for
+        images of `grid` (on its device)."""
+        import torch
+
+        full = torch.tensor([list(ids)], device=grid.device)
+        types = (full == self.image_token_id).int()
+        positions, _ = self.model.model.get_rope_index(
+            full, mm_token_type_ids=types, image_grid_thw=grid
+        )
+        return positions
+
+    def torch_vision(self, input_hw: tuple[int, int]) -> TorchVision:
+        """The vision tower + merger in torch, batched at `input_hw`."""
+        from detectors.scorers.families.qwen2_5_vl_vision import qwen_vision_module
+
+        return TorchVision(qwen_vision_module(self.model, input_hw))
 
     def input_hw(self, image: np.ndarray) -> tuple[int, int]:
         """The `(H, W)` pixels the image processor resizes `image` to (multiples of 28),
@@ -160,20 +177,14 @@ class QwenModel:
         device = next(self.model.parameters()).device
         pixels, grid = self.pixel_inputs([image])
         ids = torch.tensor([self.prompt_ids(prompt, image)], device=device)
-        tokenizer = self.tokenizer
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pixel_values=pixels.to(device),
-                image_grid_thw=grid.to(device),
-                mm_token_type_ids=(ids == self.image_token_id).int(),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        return Generation.from_row(out[0, ids.shape[1] :].cpu().tolist(), tokenizer)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": pixels.to(device),
+            "image_grid_thw": grid.to(device),
+            "mm_token_type_ids": (ids == self.image_token_id).int(),
+        }
+        return Generation.greedy(self.model, self.tokenizer, inputs, max_new_tokens)[0]
 
     def image_tokens(self, input_hw: tuple[int, int]) -> int:
         """Image tokens for an input of `input_hw` pixels (one per merged patch)."""
@@ -223,20 +234,12 @@ def load_qwen(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> QwenModel:
-    """Load a Qwen2.5-VL checkpoint from a local directory (never from a hub).
-
-    `dtype`: the weights' dtype, as for `load_llava` (float32 unless asked otherwise).
-
-    Raises:
-        ModelLoadError: missing directory, no config.json, or another architecture.
-        ValueError: an unknown dtype.
-    """
+    """Load a Qwen2.5-VL checkpoint from a local directory (never from a hub): the model, its
+    image processor (`Qwen2VLImageProcessorPil`) and tokenizer.  `dtype` (float32 unless asked
+    otherwise) and the errors raised (`ModelLoadError`, `ValueError`) as for `load_llava`."""
     path = Path(model_dir)
     model = load_pretrained(path, ARCHITECTURE, threads=threads, device=device, dtype=dtype)
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
-
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    image_processor, tokenizer = load_processors(path, "Qwen2VLImageProcessorPil")
     return QwenModel(model=model, image_processor=image_processor, tokenizer=tokenizer, path=path)
 
 
@@ -345,46 +348,14 @@ def unpatchify(
     return x.reshape(1, c, gh * patch, gw * patch)
 
 
-class QwenScorer:
-    """The plain way: mask in pixel space, run the image processor and one full forward per
-    masked image (`max_batch_size` images per call, patches concatenated).  With a `layout`
-    of several images, every masked canvas is cut back into its images, given to the model as
-    the prompt's several images."""
+class QwenScorer(PlainScorer[QwenModel]):
+    """The plain way (see `PlainScorer`), the masked images' patches concatenated.  With a
+    `layout` of several images, every masked canvas is cut back into its images, given to the
+    model as the prompt's several images."""
 
-    def __init__(
-        self,
-        qwen: QwenModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        max_batch_size: int = 1,
-        layout: ImageLayout | None = None,
-    ) -> None:
-        self.qwen = qwen
-        self.layout = layout or ImageLayout.single((int(image.shape[0]), int(image.shape[1])))
-        self.prompt_ids = qwen.prompt_ids(prompt, image, self.layout)
-        self.generated_ids = [int(i) for i in generated_ids]
-        self._max_batch_size = max_batch_size
+    label = "qwen2.5-vl"
 
-    @property
-    def name(self) -> str:
-        return f"qwen2.5-vl-torch({self.qwen.name})"
-
-    @property
-    def max_batch_size(self) -> int:
-        return self._max_batch_size
-
-    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
-        import torch
-
-        check_targets(targets, self.generated_ids)
-        model = self.qwen.model
-        device = next(model.parameters()).device
-        last = max(t.position for t in targets)
-        ids = torch.tensor(
-            [self.prompt_ids + self.generated_ids[:last]] * batch.size, device=device
-        )
+    def _image_inputs(self, batch: MaskedBatch, ids: Any) -> dict[str, Any]:
         if batch.image.shape[:2] != self.layout.canvas_hw:
             raise InvalidImageError(
                 f"the batch's image has shape {batch.image.shape}; this scorer was built for "
@@ -392,26 +363,18 @@ class QwenScorer:
             )
         # every masked canvas's images, in prompt order, canvas after canvas
         images = [i for canvas in batch.pixels() for i in self.layout.split(canvas)]
-        pixels, grid = self.qwen.pixel_inputs(images)
-        types = (ids == self.qwen.image_token_id).int()
-        with torch.inference_mode():
-            logits = model(
-                input_ids=ids,
-                pixel_values=pixels.to(device),
-                image_grid_thw=grid.to(device),
-                mm_token_type_ids=types,
-            ).logits
-        rows = torch.tensor([len(self.prompt_ids) + t.position - 1 for t in targets], device=device)
-        logp = torch.log_softmax(logits[:, rows, :].float(), dim=-1)
-        cols = torch.tensor([t.token_id for t in targets], device=device)
-        probs = logp[:, torch.arange(len(targets), device=device), cols].exp()
-        return to_numpy(probs)
+        pixels, grid = self.loaded.pixel_inputs(images)
+        return {
+            "pixel_values": pixels.to(ids.device),
+            "image_grid_thw": grid.to(ids.device),
+            "mm_token_type_ids": (ids == self.loaded.image_token_id).int(),
+        }
 
 
-class FastQwenScorer(TensorMaskedScorer):
+class FastQwenScorer(FastScorer[QwenModel]):
     """Tensor-space masks, the vision tower batched at this sample's geometry (ONNX Runtime or
     torch, see `detectors.scorers.families.qwen2_5_vl_vision`), and the language model with the
-    text before the image cached and 3-D rope positions computed once.
+    text before the image cached and 3-D rope positions computed once (see `FastScorer`).
 
     Args:
         vision: an `OnnxVision` exported for this image's input size (see `qwen_onnx_vision`
@@ -421,43 +384,21 @@ class FastQwenScorer(TensorMaskedScorer):
         OnnxMismatchError: `vision` was exported for another input size.
     """
 
-    def __init__(
-        self,
-        qwen: QwenModel,
-        image: np.ndarray,
-        prompt: str,
-        generated_ids: Sequence[int],
-        *,
-        vision: VisionRunner | None = None,
-        chunk_size: int = 16,
-    ) -> None:
-        import torch
+    label = "qwen2.5-vl"
 
-        self._setup(image, generated_ids, chunk_size)
-        self.qwen = qwen
-        model = qwen.model
-        self.device = next(model.parameters()).device
-        config = model.config.vision_config
-        self.patch, self.temporal = int(config.patch_size), int(config.temporal_patch_size)
-        pixels, grid = qwen.pixel_inputs([self.image])
-        self.grid = grid.to(self.device)
-        self.grid_hw = (int(grid[0, 1]), int(grid[0, 2]))
+    def _build(self, prompt: str, vision: VisionRunner | None) -> None:
+        qwen = self.loaded
+        bases, grid = qwen.processed([self.image], self.device)
+        grid = grid.to(self.device)
+        hw = (int(bases[0].shape[-2]), int(bases[0].shape[-1]))
         prompt_ids = qwen.prompt_ids(prompt, self.image)
-        hw = (self.grid_hw[0] * self.patch, self.grid_hw[1] * self.patch)
-        start, count = image_span(prompt_ids, qwen.image_token_id, qwen.image_tokens(hw))
-        full = torch.tensor([prompt_ids + self.generated_ids], device=self.device)
-        positions, _ = model.model.get_rope_index(
-            full, mm_token_type_ids=(full == qwen.image_token_id).int(), image_grid_thw=self.grid
-        )
-        self.lm = PrefixCachedLM(
-            decoder=model.model.language_model,
-            embed=model.get_input_embeddings(),
-            lm_head=model.lm_head,
+        span = image_span(prompt_ids, qwen.image_token_id, qwen.image_tokens(hw))
+        self.lm = PrefixCachedLM.for_model(
+            qwen.model,
             prompt_ids=prompt_ids,
             generated_ids=self.generated_ids,
-            image_start=start,
-            image_tokens=count,
-            position_ids=positions,
+            spans=[span],
+            position_ids=qwen.rope_positions(prompt_ids + self.generated_ids, grid),
             timings=self.timings,
         )
         self.geometry = InputGeometry.resize_to(hw)
@@ -467,36 +408,19 @@ class FastQwenScorer(TensorMaskedScorer):
                 f"the vision file was exported for {exported_hw[0]}x{exported_hw[1]} inputs; "
                 f"this image is processed to {hw[0]}x{hw[1]}"
             )
-        if vision is None:
-            from detectors.scorers.families.qwen2_5_vl_vision import qwen_vision_module
-
-            vision = TorchVision(qwen_vision_module(model, hw))
-        self.vision: VisionRunner = vision
+        self.vision = vision if vision is not None else qwen.torch_vision(hw)
         # the processed image doubles as the tensor-masking base (no second preprocessing)
-        self._masks = {"base": self._unpatch(pixels), "fills": {}, "partition": None}
-
-    def _unpatch(self, pixels: Any) -> Any:
-        import torch
-
-        x = unpatchify(pixels, self.grid_hw, self.patch, self.qwen.merge, self.temporal)
-        return x.to(self.device, torch.float32)
-
-    @property
-    def name(self) -> str:
-        lm = f"lm=torch:{self.device.type}"
-        return f"qwen2.5-vl-fast({self.qwen.name}; {self.vision.name}; {lm})"
+        self._masks = {"base": bases[0], "fills": {}, "partition": None}
 
     def _preprocess(self, image: np.ndarray) -> Any:
-        pixels, _ = self.qwen.pixel_inputs([image])
-        return self._unpatch(pixels)
-
-    def _encode(self, images: Any) -> Any:
-        return self.vision(images)
+        bases, _ = self.loaded.processed([image], self.device)
+        return bases[0]
 
 
 class QwenFamily(ScorerFactories):
     """Qwen2.5-VL checkpoints: a windowed ViT with 2-D rope, a patch merger, 3-D rope text."""
 
+    loader = load_qwen
     plain_scorer_class = QwenScorer
     fast_scorer_class = FastQwenScorer
 
@@ -520,16 +444,6 @@ class QwenFamily(ScorerFactories):
         from detectors.scorers.families.qwen2_5_vl_images import FastQwenImagesScorer
 
         return FastQwenImagesScorer
-
-    def load(
-        self,
-        model_dir: str | Path,
-        *,
-        threads: int | None = None,
-        device: str = "cpu",
-        dtype: str = "float32",
-    ) -> QwenModel:
-        return load_qwen(model_dir, threads=threads, device=device, dtype=dtype)
 
     def vision_spec(
         self,

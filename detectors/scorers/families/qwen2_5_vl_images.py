@@ -11,7 +11,6 @@ prompt computed once, as for one image (`detectors.scorers.fast`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,18 +19,12 @@ import numpy as np
 
 from detectors.errors import InvalidImageError
 from detectors.layout import ImageLayout
-from detectors.scorers.fast import (
-    PrefixCachedLM,
-    Timings,
-    check_targets,
-    image_spans,
-    run_timed,
-    to_numpy,
-)
+from detectors.scorers.families.scorers import fast_scorer_name
+from detectors.scorers.fast import ChunkedScorer, PrefixCachedLM, image_spans, run_timed
 from detectors.scorers.masked import MaskedBatch, fill_image
 from detectors.scorers.tensor_masks import InputGeometry, label_shares
-from detectors.scorers.vision import TorchVision, VisionRunner
-from detectors.types import Fill, Target
+from detectors.scorers.vision import VisionRunner
+from detectors.types import Fill
 
 if TYPE_CHECKING:
     from detectors.scorers.families.qwen2_5_vl import QwenModel
@@ -52,7 +45,7 @@ class _Image:
     shares: Any = None  # RegionShares of those ids on this image's input grid
 
 
-class FastQwenImagesScorer:
+class FastQwenImagesScorer(ChunkedScorer):
     """Tensor-space masks for a canvas of several images fed to Qwen2.5-VL as the prompt's
     several images (one `<|image_pad|>` per image of `layout`, in its order).
 
@@ -82,53 +75,34 @@ class FastQwenImagesScorer:
         vision: VisionRunner | None = None,
         chunk_size: int = 16,
     ) -> None:
-        import torch
-
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.image = np.asarray(image)
+        self._setup(image, generated_ids, chunk_size)
         if self.image.shape[:2] != layout.canvas_hw:
             raise InvalidImageError(
                 f"the canvas has shape {self.image.shape}; the layout is for {layout.canvas_hw}"
             )
-        self.qwen, self.layout, self.chunk_size = qwen, layout, chunk_size
-        self.generated_ids = [int(i) for i in generated_ids]
-        self.timings = Timings()
-        model = qwen.model
-        self.device = next(model.parameters()).device
-        config = model.config.vision_config
-        self.patch, self.temporal = int(config.patch_size), int(config.temporal_patch_size)
+        self.qwen, self.layout = qwen, layout
+        self.device = next(qwen.model.parameters()).device
         bases, grid = self._processed(self.image)
-        self.grid = grid.to(self.device)
-        hws = [(int(g[1]) * self.patch, int(g[2]) * self.patch) for g in grid]
+        grid = grid.to(self.device)
+        hws = [(int(b.shape[-2]), int(b.shape[-1])) for b in bases]
         runners: dict[tuple[int, int], VisionRunner] = {}
         if vision is not None:
             runners[tuple(getattr(vision, "input_hw", ()))] = vision
         for hw in hws:
             if hw not in runners:
-                from detectors.scorers.families.qwen2_5_vl_vision import qwen_vision_module
-
-                runners[hw] = TorchVision(qwen_vision_module(model, hw))
+                runners[hw] = qwen.torch_vision(hw)
         self.images = [
             _Image(box=box, hw=hw, base=base, vision=runners[hw])
             for box, hw, base in zip(layout.boxes, hws, bases, strict=True)
         ]
         prompt_ids = qwen.prompt_ids(prompt, self.image, layout)
         spans = image_spans(prompt_ids, qwen.image_token_id, [qwen.image_tokens(h) for h in hws])
-        full = torch.tensor([prompt_ids + self.generated_ids], device=self.device)
-        positions, _ = model.model.get_rope_index(
-            full, mm_token_type_ids=(full == qwen.image_token_id).int(), image_grid_thw=self.grid
-        )
-        self.lm = PrefixCachedLM(
-            decoder=model.model.language_model,
-            embed=model.get_input_embeddings(),
-            lm_head=model.lm_head,
+        self.lm = PrefixCachedLM.for_model(
+            qwen.model,
             prompt_ids=prompt_ids,
             generated_ids=self.generated_ids,
-            image_start=spans[0][0],
-            image_tokens=sum(n for _, n in spans),
-            image_spans=spans,
-            position_ids=positions,
+            spans=spans,
+            position_ids=qwen.rope_positions(prompt_ids + self.generated_ids, grid),
             timings=self.timings,
         )
         self._partition: Any = None
@@ -136,42 +110,21 @@ class FastQwenImagesScorer:
 
     def _processed(self, canvas: np.ndarray) -> tuple[list[Any], Any]:
         """Each image of `canvas` as the model's `(1, C, h, w)` input, and the grids."""
-        import torch
-
-        from detectors.scorers.families.qwen2_5_vl import unpatchify
-
         images = [np.ascontiguousarray(i) for i in self.layout.split(canvas)]
-        pixels, grid = self.qwen.pixel_inputs(images)
-        counts = [int(g.prod()) for g in grid]
-        out = [
-            unpatchify(p, (int(g[1]), int(g[2])), self.patch, self.qwen.merge, self.temporal).to(
-                self.device, torch.float32
-            )
-            for p, g in zip(torch.split(pixels, counts), grid, strict=True)
-        ]
-        return out, grid
+        return self.qwen.processed(images, self.device)
 
     @property
     def name(self) -> str:
         visions = "; ".join(sorted({i.vision.name for i in self.images}))
-        lm = f"lm=torch:{self.device.type}"
-        n = len(self.images)
-        return f"qwen2.5-vl-fast({self.qwen.name}; {n} images; {visions}; {lm})"
+        parts = [f"{len(self.images)} images", visions]
+        return fast_scorer_name("qwen2.5-vl", self.qwen.name, parts, self.device)
 
-    @property
-    def max_batch_size(self) -> int:
-        return self.chunk_size
-
-    def _prepare(self, batch: MaskedBatch) -> Any:
+    def _prepare_masks(self, batch: MaskedBatch) -> Any:
         """The batch's kept-region matrix on the device, after readying each image's region
         shares (per partition) and fill (per fill)."""
         import torch
 
-        if batch.image.shape != self.image.shape:
-            raise InvalidImageError(
-                f"the batch's image has shape {batch.image.shape}; this scorer was built for "
-                f"{self.image.shape}"
-            )
+        self._check_image(batch)
         if batch.partition is not self._partition:
             for part in self.images:
                 top, left, h, w = part.box
@@ -189,7 +142,7 @@ class FastQwenImagesScorer:
             ]
         return torch.from_numpy(batch.keep.astype(np.float32)).to(self.device)
 
-    def _features(self, keep: Any, fill: Fill) -> Any:
+    def _chunk_features(self, keep: Any, fill: Fill) -> Any:
         """`(b, T, D)`: the masked images of `b` kept-region rows, encoded, concatenated."""
         import torch
 
@@ -200,20 +153,3 @@ class FastQwenImagesScorer:
             masked = torch.addcmul(image, share.view(rows, 1, *part.hw), diff)
             out.append(run_timed(self.timings, "vision", part.vision, masked))
         return torch.cat(out, dim=1)
-
-    def score(self, batch: MaskedBatch, targets: Sequence[Target]) -> np.ndarray:
-        import torch
-
-        started = time.perf_counter()
-        check_targets(targets, self.generated_ids)
-        t = self.timings
-        keep = run_timed(t, "masking", self._prepare, batch)
-        out = []
-        for i in range(0, batch.size, self.chunk_size):
-            features = self._features(keep[i : i + self.chunk_size], batch.fill)
-            out.append(run_timed(t, "language_model", self.lm.probs, features, targets))
-        probs = to_numpy(torch.cat(out))
-        t.calls += 1
-        t.rows += batch.size
-        t.total += time.perf_counter() - started
-        return probs
