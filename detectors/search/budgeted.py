@@ -39,15 +39,20 @@ the surrogate and the screening are in `detectors.search.surrogate`.
    counter-evidence, such as the object that argues against a prior-driven word).  The
    regions left in the middle are ordered for free by continuing both greedy searches on their
    surrogates, from the front and from the back in turn (without a tail: from the front).
-7. Without a measured tail, the end of the ordering comes from measurements too: the regions
-   that the screening saw arguing against the token (their logit gain alone on the blank image
-   plus their logit drop when removed from the original is negative: counter-evidence, the
-   knife that argues for "yes" when the answer explained is "no") go last, the strongest last.
-   Both sides count, so that an object cut into several regions, none of which alone moves the
-   original, is still seen on the blank image.
-   Those are the regions a correction removes first (EAGLE.md section 8), and the surrogate,
-   saturated once the compact set explains the token, cannot rank them (it placed the
-   counter-evidence of a wrong "yes" anywhere in the middle).  Costs no pass.
+7. Without a tail refined from both ends, the end of the ordering is measured where it
+   matters: the regions that argue against the token (counter-evidence: removing one alone
+   from the original raises the token, or its logit gain alone on the blank image plus its
+   drop when removed from the original is negative: the knife that argues for "yes" when the
+   answer explained is "no") are removed from the original one after another, from the back.
+   The last region is the one whose removal alone raised the token the most (screened, free);
+   each step before it measures the `tail_candidates` strongest remaining candidates with the
+   regions already placed behind them removed and takes the one that leaves the token
+   highest, for at most `tail_steps` regions and within the budget left.  Removing regions in
+   context sees what no single region shows: an object cut into two regions, each of which
+   alone the other stands in for.  Those are the regions a correction removes first (EAGLE.md
+   section 8); the surrogate, saturated once the compact set explains the token, cannot rank
+   them.  When no pass is left, the screened counter-evidence goes last, strongest last
+   (free).
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ class _Tuning:
     candidates: int
     refresh_tolerance: float
     coverage: float
+    tail_candidates: int = 8
+    tail_steps: int = 4
 
 
 def budgeted_greedy(
@@ -86,6 +93,8 @@ def budgeted_greedy(
     coverage: float = 0.9,
     refresh_tolerance: float = 1.0,
     stop_when_converged: bool = True,
+    tail_candidates: int = 8,
+    tail_steps: int = 4,
 ) -> tuple[SearchTrace, list[int]]:
     """Run the budgeted search; see the module docstring.  Never spends more than the budget.
 
@@ -107,12 +116,18 @@ def budgeted_greedy(
         surrogate=screen(evaluator, full[columns], blank[columns], columns),
         weights=weights,
         tuning=_Tuning(
-            candidates=candidates, refresh_tolerance=refresh_tolerance, coverage=coverage
+            candidates=candidates,
+            refresh_tolerance=refresh_tolerance,
+            coverage=coverage,
+            tail_candidates=tail_candidates,
+            tail_steps=tail_steps,
         ),
     )
     converged = search.front(budget.max_regions, stop_when_converged)
     if converged and not stop_when_converged:
         search.both_ends()
+    elif converged:
+        search.measured_tail()
     return trace, search.order()
 
 
@@ -145,6 +160,7 @@ class _Search:
         self.chosen = np.zeros(n, dtype=np.bool_)
         self.behind = np.zeros(n, dtype=np.bool_)
         self.tail: list[int] = []
+        self.removed_tail: list[int] = []  # step 7, placed last first
         self.current_ins, self.current_del = blank, full
         self.probed: set[str] = set()
         self.refresh_front = False
@@ -215,11 +231,51 @@ class _Search:
                 break
         self.trace.stopped_by = self.evaluator.stop_reason or StopReason.CONVERGED
 
+    def measured_tail(self) -> None:
+        """Step 7: the end of the ordering measured by removing counter-evidence from the
+        original, from the back (see the module docstring)."""
+        cols, n = self.columns, self.evaluator.n_regions
+        drop = self.surrogate.screened_drop.mean(axis=1)
+        strength = np.minimum(drop, self.support)
+        found = [r for r in self.pool if self.screened[r] and strength[r] < 0.0]
+        if not found:
+            return
+        ranked = sorted(found, key=lambda r: (strength[r], r))  # the strongest first
+        tail = [min(found, key=lambda r: (drop[r], r))]
+        removed = np.zeros(n, dtype=np.bool_)
+        removed[tail[0]] = True
+        alone = self.evaluator.evaluate(~removed[None])  # screened: from the cache, no pass
+        if alone.shape[0]:
+            self.trace.record(n - 1, alone[0], np.full_like(alone[0], np.nan))
+        while len(tail) < self.tuning.tail_steps:
+            group = [r for r in ranked if not removed[r]][: self.tuning.tail_candidates]
+            remaining = self.evaluator.remaining_passes
+            if not group or (remaining is not None and remaining < len(group)):
+                break
+            keep = np.repeat(~removed[None], len(group), axis=0)
+            keep[np.arange(len(group)), group] = False
+            scores = self.evaluator.evaluate(keep)
+            if scores.shape[0] < len(group):  # a time budget ran out
+                break
+            best = int(np.argmax(scores[:, cols].mean(axis=1)))
+            tail.append(group[best])
+            removed[group[best]] = True
+            # the first n - len(tail) regions of the final order visible: an insertion point
+            self.trace.record(n - len(tail), scores[best], np.full_like(scores[best], np.nan))
+        self.removed_tail = tail
+
     def order(self) -> list[int]:
         """Front, the middle ordered on the surrogates (free), tail."""
         rest = list(self.pool)
         if not self.tail:
             middle = [self.surrogate.take_best(rest, self.f_of) for _ in self.pool]
+            if self.removed_tail:
+                behind = set(self.removed_tail)
+                return [
+                    *self.trace.selected,
+                    *(r for r in middle if r not in behind),
+                    *reversed(self.removed_tail),
+                ]
             counter = self._counter_evidence(middle)
             behind = set(counter)
             return [*self.trace.selected, *(r for r in middle if r not in behind), *counter]

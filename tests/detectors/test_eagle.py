@@ -225,6 +225,31 @@ def test_counter_evidence_goes_last_when_the_search_stops_early() -> None:
     assert a.order[-2:].tolist() == [1, 2]
 
 
+def test_the_end_of_the_ordering_is_measured_by_removing_counter_evidence_in_context() -> None:
+    # "no" to "Is there a fork?": region 5 carries it.  The knife, regions 10 and 11, argues
+    # for "yes" and each piece stands in for the other: removing either alone barely moves
+    # the token, removing both raises it by 4 logits.  Region 30 argues against it most on the
+    # blank image but not beside region 5 (removing it from the original changes nothing).
+    # Ranked on the screening alone, 30 went last and the knife's second piece before it;
+    # removed in context from the back, the knife is the end of the ordering, as a
+    # correction needs (EAGLE.md section 8: the answer flips once both pieces are gone).
+    weights = {5: 6.0, 10: -4.2, 11: -4.0, 30: -5.0}
+    pairs = ((10, 11, 4.0), (5, 30, 5.0))
+    scorer = _response_scorer(-1.0, weights, pairs, noise=0.0)
+    image, partition = _setup(64)
+    budget = SearchBudget.fraction_of_exact(64, 0.10)
+    a = EagleSearch(scorer, budget).attribute(image, partition, [TARGET])
+    assert a.stopped_by is StopReason.CONVERGED and a.compact_set == (5,)
+    assert a.order[-2:].tolist() == [11, 10]
+    # the measured points: the token with the last one and the last two regions removed
+    keep = np.ones((2, 64), dtype=np.bool_)
+    keep[0, 10] = False
+    keep[1, [10, 11]] = False
+    measured = scorer.probabilities(keep, [TARGET])
+    assert np.allclose(a.insertion[[63, 62], 0], measured[:, 0])
+    assert measured[0, 0] < 0.75 < 0.99 < measured[1, 0]  # the second piece flips it
+
+
 def _objective_area(scorer: AnalyticScorer, order: np.ndarray) -> float:
     image, partition = _setup(order.size)
     return objective_area(*order_curves(scorer, image, partition, order, [TARGET]))
