@@ -341,29 +341,78 @@ def test_released_on_stop_the_job_goes_back_uncounted_and_the_late_result_is_ref
     assert worker.release_current() is False  # and nothing after
 
 
+class _Ticks:
+    """The heartbeat's wait, stepped by the test instead of sleeping: each wait records the
+    interval asked for and returns once the test `tick`s (the clock moved on by that interval)
+    or the audit is over."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.intervals: list[float] = []
+        self._ticked = 0
+        self._changed = threading.Condition()
+
+    def __call__(self, done: threading.Event, interval: float) -> bool:
+        with self._changed:
+            self.intervals.append(interval)
+            self._changed.notify_all()
+            waited = len(self.intervals)
+            # `done` is set from the audit's thread, which cannot notify this condition
+            while self._ticked < waited:
+                if done.is_set():
+                    return True
+                self._changed.wait(0.05)
+            return False
+
+    def tick(self) -> None:
+        """Let the pending wait run out, the clock moved on by its interval; returns when the
+        heartbeat waits again (its extension, if any, committed)."""
+        with self._changed:
+            waits = len(self.intervals)
+            assert waits == self._ticked + 1, "no wait pending"
+            self.clock.now += timedelta(seconds=self.intervals[-1])
+            self._ticked = waits
+            self._changed.notify_all()
+            assert self._changed.wait_for(lambda: len(self.intervals) > waits, timeout=30)
+
+    def first(self) -> None:
+        """Returns when the heartbeat waits for the first time."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self.intervals) > 0, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("lease_seconds", "interval"),
+    [(6.0, 2.0), (1.2, 0.5)],  # a third of the lease; at least half a second
+)
 def test_the_heartbeat_extends_the_lease_from_the_clock_every_third_of_it(
-    tmp_path: Path,
+    tmp_path: Path, lease_seconds: float, interval: float
 ) -> None:
-    """A 6 s lease is extended every 2 s: not yet after 1 s, by then after 3.5 s, each time to
-    the clock's now plus the lease."""
+    """Each time the interval runs out (a third of the lease, not under 0.5 s) the lease is
+    extended to the clock's now plus the lease, until the audit is over."""
     runtime = _runtime(tmp_path)
     (sample_id,) = _submit(runtime)
     clock = Clock()
+    ticks = _Ticks(clock)
     leases: list[datetime | None] = []
 
-    def wait() -> None:
-        clock.now = T0 + timedelta(minutes=10)
-        time.sleep(1.0)
-        leases.append(_naive(_state(runtime, sample_id)[0].lease_expires_at))
-        time.sleep(2.5)
-        leases.append(_naive(_state(runtime, sample_id)[0].lease_expires_at))
+    def lease() -> datetime | None:
+        return _naive(_state(runtime, sample_id)[0].lease_expires_at)
 
-    auditors = {n: _During(a, wait) for n, a in runtime.auditors.items()}
-    worker = _worker(runtime, auditors, lease_seconds=6.0, clock=clock)
+    def step() -> None:  # mid-audit: two intervals run out
+        ticks.first()
+        leases.append(lease())
+        ticks.tick()
+        leases.append(lease())
+        ticks.tick()
+        leases.append(lease())
+
+    auditors = {n: _During(a, step) for n, a in runtime.auditors.items()}
+    worker = _worker(runtime, auditors, lease_seconds=lease_seconds, clock=clock, wait=ticks)
     assert worker.run_once() is True
+    assert ticks.intervals == [interval] * 3  # the third wait ended with the audit
     assert leases == [
-        _naive(T0 + timedelta(seconds=6)),
-        _naive(T0 + timedelta(minutes=10, seconds=6)),
+        _naive(T0 + timedelta(seconds=lease_seconds + k * interval)) for k in range(3)
     ]
     assert _state(runtime, sample_id)[0].status is JobStatus.DONE
 
