@@ -276,6 +276,7 @@ def test_a_retryable_failure_goes_back_to_the_queue_after_the_backoff(
     error = queue.FailureReason.ERROR
     assert _jobs_failed(runtime, error) == 1
     assert _metric(runtime, "guardrail_audit_failures_total", model="reference") == 2
+    assert (worker.current_job, worker.jobs_done) == (None, 2)  # each job counted once
 
 
 def test_bad_input_fails_at_once_with_the_clocks_time(tmp_path: Path) -> None:
