@@ -25,10 +25,12 @@ from fastapi.testclient import TestClient
 from guardrail.logs import request_id_var, sample_id_var
 from guardrail.service.api import create_app
 from guardrail.service.auditor import ModelAuditor
+from guardrail.service.otel import build_exporter
 from guardrail.service.runtime import Runtime
 from guardrail.service.worker import Worker
 from storage import queue
 from storage.models import Job, JobStatus, Sample, SampleStatus, VerdictRecord, WorkerRecord
+from tests.guardrail.otlp_receiver import otlp_receiver
 from tests.guardrail.test_service import AUTH, OUTPUT, _body, _runtime, _trap
 
 # far from the machine's clock: a decision that reads the real time instead of the worker's
@@ -194,6 +196,26 @@ def test_a_claim_leases_the_job_from_the_clock_and_the_audit_completes_it(
     assert words == {("fork", "borrowed_evidence"): 1.0, ("knife", "grounded"): 1.0}
     assert _metric(runtime, "guardrail_audit_failures_total", model="reference") == 0
     assert worker.run_once() is False  # exactly one job
+
+
+def test_the_verdicts_are_exported_after_the_commit_in_the_clients_trace(tmp_path: Path) -> None:
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with otlp_receiver() as receiver:
+        runtime = _runtime(tmp_path, otel_endpoint=receiver.url)
+        (sample_id,) = _submit(runtime, output=OUTPUT)
+        with runtime.sessions.begin() as session:  # as the proxy stores the client's header
+            sample = session.get(Sample, sample_id)
+            assert sample is not None
+            sample.traceparent = f"00-{trace_id}-{parent_id}-01"
+        exporter = build_exporter(runtime.settings, runtime.metrics)
+        assert exporter is not None
+        worker = _worker(runtime, exporter=exporter)
+        assert worker.run_once() is True
+        exporter.shutdown()  # flushes
+    (span,) = receiver.spans
+    assert span.attributes["guardrail.sample.id"] == sample_id
+    assert (span.trace_id, span.parent_span_id) == (trace_id, parent_id)
+    assert len(span.events) == 4  # one evaluation per word
 
 
 def test_jobs_whose_workers_died_on_every_attempt_fail_before_the_next_claim(
