@@ -518,7 +518,8 @@ def test_the_loop_beats_while_it_runs_and_forgets_its_row_when_stopped(tmp_path:
 
     auditors = {n: _During(a, beat_mid_audit) for n, a in runtime.auditors.items()}
     worker = _worker(runtime, auditors, clock=clock, poll_seconds=0.05, heartbeat_seconds=0.2)
-    loop = threading.Thread(target=worker.run, daemon=True)
+    # not a daemon, as a worker process runs it (children.py): its heartbeat thread is one itself
+    loop = threading.Thread(target=worker.run, daemon=False)
     loop.start()
     try:
         _wait(lambda: _heartbeats(runtime) == [("w-1", None, _naive(T0))], "an idle heartbeat")
