@@ -571,9 +571,9 @@ def test_a_worker_without_its_tables_logs_each_failure_and_still_stops(
     with caplog.at_level(logging.WARNING, logger="guardrail.worker"):
         loop.start()
         try:
-            _wait(lambda: "worker w-1: queue error" in _messages(caplog, logging.ERROR), "an error")
-            heartbeat = "worker w-1: could not record its heartbeat"
-            _wait(lambda: heartbeat in _messages(caplog, logging.WARNING), "the heartbeat")
+            # any error and warning (the texts are checked below: a wrong one fails at once)
+            _wait(lambda: bool(_messages(caplog, logging.ERROR)), "a queue error")
+            _wait(lambda: bool(_messages(caplog, logging.WARNING)), "a heartbeat warning")
         finally:
             worker.stop.set()
             loop.join(timeout=30)
