@@ -58,6 +58,7 @@ class Worker:
         heartbeat_seconds: float = 5.0,
         clock: Callable[[], datetime] = utcnow,
         exporter: VerdictExporter | None = None,
+        wait: Callable[[threading.Event, float], bool] = threading.Event.wait,
     ) -> None:
         self.sessions = sessions
         self.auditors = auditors
@@ -67,6 +68,9 @@ class Worker:
         self.heartbeat_seconds = heartbeat_seconds
         self.clock = clock  # the queue's notion of now (tests pass a fake one)
         self.exporter = exporter  # verdicts as OpenTelemetry spans, after each commit
+        # how the lease's heartbeat waits out its interval: True once the audit is over (tests
+        # step it with their clock instead of sleeping)
+        self.wait = wait
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stop = threading.Event()
         self.current_job: int | None = None
@@ -300,7 +304,7 @@ class Worker:
 
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
         interval = max(0.5, self.lease_seconds / 3)
-        while not done.wait(interval):
+        while not self.wait(done, interval):
             try:
                 with self.sessions.begin() as session:
                     if not queue.extend(

@@ -22,12 +22,15 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from guardrail.logs import request_id_var, sample_id_var
 from guardrail.service.api import create_app
 from guardrail.service.auditor import ModelAuditor
+from guardrail.service.otel import build_exporter
 from guardrail.service.runtime import Runtime
 from guardrail.service.worker import Worker
 from storage import queue
 from storage.models import Job, JobStatus, Sample, SampleStatus, VerdictRecord, WorkerRecord
+from tests.guardrail.otlp_receiver import otlp_receiver
 from tests.guardrail.test_service import AUTH, OUTPUT, _body, _runtime, _trap
 
 # far from the machine's clock: a decision that reads the real time instead of the worker's
@@ -116,6 +119,12 @@ def _jobs_failed(runtime: Runtime, reason: str) -> float:
     return _metric(runtime, "guardrail_jobs_failed_total", model="reference", reason=reason)
 
 
+def _messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    """The worker's log lines at exactly `level`, in order."""
+    records = caplog.records
+    return [r.getMessage() for r in records if r.name == "guardrail.worker" and r.levelno == level]
+
+
 def _worker(runtime: Runtime, auditors: Any = None, **kwargs: Any) -> Worker:
     kwargs.setdefault("clock", Clock())
     kwargs.setdefault("owner", "w-1")
@@ -131,7 +140,7 @@ def test_an_empty_queue_is_no_work(tmp_path: Path) -> None:
 
 
 def test_a_claim_leases_the_job_from_the_clock_and_the_audit_completes_it(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     runtime = _runtime(tmp_path)
     (sample_id,) = _submit(runtime, output=OUTPUT)
@@ -142,11 +151,19 @@ def test_a_claim_leases_the_job_from_the_clock_and_the_audit_completes_it(
         seen["job"], seen["status"], _ = _state(runtime, sample_id)
         seen["heartbeats"] = _heartbeats(runtime)
         seen["current"] = worker.current_job
+        seen["context"] = (request_id_var.get(), sample_id_var.get())
 
     auditors = {name: _During(a, look) for name, a in runtime.auditors.items()}
     worker = _worker(runtime, auditors, lease_seconds=77.0, clock=clock)
-    assert worker.run_once() is True
+    with caplog.at_level(logging.INFO, logger="guardrail.worker"):
+        assert worker.run_once() is True
     job = seen["job"]
+    # the audit's log lines name its sample and the client's request id, and only its own
+    assert seen["context"] == ("r-0", sample_id)
+    assert (request_id_var.get(), sample_id_var.get()) == (None, None)
+    assert (
+        _messages(caplog, logging.INFO)[0] == f"worker w-1: auditing job {job.id} (model reference)"
+    )
     assert (job.status, job.lease_owner, job.attempts) == (JobStatus.RUNNING, "w-1", 1)
     assert _naive(job.lease_expires_at) == _naive(T0 + timedelta(seconds=77))
     assert seen["status"] is SampleStatus.AUDITING
@@ -181,8 +198,28 @@ def test_a_claim_leases_the_job_from_the_clock_and_the_audit_completes_it(
     assert worker.run_once() is False  # exactly one job
 
 
+def test_the_verdicts_are_exported_after_the_commit_in_the_clients_trace(tmp_path: Path) -> None:
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with otlp_receiver() as receiver:
+        runtime = _runtime(tmp_path, otel_endpoint=receiver.url)
+        (sample_id,) = _submit(runtime, output=OUTPUT)
+        with runtime.sessions.begin() as session:  # as the proxy stores the client's header
+            sample = session.get(Sample, sample_id)
+            assert sample is not None
+            sample.traceparent = f"00-{trace_id}-{parent_id}-01"
+        exporter = build_exporter(runtime.settings, runtime.metrics)
+        assert exporter is not None
+        worker = _worker(runtime, exporter=exporter)
+        assert worker.run_once() is True
+        exporter.shutdown()  # flushes
+    (span,) = receiver.spans
+    assert span.attributes["guardrail.sample.id"] == sample_id
+    assert (span.trace_id, span.parent_span_id) == (trace_id, parent_id)
+    assert len(span.events) == 4  # one evaluation per word
+
+
 def test_jobs_whose_workers_died_on_every_attempt_fail_before_the_next_claim(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     runtime = _runtime(tmp_path)
     dead, alive = _submit(runtime, 2)
@@ -199,8 +236,12 @@ def test_jobs_whose_workers_died_on_every_attempt_fail_before_the_next_claim(
     assert worker.run_once() is False
     assert _state(runtime, dead)[0].status is JobStatus.RUNNING
     clock.now = T0 + timedelta(seconds=11)  # the lease ran out, no attempt left
-    assert worker.run_once() is False  # failed, not claimed
+    with caplog.at_level(logging.WARNING, logger="guardrail.worker"):
+        assert worker.run_once() is False  # failed, not claimed
     job, _, _ = _state(runtime, dead)
+    assert _messages(caplog, logging.WARNING) == [
+        f"worker w-1: job {job.id} (sample {dead}) failed: its worker died on each of 1 attempts"
+    ]
     assert (job.status, job.failure_reason) == (
         JobStatus.FAILED,
         queue.FailureReason.WORKER_CRASHED,
@@ -213,7 +254,9 @@ def test_jobs_whose_workers_died_on_every_attempt_fail_before_the_next_claim(
     assert _jobs_failed(runtime, crashed) == 1
 
 
-def test_a_retryable_failure_goes_back_to_the_queue_after_the_backoff(tmp_path: Path) -> None:
+def test_a_retryable_failure_goes_back_to_the_queue_after_the_backoff(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     runtime = _runtime(tmp_path)
     (sample_id,) = _submit(runtime)
     failing = {
@@ -221,8 +264,15 @@ def test_a_retryable_failure_goes_back_to_the_queue_after_the_backoff(tmp_path: 
     }
     clock = Clock()
     worker = _worker(runtime, failing, clock=clock)
-    assert worker.run_once() is True  # it worked on a job: the loop does not sleep
+    with caplog.at_level(logging.DEBUG, logger="guardrail.worker"):
+        assert worker.run_once() is True  # it worked on a job: the loop does not sleep
     job, status, verdicts = _state(runtime, sample_id)
+    # the error in one line, its traceback at debug level
+    failed = f"worker w-1: job {job.id} failed: MemoryError: CUDA out of memory"
+    assert _messages(caplog, logging.WARNING) == [failed]
+    (trace,) = _messages(caplog, logging.DEBUG)
+    assert trace.startswith("Traceback (most recent call last):")
+    assert trace.rstrip().endswith("MemoryError: CUDA out of memory")
     assert (job.status, job.attempts, job.lease_owner) == (JobStatus.QUEUED, 1, None)
     assert _naive(job.run_after) == _naive(T0 + timedelta(seconds=5))  # the first backoff
     assert job.last_error == "MemoryError: CUDA out of memory"
@@ -248,6 +298,7 @@ def test_a_retryable_failure_goes_back_to_the_queue_after_the_backoff(tmp_path: 
     error = queue.FailureReason.ERROR
     assert _jobs_failed(runtime, error) == 1
     assert _metric(runtime, "guardrail_audit_failures_total", model="reference") == 2
+    assert (worker.current_job, worker.jobs_done) == (None, 2)  # each job counted once
 
 
 def test_bad_input_fails_at_once_with_the_clocks_time(tmp_path: Path) -> None:
@@ -317,7 +368,7 @@ def test_a_result_after_the_lease_was_lost_is_thrown_away(
 
 
 def test_released_on_stop_the_job_goes_back_uncounted_and_the_late_result_is_refused(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     runtime = _runtime(tmp_path)
     (sample_id,) = _submit(runtime)
@@ -331,9 +382,11 @@ def test_released_on_stop_the_job_goes_back_uncounted_and_the_late_result_is_ref
     auditors = {n: _During(a, stop) for n, a in runtime.auditors.items()}
     worker = _worker(runtime, auditors, clock=clock)
     assert worker.release_current() is False  # nothing to release yet
-    assert worker.run_once() is True
+    with caplog.at_level(logging.INFO, logger="guardrail.worker"):
+        assert worker.run_once() is True
     assert released == [True]
     job, status, verdicts = _state(runtime, sample_id)
+    assert f"worker w-1: released job {job.id}" in _messages(caplog, logging.INFO)
     assert (job.status, job.attempts, job.lease_owner) == (JobStatus.QUEUED, 0, None)
     assert _naive(job.run_after) == _naive(T0 + timedelta(seconds=3))
     assert status is SampleStatus.QUEUED and verdicts == 0
@@ -341,31 +394,116 @@ def test_released_on_stop_the_job_goes_back_uncounted_and_the_late_result_is_ref
     assert worker.release_current() is False  # and nothing after
 
 
+class _Ticks:
+    """The heartbeat's wait, stepped by the test instead of sleeping: each wait records the
+    interval asked for and returns once the test `tick`s (the clock moved on by that interval)
+    or the audit is over."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.intervals: list[float] = []
+        self._ticked = 0
+        self._changed = threading.Condition()
+
+    def __call__(self, done: threading.Event, interval: float) -> bool:
+        with self._changed:
+            self.intervals.append(interval)
+            self._changed.notify_all()
+            waited = len(self.intervals)
+            # `done` is set from the audit's thread, which cannot notify this condition
+            while self._ticked < waited:
+                if done.is_set():
+                    return True
+                self._changed.wait(0.05)
+            return False
+
+    def tick(self) -> None:
+        """Let the pending wait run out, the clock moved on by its interval; returns when the
+        heartbeat waits again (its extension, if any, committed)."""
+        with self._changed:
+            waits = len(self.intervals)
+            assert waits == self._ticked + 1, "no wait pending"
+            self.clock.now += timedelta(seconds=self.intervals[-1])
+            self._ticked = waits
+            self._changed.notify_all()
+            assert self._changed.wait_for(lambda: len(self.intervals) > waits, timeout=30)
+
+    def first(self) -> None:
+        """Returns when the heartbeat waits for the first time."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self.intervals) > 0, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("lease_seconds", "interval"),
+    [(6.0, 2.0), (1.2, 0.5)],  # a third of the lease; at least half a second
+)
 def test_the_heartbeat_extends_the_lease_from_the_clock_every_third_of_it(
-    tmp_path: Path,
+    tmp_path: Path, lease_seconds: float, interval: float
 ) -> None:
-    """A 6 s lease is extended every 2 s: not yet after 1 s, by then after 3.5 s, each time to
-    the clock's now plus the lease."""
+    """Each time the interval runs out (a third of the lease, not under 0.5 s) the lease is
+    extended to the clock's now plus the lease, until the audit is over."""
     runtime = _runtime(tmp_path)
     (sample_id,) = _submit(runtime)
     clock = Clock()
+    ticks = _Ticks(clock)
     leases: list[datetime | None] = []
 
-    def wait() -> None:
-        clock.now = T0 + timedelta(minutes=10)
-        time.sleep(1.0)
-        leases.append(_naive(_state(runtime, sample_id)[0].lease_expires_at))
-        time.sleep(2.5)
-        leases.append(_naive(_state(runtime, sample_id)[0].lease_expires_at))
+    def lease() -> datetime | None:
+        return _naive(_state(runtime, sample_id)[0].lease_expires_at)
 
-    auditors = {n: _During(a, wait) for n, a in runtime.auditors.items()}
-    worker = _worker(runtime, auditors, lease_seconds=6.0, clock=clock)
+    def step() -> None:  # mid-audit: two intervals run out
+        ticks.first()
+        leases.append(lease())
+        ticks.tick()
+        leases.append(lease())
+        ticks.tick()
+        leases.append(lease())
+
+    auditors = {n: _During(a, step) for n, a in runtime.auditors.items()}
+    worker = _worker(runtime, auditors, lease_seconds=lease_seconds, clock=clock, wait=ticks)
     assert worker.run_once() is True
+    assert ticks.intervals == [interval] * 3  # the third wait ended with the audit
     assert leases == [
-        _naive(T0 + timedelta(seconds=6)),
-        _naive(T0 + timedelta(minutes=10, seconds=6)),
+        _naive(T0 + timedelta(seconds=lease_seconds + k * interval)) for k in range(3)
     ]
     assert _state(runtime, sample_id)[0].status is JobStatus.DONE
+
+
+def test_a_heartbeat_that_cannot_reach_the_queue_logs_it_and_beats_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = _runtime(tmp_path)
+    (sample_id,) = _submit(runtime)
+    clock = Clock()
+    ticks = _Ticks(clock)
+    leases: list[datetime | None] = []
+
+    def rename(old: str, new: str) -> None:
+        with runtime.engine.begin() as connection:
+            connection.exec_driver_sql(f"ALTER TABLE {old} RENAME TO {new}")
+
+    def step() -> None:  # the queue's table is gone for one interval, then back
+        ticks.first()
+        rename("jobs", "jobs_away")
+        ticks.tick()  # the extension fails, and the heartbeat waits again
+        rename("jobs_away", "jobs")
+        ticks.tick()
+        leases.append(_naive(_state(runtime, sample_id)[0].lease_expires_at))
+
+    auditors = {n: _During(a, step) for n, a in runtime.auditors.items()}
+    worker = _worker(runtime, auditors, lease_seconds=6.0, clock=clock, wait=ticks)
+    with caplog.at_level(logging.WARNING, logger="guardrail.worker"):
+        assert worker.run_once() is True
+    job = _state(runtime, sample_id)[0]
+    assert ticks.intervals == [2.0] * 3
+    assert leases == [_naive(T0 + timedelta(seconds=4 + 6))]  # extended again after the gap
+    assert job.status is JobStatus.DONE
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        f"worker w-1: could not extend the lease of job {job.id}"
+    ]
+    assert errors[0].exc_info is not None  # with the database's error
 
 
 def test_the_loop_beats_while_it_runs_and_forgets_its_row_when_stopped(tmp_path: Path) -> None:
@@ -380,10 +518,14 @@ def test_the_loop_beats_while_it_runs_and_forgets_its_row_when_stopped(tmp_path:
 
     auditors = {n: _During(a, beat_mid_audit) for n, a in runtime.auditors.items()}
     worker = _worker(runtime, auditors, clock=clock, poll_seconds=0.05, heartbeat_seconds=0.2)
-    loop = threading.Thread(target=worker.run, daemon=True)
+    # not a daemon, as a worker process runs it (children.py): its heartbeat thread is one itself
+    loop = threading.Thread(target=worker.run, daemon=False)
     loop.start()
     try:
         _wait(lambda: _heartbeats(runtime) == [("w-1", None, _naive(T0))], "an idle heartbeat")
+        # its heartbeat thread is named after it and never holds up the interpreter's exit
+        (alive,) = [t for t in threading.enumerate() if t.name == "alive-w-1"]
+        assert alive.daemon
         clock.now = T0 + timedelta(seconds=30)  # beats again, every heartbeat_seconds
         _wait(lambda: _heartbeats(runtime) == [("w-1", None, _naive(clock.now))], "a second beat")
         (sample_id,) = _submit(runtime)
@@ -415,6 +557,33 @@ def test_the_loop_outlives_a_broken_database_and_polls_at_its_pace(
     errors = [r for r in caplog.records if "queue error" in r.getMessage()]
     assert 2 <= len(errors) <= 8  # about one per poll_seconds, not a busy loop
     assert worker.jobs_done == 0
+
+
+def test_a_worker_without_its_tables_logs_each_failure_and_still_stops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = _runtime(tmp_path)
+    with runtime.engine.begin() as connection:  # neither the queue nor the heartbeat rows
+        connection.exec_driver_sql("DROP TABLE workers")
+        connection.exec_driver_sql("DROP TABLE jobs")
+    worker = _worker(runtime, poll_seconds=0.05, heartbeat_seconds=60)
+    loop = threading.Thread(target=worker.run, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="guardrail.worker"):
+        loop.start()
+        try:
+            # any error and warning (the texts are checked below: a wrong one fails at once)
+            _wait(lambda: bool(_messages(caplog, logging.ERROR)), "a queue error")
+            _wait(lambda: bool(_messages(caplog, logging.WARNING)), "a heartbeat warning")
+        finally:
+            worker.stop.set()
+            loop.join(timeout=30)
+    assert not loop.is_alive()
+    assert set(_messages(caplog, logging.ERROR)) == {"worker w-1: queue error"}
+    assert all(r.exc_info is not None for r in caplog.records if r.levelno == logging.ERROR)
+    assert _messages(caplog, logging.WARNING) == [
+        "worker w-1: could not record its heartbeat",  # once: the next beat is a minute away
+        "worker w-1: could not remove its heartbeat row",
+    ]
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 180.0) -> None:
