@@ -271,6 +271,7 @@ def yes_answers(
             partition=partition,
             fill=settings.fill,
             thresholds=thresholds,
+            tail_steps=settings.tail_steps,  # audited as the sidecar audits
         )
         verdict, spent = found.verdicts[0], found.attributions[0].forward_passes
         others = _baselines(scorer, scene.image, partition, target, settings, spent, scene.seed)

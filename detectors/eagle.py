@@ -13,7 +13,7 @@ from detectors.budget import SearchBudget
 from detectors.errors import InvalidTargetError
 from detectors.regions import RegionPartition, validate_image
 from detectors.scorers.protocol import Scorer
-from detectors.search.budgeted import budgeted_greedy
+from detectors.search.budgeted import TAIL_STEPS, budgeted_greedy
 from detectors.search.cross import cross_evidence
 from detectors.search.efficient import efficient_greedy
 from detectors.search.evaluator import MaskEvaluator
@@ -44,6 +44,11 @@ class EagleSearch:
         stop_when_converged: the budgeted search stops once the compact set explains the
             token (cheapest verdict); off, it spends the rest of its budget ordering the other
             regions (finer saliency maps and curves).
+        tail_steps: when the budgeted search stops at the compact set, the regions at the end
+            of the ordering measured by removing counter-evidence from the original in context
+            (`detectors.search.budgeted`, step 7; up to 8 passes per region after the first,
+            from the budget left): what a correction removes first.  0 orders the end on the
+            screening alone (no pass), as the sidecar's audits do: verdicts never read it.
         progress: show a progress bar (tqdm) over forward passes.
         efficient_options: `search_scope`, `update_step`, `pending_samples` of `efficient`.
         clock: the time source of the time budget (seconds).
@@ -60,6 +65,7 @@ class EagleSearch:
         coverage: float = 0.9,
         candidates: int = 2,
         stop_when_converged: bool = True,
+        tail_steps: int = TAIL_STEPS,
         progress: bool = False,
         efficient_options: dict[str, int] | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -70,6 +76,8 @@ class EagleSearch:
             raise ValueError(f"coverage must be in (0, 1], got: {coverage}")
         if candidates < 1:
             raise ValueError(f"candidates must be positive, got: {candidates}")
+        if tail_steps < 0:
+            raise ValueError(f"tail_steps must be 0 or more, got: {tail_steps}")
         if strategy not in ("auto", "exact", "budgeted", "efficient"):
             raise ValueError(
                 f"strategy must be auto, exact, budgeted or efficient, got: {strategy!r}"
@@ -82,6 +90,7 @@ class EagleSearch:
         self.coverage = coverage
         self.candidates = candidates
         self.stop_when_converged = stop_when_converged
+        self.tail_steps = tail_steps
         self.progress = progress
         self.efficient_options = dict(efficient_options or {})
         self.clock = clock
@@ -179,6 +188,7 @@ class EagleSearch:
                 candidates=self.candidates,
                 coverage=self.coverage,
                 stop_when_converged=self.stop_when_converged,
+                tail_steps=self.tail_steps,
             )
         return to_attribution(
             trace,

@@ -12,6 +12,7 @@ from detectors.eagle import EagleSearch
 from detectors.language_prior import PriorThresholds, judge, judge_sample
 from detectors.regions import RegionPartition, slic_partition
 from detectors.scorers.protocol import Scorer
+from detectors.search.budgeted import TAIL_STEPS
 from detectors.types import (
     DEFAULT_BUDGET_FRACTION,
     DEFAULT_FILL,
@@ -54,6 +55,7 @@ def explain(
     thresholds: PriorThresholds | None = None,
     joint: bool = False,
     progress: bool = False,
+    tail_steps: int = TAIL_STEPS,
 ) -> Explanation:
     """Explain `targets` of one output: split the image into SLICO regions (unless a
     `partition` is given), run the EAGLE search (exact for `SearchBudget.exhaustive()`,
@@ -61,13 +63,21 @@ def explain(
 
     With `joint=False` (the default) every target gets its own search (forward passes shared
     where the searches coincide), so borrowed evidence between object words can be detected;
-    with `joint=True` one search explains all targets together.
+    with `joint=True` one search explains all targets together.  `tail_steps`: see
+    `EagleSearch` (0: the end of each ordering from the screening alone, no pass).
     """
     partition = partition or slic_partition(image, n_regions)
     thresholds = thresholds or PriorThresholds()
     if budget is None:
         budget = SearchBudget.fraction_of_exact(partition.n_regions, DEFAULT_BUDGET_FRACTION)
-    search = EagleSearch(scorer, budget, fill=fill, coverage=thresholds.coverage, progress=progress)
+    search = EagleSearch(
+        scorer,
+        budget,
+        fill=fill,
+        coverage=thresholds.coverage,
+        progress=progress,
+        tail_steps=tail_steps,
+    )
     if joint:
         attribution = search.attribute(image, partition, targets)
         return Explanation(

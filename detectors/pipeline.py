@@ -31,6 +31,10 @@ class AuditSettings:
         max_seconds: wall-time budget per object token.
         fill: what removed regions become.
         batch_size: masked images per scorer call.
+        tail_steps: regions at the end of each ordering measured in context (`EagleSearch`);
+            0 by default: a verdict never reads the end of the ordering, so an audit does not
+            pay for it (explanations for people, `detectors.explain` and `guardrail explain`,
+            measure 4).
     """
 
     n_regions: int = DEFAULT_N_REGIONS
@@ -39,6 +43,7 @@ class AuditSettings:
     max_seconds: float | None = None
     fill: Fill = DEFAULT_FILL
     batch_size: int = 16
+    tail_steps: int = 0
 
     def budget(self, n_regions: int) -> SearchBudget:
         if self.max_forward_passes is not None:
@@ -105,5 +110,6 @@ def audit_sample(
         fill=settings.fill,
         thresholds=thresholds,
         progress=progress,
+        tail_steps=settings.tail_steps,
     )
     return SampleAudit(mentions=mentions, explanation=explanation)

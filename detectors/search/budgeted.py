@@ -51,8 +51,9 @@ the surrogate and the screening are in `detectors.search.surrogate`.
    context sees what no single region shows: an object cut into two regions, each of which
    alone the other stands in for.  Those are the regions a correction removes first (EAGLE.md
    section 8); the surrogate, saturated once the compact set explains the token, cannot rank
-   them.  When no pass is left, the screened counter-evidence goes last, strongest last
-   (free).
+   them.  With `tail_steps` 0 (the sidecar's audits: verdicts never read the end of the
+   ordering), or when the budget has no pass left, the counter-evidence the screening saw
+   (gain alone plus drop when removed, in logits, negative) goes last, strongest last (free).
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ from detectors.search.surrogate import LogitSurrogate, Objective, logit, screen
 from detectors.search.trace import SearchTrace
 from detectors.types import StopReason
 
-__all__ = ["LogitSurrogate", "budgeted_greedy"]
+__all__ = ["TAIL_STEPS", "LogitSurrogate", "budgeted_greedy"]
+
+# regions at the end of the ordering measured in context (step 7)
+TAIL_STEPS = 4
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -80,7 +84,7 @@ class _Tuning:
     refresh_tolerance: float
     coverage: float
     tail_candidates: int = 8
-    tail_steps: int = 4
+    tail_steps: int = TAIL_STEPS
 
 
 def budgeted_greedy(
@@ -94,7 +98,7 @@ def budgeted_greedy(
     refresh_tolerance: float = 1.0,
     stop_when_converged: bool = True,
     tail_candidates: int = 8,
-    tail_steps: int = 4,
+    tail_steps: int = TAIL_STEPS,
 ) -> tuple[SearchTrace, list[int]]:
     """Run the budgeted search; see the module docstring.  Never spends more than the budget.
 
@@ -238,7 +242,7 @@ class _Search:
         drop = self.surrogate.screened_drop.mean(axis=1)
         strength = np.minimum(drop, self.support)
         found = [r for r in self.pool if self.screened[r] and strength[r] < 0.0]
-        if not found:
+        if not found or self.tuning.tail_steps < 1:
             return
         ranked = sorted(found, key=lambda r: (strength[r], r))  # the strongest first
         tail = [min(found, key=lambda r: (drop[r], r))]

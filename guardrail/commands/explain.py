@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from detectors.heatmap import overlay, panel
     from detectors.pipeline import AuditSettings, audit_sample
     from detectors.scorers.families import family_of_checkpoint
+    from detectors.search.budgeted import TAIL_STEPS
     from detectors.serialization import attribution_to_dict, verdict_to_dict
     from detectors.types import Fill
     from guardrail.config import ConfigError, ModelSettings
@@ -104,8 +105,13 @@ def run(args: argparse.Namespace) -> int:
     from guardrail.service.auditor import ModelAuditor
     from guardrail.service.images import read_image, write_image
 
+    # an explanation for a person: the end of each ordering measured too (what a correction
+    # removes first), which the sidecar's audits skip
     settings = AuditSettings(
-        n_regions=args.regions, budget_fraction=args.budget, fill=Fill(args.fill)
+        n_regions=args.regions,
+        budget_fraction=args.budget,
+        fill=Fill(args.fill),
+        tail_steps=TAIL_STEPS,
     )
     # before loading anything: refuse settings the thresholds were not calibrated for
     calibration = load_calibration(args.model, settings, strict=not args.allow_uncalibrated)

@@ -248,6 +248,12 @@ def test_the_end_of_the_ordering_is_measured_by_removing_counter_evidence_in_con
     measured = scorer.probabilities(keep, [TARGET])
     assert np.allclose(a.insertion[[63, 62], 0], measured[:, 0])
     assert measured[0, 0] < 0.75 < 0.99 < measured[1, 0]  # the second piece flips it
+    # an audit does not measure it (verdicts never read the end of the ordering): the end
+    # from the screening alone, for no pass
+    screened = EagleSearch(scorer, budget, tail_steps=0).attribute(image, partition, [TARGET])
+    assert screened.order[-2:].tolist() == [10, 30]
+    assert screened.compact_set == a.compact_set
+    assert screened.forward_passes < a.forward_passes <= screened.forward_passes + 3 * 8
 
 
 def _objective_area(scorer: AnalyticScorer, order: np.ndarray) -> float:
