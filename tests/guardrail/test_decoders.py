@@ -89,9 +89,10 @@ def test_a_child_killed_mid_decode_fails_only_that_image(pool: DecoderPool) -> N
         except BaseException as exc:
             errors.append(exc)
 
+    os.kill(first, signal.SIGSTOP)  # stopped, it takes the image and never answers
     thread = threading.Thread(target=slow)
     thread.start()
-    time.sleep(0.2)  # it is decoding the 40 Mpx image
+    _wait_until_taken(pool)
     os.kill(first, signal.SIGKILL)
     thread.join(30)
     (error,) = errors
@@ -109,6 +110,7 @@ def test_a_decode_past_the_timeout_is_stopped_and_refused() -> None:
         _canonical(pool, EXAMPLE.read_bytes())  # the child is up
         (child,) = pool.pids
         pool.timeout_seconds = 0.05
+        os.kill(child, signal.SIGSTOP)  # a hang, however fast this machine decodes
         with pytest.raises(DecoderFailedError, match=r"more than 0\.05 s to decode"):
             _canonical(pool, SLOW)
         assert child not in pool.pids
@@ -130,13 +132,27 @@ def _alive(pid: int) -> bool:
 
 def test_no_free_child_in_time_is_a_503_not_a_queue(pool: DecoderPool) -> None:
     _canonical(pool, EXAMPLE.read_bytes())
+    (child,) = pool.pids
+    os.kill(child, signal.SIGSTOP)  # busy until continued
     thread = threading.Thread(target=_canonical, args=(pool, SLOW))
     thread.start()
-    time.sleep(0.1)
-    with pytest.raises(DecodeBusyError, match="decoders are busy") as busy:
-        _canonical(pool, EXAMPLE.read_bytes(), wait=0.01)
+    _wait_until_taken(pool)
+    try:
+        with pytest.raises(DecodeBusyError, match="decoders are busy") as busy:
+            _canonical(pool, EXAMPLE.read_bytes(), wait=0.01)
+    finally:
+        os.kill(child, signal.SIGCONT)
     assert busy.value.status == 503 and busy.value.retry_after == 1
     thread.join(30)
+
+
+def _wait_until_taken(pool: DecoderPool) -> None:
+    """Until a child has taken a job (the image is on its way to it, or with it)."""
+    deadline = time.monotonic() + 30
+    while pool.busy == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.busy == 1
+    time.sleep(0.1)  # past `busy`, the job is being sent to the child
 
 
 def test_close_stops_every_child() -> None:
@@ -190,11 +206,7 @@ def test_the_api_answers_422_when_an_image_kills_its_decoder_and_serves_on(
         answers: list[Any] = []
         thread = threading.Thread(target=lambda: answers.append(post(SLOW)))
         thread.start()
-        deadline = time.monotonic() + 30
-        while runtime.decoders.busy == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert runtime.decoders.busy == 1
-        time.sleep(0.1)  # past `busy`, the image is being sent to the stopped child
+        _wait_until_taken(runtime.decoders)
         for pid in doomed:
             os.kill(pid, signal.SIGKILL)
         thread.join(60)
